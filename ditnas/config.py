@@ -1,0 +1,204 @@
+"""Typed configs, loaded from YAML with `section.field=value` overrides and dumped next to outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditnas.arch import SearchSpace
+from ditnas.errors import DitnasError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"  # "digits" (embedded), an image folder, or a .npy of latents
+    image_size: int = 16
+    channels: int = 1
+    val_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    max_heads: int = 8
+    head_dim: int = 16
+    cond_dim: int = 128  # width of the (unsliced) timestep/class conditioning
+    cond_tokens: int = 4  # class -> this many cross-attention tokens
+    assa_blocks: int = 4  # assumption: SnapGen++ uses b=16 at 4096 tokens; 4 blocks at 64 tokens keeps ~the same share
+    assa_radius: int = 1  # SnapGen++ supp.: r = 1
+    ssa_stride: int = 2  # assumption: S2DiT's stride is not public; 2 gives 4x fewer tokens
+    lcha_kernel: tuple[int, int, int] = (3, 3, 3)  # assumption: S2DiT's kernel is not public
+    gqa_group: int = 2  # query heads per KV head for the `gqa` op
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3  # assumption: tiny DiT on digits; SnapGen++ uses 1e-4 at scale
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # AttentiveNAS clips at 1.0
+    ema_decay: float = 0.999
+    sampler: str = "sandwich"  # uniform | sandwich | attentive
+    num_random: int = 1  # random subnets per step besides max (and min for sandwich)
+    attentive_trials: int = 3  # AttentiveNAS num_trials
+    attentive_mode: str = "worstup"  # bestup | worstup
+    distill_weight: float = 1.0  # lambda_d on ||v_s - sg(v_max)||^2 (SnapGen++ Eq. 5; weight [NF], 1 assumed)
+    class_dropout: float = 0.1  # CFG training: share of labels replaced by the null class (assumption)
+    time_shift: float = 1.0  # SD3-style shift of t for training; 1 = uniform logit-free sampling
+    checkpoint_every: int = 250
+    sample_every: int = 0  # 0 = only at the end
+    seed: int = 0
+    threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    steps: int = 28
+    cfg_scale: float = 2.0  # assumption: moderate guidance for 10-class digits
+    time_shift: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    depth: int = 6
+    ops: tuple[str, ...] = ("sa", "gqa", "assa", "lcha", "ssa")
+    widths: tuple[float, ...] = (0.5, 0.75, 1.0)
+    mlp_ratios: tuple[float, ...] = (2.0, 3.0, 4.0)
+    skippable: tuple[int, ...] = (1, 4)
+    stage_pattern: tuple[int, ...] = (0, 0, 1, 1, 0, 0)  # SnapGen++-style down / middle / up
+    free_stages: bool = False
+    stage_ops: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    def to_space(self, data: DataConfig, num_classes: int, latent: tuple[int, int, int, int], steps: int) -> SearchSpace:
+        return SearchSpace(
+            depth=self.depth,
+            ops=self.ops,
+            widths=self.widths,
+            mlp_ratios=self.mlp_ratios,
+            skippable=self.skippable,
+            stage_pattern=self.stage_pattern,
+            free_stages=self.free_stages,
+            patch_size=2,
+            latent=latent,
+            num_classes=num_classes,
+            steps=steps,
+            stage_ops=self.stage_ops,
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DitnasError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise DitnasError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise DitnasError(f"{where}: expected {len(args)} values, got {list(value)}")
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        return tuple(_coerce(item_tp, v, where) for v in value)
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise DitnasError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k_tp, k, where): _coerce(v_tp, v, where) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise DitnasError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise DitnasError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise DitnasError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()})
+
+
+def _set_path(tree: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DitnasError(f"{where}: {dotted} goes through a non-mapping field")
+    node[parts[-1]] = value
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a RunConfig from YAML (or defaults) and apply `section.field=value` overrides (YAML values)."""
+    raw: dict = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DitnasError(f"config file {path} does not exist; pass an existing YAML file or omit --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DitnasError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DitnasError(f"override {item!r} must look like section.field=value, e.g. train.steps=500")
+        _set_path(raw, key.strip(), yaml.safe_load(value), f"override {item!r}")
+    return _build(RunConfig, raw, where)
+
+
+def config_from_dict(raw: dict, where: str = "config") -> RunConfig:
+    return _build(RunConfig, raw, where)
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    from ditnas.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,66 @@
+"""Atomic writes and small file helpers: nothing half-written is ever left under a final name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditnas.errors import DitnasError
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda h: h.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(path: Path, payload: Any) -> None:
+    _atomic(path, lambda h: torch.save(payload, h))
+
+
+def torch_load(path: Path, what: str = "checkpoint") -> Any:
+    """`torch.load(weights_only=True)` with one clear error for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DitnasError(f"{what} {path} does not exist; check the path (train writes <out>/checkpoint.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated zips/pickles
+        raise DitnasError(
+            f"{what} {path} is unreadable or truncated ({type(exc).__name__}); re-run the step that wrote it"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

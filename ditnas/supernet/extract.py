@@ -1,0 +1,94 @@
+"""Subnet extraction: a trained supernet + an Arch -> a standalone sub-DiT on disk with a manifest.
+
+The folder holds `subnet.pt` (weights, arch string and the supernet config needed to rebuild the
+module) and `manifest.json` (params, parity error against the supernet's `run`, input hashes).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+import ditnas
+from ditnas.arch import Arch
+from ditnas.errors import DitnasError
+from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
+from ditnas.supernet.flow import interpolate
+from ditnas.supernet.model import ElasticDiT, SubDiT
+from ditnas.supernet.train import _space_kwargs, load_supernet, load_weights
+from ditnas.arch import SearchSpace
+from ditnas.config import config_from_dict
+
+SUBNET_NAME = "subnet.pt"
+
+
+def read_arch_argument(value: str, model: ElasticDiT) -> Arch:
+    """`--arch` is a layout string, `max`/`min`, or a file holding one (first non-comment line)."""
+    if value in ("max", "min"):
+        return model.space.max_arch() if value == "max" else model.space.min_arch()
+    path = Path(value)
+    source = "--arch"
+    if len(value) < 255 and path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not lines:
+            raise DitnasError(f"arch file {path} is empty; write one layout string such as 'sa:1:4*6'")
+        value, source = lines[0], str(path)
+    return model.space.parse(value, source=source)
+
+
+@torch.no_grad()
+def parity_error(model: ElasticDiT, sub: SubDiT, arch: Arch, *, n: int = 8, seed: int = 0) -> float:
+    """Max |run(arch) - sub| on a fixed random batch at several noise levels."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *model.space.latent)
+    x0, eps = torch.randn(shape, generator=g).clamp(-1, 1), torch.randn(shape, generator=g)
+    t = torch.linspace(0.02, 0.98, n)
+    y = torch.randint(0, model.space.num_classes + 1, (n,), generator=g)
+    x_t = interpolate(x0, eps, t)
+    return (model.run(arch, x_t, t, y) - sub(x_t, t, y)).abs().max().item()
+
+
+def extract_subnet(checkpoint: Path, arch_text: str, out: Path, *, use_ema: bool = True) -> dict:
+    """Extract `arch_text` from `checkpoint` into folder `out`; returns the manifest."""
+    out = Path(out)
+    model, cfg, state = load_supernet(checkpoint, use_ema=use_ema)
+    arch = read_arch_argument(arch_text, model)
+    sub = model.extract(arch).eval()
+    error = parity_error(model, sub, arch)
+    atomic_torch_save(
+        out / SUBNET_NAME,
+        {"arch": str(arch), "config": state["config"], "space": state["space"], "weights": sub.state_dict()},
+    )
+    manifest = {
+        "kind": "ditnas.subnet",
+        "arch": str(arch),
+        "arch_key": arch.key(),
+        "params": sub.num_params(),
+        "supernet_params": sum(p.numel() for p in model.parameters()),
+        "parity_max_abs_error": error,
+        "weights": "ema" if use_ema else "raw",
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(Path(checkpoint)),
+        "checkpoint_step": int(state["step"]),
+        "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_subnet(path: Path) -> SubDiT:
+    """Rebuild a standalone sub-DiT written by `extract_subnet` (folder or subnet.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SUBNET_NAME
+    state = torch_load(path, what="subnet file")
+    if not isinstance(state, dict) or not {"arch", "config", "space", "weights"} <= set(state):
+        raise DitnasError(f"subnet file {path} is not a ditnas subnet; pass the folder written by `ditnas extract`")
+    cfg = config_from_dict(state["config"], where=f"{path}:config")
+    space = SearchSpace(**_space_kwargs(state["space"]))
+    skeleton = ElasticDiT(space, cfg.model)  # the structure only; weights are replaced below
+    sub = skeleton.extract(space.parse(state["arch"], source=str(path)))
+    load_weights(sub, state["weights"], path)
+    return sub.eval()

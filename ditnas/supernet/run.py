@@ -1,0 +1,105 @@
+"""`ditnas train` as a stage: train (or resume) the supernet with a progress bar, then write the
+checkpoint, the config, a sample grid, per-step metrics and a manifest (`run.json`) into one folder."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import ditnas
+from ditnas.config import RunConfig, dump_config
+from ditnas.io import write_json
+from ditnas.supernet.flow import eval_flow_loss, fixed_eval_batch
+from ditnas.supernet.quality import generate, save_grid, velocity_fn
+from ditnas.supernet.train import CHECKPOINT_NAME, Trainer, train_supernet
+
+VAL_BATCH = 512  # validation items for the flow-matching loss (fixed noise, seed 1234)
+
+
+def _ema_model(trainer: Trainer) -> torch.nn.Module:
+    import copy
+
+    model = copy.deepcopy(trainer.model)
+    model.load_state_dict(trainer.ema.state_dict())
+    return model.eval()
+
+
+def val_losses(trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
+    split = trainer.split
+    batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=1234, null_label=trainer.null_label)
+    space = trainer.space
+    return {
+        "max": eval_flow_loss(velocity_fn(model, space.max_arch()), batch),
+        "min": eval_flow_loss(velocity_fn(model, space.min_arch()), batch),
+    }
+
+
+def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
+              stop_after: int | None = None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    metrics_path = out / "metrics.jsonl"
+    started = time.time()
+    bar = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), disable=not progress, transient=False,
+    )
+    task = None
+    window: list[float] = []
+
+    def on_step(stats, trainer: Trainer) -> None:
+        nonlocal task
+        window.append(stats.seconds)
+        del window[:-20]
+        rate = len(window) / sum(window)
+        bar.update(task, completed=trainer.step,
+                   info=f"loss max {stats.loss_max:.4f} sub {stats.loss_subnets:.4f}  {rate:.1f} steps/s")
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets,
+                                     "distill": stats.distill, "seconds": stats.seconds}) + "\n")
+
+    with bar:
+        task = bar.add_task("train", total=cfg.train.steps, info="starting")
+        trainer = train_supernet(cfg, out, resume=resume, stop_after=stop_after, on_step=on_step)
+    ema = _ema_model(trainer)
+    split = trainer.split
+    per_class = 8
+    labels = torch.arange(max(split.num_classes, 1)).repeat_interleave(per_class)
+    samples = generate(velocity_fn(ema), labels, tuple(split.train_x.shape[1:]), steps=cfg.sample.steps,
+                       cfg_scale=cfg.sample.cfg_scale if split.num_classes else 1.0, null_label=trainer.null_label,
+                       seed=0, shift=cfg.sample.time_shift)
+    grid = save_grid(samples, out / "samples_max.png", nrow=per_class)
+    manifest = {
+        "kind": "ditnas.supernet",
+        "checkpoint": CHECKPOINT_NAME,
+        "step": trainer.step,
+        "finished": trainer.step >= cfg.train.steps,
+        "data": {"source": cfg.data.source, "fingerprint": split.fingerprint(), "train": int(split.train_x.shape[0]),
+                 "val": int(split.val_x.shape[0])},
+        "max_arch": str(trainer.space.max_arch()),
+        "min_arch": str(trainer.space.min_arch()),
+        "supernet_params": sum(p.numel() for p in trainer.model.parameters()),
+        "val_flow_loss_ema": val_losses(trainer, ema),
+        "samples": grid.name,
+        "seconds_this_call": round(time.time() - started, 1),
+        "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    if evaluate and split.num_classes:
+        from ditnas.judge import load_or_train_judge
+        from ditnas.supernet.quality import evaluate_quality
+
+        judge = load_or_train_judge(split, out / "judge", seed=0)
+        manifest["judge_val_accuracy"] = judge.val_accuracy
+        manifest["quality"] = {
+            name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
+                                   cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift)
+            for name, arch in (("max", trainer.space.max_arch()), ("min", trainer.space.min_arch()))
+        }
+    write_json(out / "run.json", manifest)
+    return manifest

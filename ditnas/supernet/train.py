@@ -1,0 +1,316 @@
+"""Supernet training: sandwich rule + in-place distillation + ground-truth flow loss on every subnet.
+
+One step (SnapGen++ Eqs. 4-5 with BigNAS's sandwich rule):
+  1. one shared batch (x0, eps, t, y); the max arch gets the flow-matching loss;
+  2. each sampled subnet s gets   L_diff(s) + lambda_d * ||v_s - sg(v_max)||^2;
+  3. gradients of all of them accumulate into ONE optimizer step; EMA of the weights follows.
+Samplers: `uniform` (max + k random), `sandwich` (max + min + k random), `attentive` (max + min +
+k picked from `attentive_trials` random candidates by minibatch loss, BestUp or WorstUp; AttentiveNAS).
+
+Checkpoints are written atomically every `checkpoint_every` steps with model, optimizer, EMA, every RNG
+state and the data sampler's position, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ditnas.arch import Arch, SearchSpace
+from ditnas.config import RunConfig, config_from_dict
+from ditnas.data import BatchSampler, DatasetSplit, load_dataset
+from ditnas.errors import DitnasError
+from ditnas.io import atomic_torch_save, torch_load
+from ditnas.supernet.flow import interpolate, mse, sample_time, velocity_target
+from ditnas.supernet.model import ElasticDiT
+
+SAMPLERS = ("uniform", "sandwich", "attentive")
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def build_space(cfg: RunConfig, split: DatasetSplit) -> SearchSpace:
+    return cfg.space.to_space(cfg.data, split.num_classes, split.latent_shape, cfg.sample.steps)
+
+
+def build_supernet(cfg: RunConfig, space: SearchSpace) -> ElasticDiT:
+    return ElasticDiT(space, cfg.model)
+
+
+class Ema:
+    """Exponential moving average of every floating-point tensor of a model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # warm-up (as timm's ModelEmaV2 / DiT practice): short runs must not average in the random init
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss_max: float
+    loss_subnets: float
+    distill: float
+    seconds: float
+    archs: list[str]
+
+
+class SubnetSampler:
+    """Chooses the subnets trained next to the max arch in one step."""
+
+    def __init__(self, space: SearchSpace, kind: str, num_random: int, trials: int, mode: str):
+        if kind not in SAMPLERS:
+            raise DitnasError(f"train.sampler={kind!r} unknown; use one of {', '.join(SAMPLERS)}")
+        if mode not in ("bestup", "worstup"):
+            raise DitnasError(f"train.attentive_mode={mode!r} unknown; use bestup or worstup")
+        self.space, self.kind, self.k, self.trials, self.mode = space, kind, num_random, trials, mode
+
+    def choose(self, rng: random.Random, score: Callable[[Arch], float]) -> list[Arch]:
+        archs: list[Arch] = []
+        for _ in range(self.k):
+            if self.kind == "attentive":
+                candidates = [self.space.sample(rng) for _ in range(self.trials)]
+                losses = [score(a) for a in candidates]
+                pick = max if self.mode == "worstup" else min
+                archs.append(candidates[losses.index(pick(losses))])
+            else:
+                archs.append(self.space.sample(rng))
+        if self.kind in ("sandwich", "attentive"):
+            archs.append(self.space.min_arch())  # sandwich rule: the smallest child every step
+        return archs
+
+
+class Trainer:
+    """Holds everything a run needs, and exactly the state a checkpoint must restore."""
+
+    def __init__(self, cfg: RunConfig, out: Path, split: DatasetSplit | None = None):
+        self.cfg, self.out = cfg, Path(out)
+        tc = cfg.train
+        self.split = split or load_dataset(
+            cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
+            val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
+        )
+        self.space = build_space(cfg, self.split)
+        torch.manual_seed(tc.seed)  # weight init
+        self.model = build_supernet(cfg, self.space)
+        self.null_label = self.space.num_classes
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.ema = Ema(self.model, tc.ema_decay)
+        self.noise = torch.Generator().manual_seed(tc.seed + 1)
+        self.arch_rng = random.Random(tc.seed + 2)
+        self.batches = BatchSampler(self.split, tc.batch_size, seed=tc.seed + 3)
+        self.subnets = SubnetSampler(self.space, tc.sampler, tc.num_random, tc.attentive_trials, tc.attentive_mode)
+        self.step = 0
+        self.history: list[dict] = []
+        self.max_arch = self.space.max_arch()
+
+    # ----- one step ---------------------------------------------------------------------------
+    def _lr(self) -> float:
+        warm = self.cfg.train.warmup_steps
+        return self.cfg.train.lr * min(1.0, (self.step + 1) / warm) if warm > 0 else self.cfg.train.lr
+
+    def train_step(self) -> StepStats:
+        tc = self.cfg.train
+        start = time.perf_counter()
+        self.model.train()
+        x0, y = self.batches.next()
+        n = x0.shape[0]
+        if y is None:
+            y = torch.full((n,), self.null_label, dtype=torch.long)
+        drop = torch.rand(n, generator=self.noise) < tc.class_dropout
+        y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        t = sample_time(n, self.noise, tc.time_shift)
+        eps = torch.randn(x0.shape, generator=self.noise)
+        x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        v_max = self.model.run(self.max_arch, x_t, t, y)
+        loss_max = mse(v_max, target)
+        loss_max.backward()
+        teacher = v_max.detach()  # in-place distillation target: no gradient flows through it
+
+        def score(arch: Arch) -> float:
+            with torch.no_grad():
+                return mse(self.model.run(arch, x_t, t, y), target).item()
+
+        archs = self.subnets.choose(self.arch_rng, score)
+        sub_losses, distill_losses = [], []
+        for arch in archs:
+            v = self.model.run(arch, x_t, t, y)
+            diff, dist = mse(v, target), mse(v, teacher)
+            (diff + tc.distill_weight * dist).backward()  # SnapGen++ keeps L_diff on subnets too
+            sub_losses.append(diff.item())
+            distill_losses.append(dist.item())
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        stats = StepStats(
+            self.step,
+            loss_max.item(),
+            sum(sub_losses) / max(len(sub_losses), 1),
+            sum(distill_losses) / max(len(distill_losses), 1),
+            time.perf_counter() - start,
+            [a.layout() for a in archs],
+        )
+        self.history.append(
+            {"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets, "distill": stats.distill}
+        )
+        return stats
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "space": asdict(self.space),
+            "data_fingerprint": self.split.fingerprint(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "noise_rng": self.noise.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "arch_rng": _encode_py_rng(self.arch_rng.getstate()),
+            "batches": self.batches.state_dict(),
+            "history": self.history,
+        }
+
+    def save(self, path: Path | None = None) -> Path:
+        path = Path(path or self.out / CHECKPOINT_NAME)
+        atomic_torch_save(path, self.state())
+        return path
+
+    def restore(self, path: Path) -> None:
+        state = torch_load(path)
+        check_checkpoint(state, path)
+        if state["config"]["model"] != self.cfg.to_dict()["model"] or state["config"]["space"] != self.cfg.to_dict()["space"]:
+            raise DitnasError(
+                f"checkpoint {path} was trained with another model/space config; use a new --out or the same config"
+            )
+        if state["data_fingerprint"] != self.split.fingerprint():
+            raise DitnasError(f"checkpoint {path} was trained on other data; use a new --out to train on this data")
+        load_weights(self.model, state["model"], path)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.arch_rng.setstate(_decode_py_rng(state["arch_rng"]))
+        self.batches.load_state_dict(state["batches"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+
+def _encode_py_rng(state: tuple) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _decode_py_rng(state: dict) -> tuple:
+    return (state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"])
+
+
+REQUIRED_KEYS = ("format", "config", "space", "step", "model", "ema")
+
+
+def check_checkpoint(state: object, path: Path) -> None:
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise DitnasError(f"checkpoint {path} is not a ditnas supernet checkpoint (missing keys); pass the train output's checkpoint.pt")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise DitnasError(f"checkpoint {path} has format {state['format']}, this ditnas reads {CHECKPOINT_FORMAT}")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """load_state_dict with a one-line error naming the first mismatching tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        first = (
+            f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)} but the model needs {tuple(own[wrong[0]].shape)}"
+            if wrong
+            else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        )
+        raise DitnasError(f"checkpoint {path} does not match the model ({first}); use the config it was trained with")
+    model.load_state_dict(weights)
+
+
+def load_supernet(path: Path, *, use_ema: bool = True) -> tuple[ElasticDiT, RunConfig, dict]:
+    """Rebuild the supernet a checkpoint was trained as and load its (EMA) weights."""
+    path = Path(path)
+    state = torch_load(path)
+    check_checkpoint(state, path)
+    cfg = config_from_dict(state["config"], where=f"{path}:config")
+    model = ElasticDiT(SearchSpace(**_space_kwargs(state["space"])), cfg.model)
+    load_weights(model, state["ema"] if use_ema else state["model"], path)
+    model.eval()
+    return model, cfg, state
+
+
+def _space_kwargs(raw: dict) -> dict:
+    out = dict(raw)
+    out["stage_ops"] = {int(k): tuple(v) for k, v in raw.get("stage_ops", {}).items()}
+    for key in ("ops", "widths", "mlp_ratios", "skippable", "stage_pattern", "latent"):
+        out[key] = tuple(raw[key])
+    return out
+
+
+def train_supernet(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[StepStats, Trainer], None] | None = None,
+    split: DatasetSplit | None = None,
+) -> Trainer:
+    """Train (or resume) the supernet into `out`; stop early after `stop_after` steps of this call."""
+    out = Path(out)
+    trainer = Trainer(cfg, out, split)
+    ckpt = out / CHECKPOINT_NAME
+    if ckpt.exists():
+        if not resume:
+            raise DitnasError(f"{ckpt} exists; pass --resume to continue it or choose a new --out")
+        trainer.restore(ckpt)
+    target = cfg.train.steps if stop_after is None else min(cfg.train.steps, trainer.step + stop_after)
+    threads = cfg.train.threads
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        while trainer.step < target:
+            stats = trainer.train_step()
+            if on_step:
+                on_step(stats, trainer)
+            if cfg.train.checkpoint_every and trainer.step % cfg.train.checkpoint_every == 0:
+                trainer.save()
+        trainer.save()
+    finally:
+        torch.set_num_threads(previous_threads)
+    return trainer
