@@ -290,6 +290,11 @@ class SearchSpace:
             for i, s in enumerate(self.stage_pattern)
         )
 
+    def mid_arch(self) -> Arch:
+        """No skips; every slot at the middle op of its stage, the middle width and MLP ratio."""
+        mid = lambda values: values[len(values) // 2]  # noqa: E731
+        return self._base(Slot(mid(self.ops_for(s)), mid(self.widths), mid(self.mlp_ratios), s) for s in self.stage_pattern)
+
     def sample(self, rng: random.Random) -> Arch:
         """A uniformly random arch (each choice independent; stage layout sampled when free)."""
         stages = self._sample_stages(rng) if self.free_stages else self.stage_pattern
