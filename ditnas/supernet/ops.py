@@ -1,0 +1,815 @@
+"""Elastic token mixers and feed-forward layers of the DiT supernet.
+
+Every mixer is built at its maximum width `dim = max_heads * head_dim` and runs on any prefix of
+whole heads: `forward(x, grid, heads=h)` takes x with `h * head_dim` features (the leading prefix of
+the max features) and uses the leading slice of every weight (first input columns / output rows,
+first `h` entries of per-head parameters). `sliced(h)` returns a standalone copy built at
+`max_heads=h` that computes exactly the same thing. Parameters tied to `head_dim` only (QK-norm
+affine, LCHA feature map) are shared by every width, since head_dim never changes.
+
+Token layout: x is (B, N, C) with N = T*H*W, row-major over `grid = (T, H, W)` (T = 1 for images).
+
+Forward passes are written so ExecuTorch's XNNPACK partitioner takes a block whole
+(/work/shared/reference/xnnpack-notes.md): hand-written norms over 4-D tensors (dims (2,3),
+keepdim), slicing instead of chunk/select, reshape instead of unsqueeze except on the last dim,
+3-D `torch.bmm` attention on (B*heads, N, head_dim) with an explicit softmax, no SDPA.
+
+Sources: SnapGen++ (arXiv 2601.08303) for ASSA and the elastic-width rules; S2DiT (arXiv 2601.12719,
+only via secondary summaries) for LCHA and SSA. See method.md §1.2, §1.3, §2.3, §2.4, §7.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+Grid = tuple[int, int, int]
+
+__all__ = [
+    "ASSA",
+    "LCHA",
+    "SSA",
+    "Attention",
+    "CrossAttention",
+    "FeedForward",
+    "Rope3D",
+    "TOKEN_MIXERS",
+    "attend",
+    "bna_mask",
+    "layer_norm",
+    "linear_attention",
+    "linear_attention_quadratic",
+    "rms_norm",
+    "softplus",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_4d(x: Tensor) -> Tensor:
+    # XNNPACK only takes mean over dims (2,3) of a 4-D tensor with keepdim: put features last,
+    # a singleton before them, and fold every other leading dim into the first two.
+    d = x.shape[-1]
+    if x.dim() >= 2:
+        return x.reshape(-1, x.shape[-2], 1, d)
+    return x.reshape(1, 1, 1, d)
+
+
+def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Layer norm over the last dim, no affine (hand-written: nn.LayerNorm is not delegated)."""
+    x4 = _as_4d(x)
+    mu = x4.mean(dim=(2, 3), keepdim=True)
+    xc = x4 - mu
+    var = (xc * xc).mean(dim=(2, 3), keepdim=True)
+    return (xc * torch.rsqrt(var + eps)).reshape(x.shape)
+
+
+def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMS norm over the last dim, no affine."""
+    x4 = _as_4d(x)
+    ms = (x4 * x4).mean(dim=(2, 3), keepdim=True)
+    return (x4 * torch.rsqrt(ms + eps)).reshape(x.shape)
+
+
+def _constant(build: Callable[[], object]) -> object:
+    """Build a cached constant table (RoPE cos/sin, BNA mask) as a real tensor.
+
+    torch.export traces with fake tensors; a table first built during tracing would otherwise be
+    cached as a fake tensor and break every later eager call. Built for real, it is captured as a
+    graph constant.
+    """
+    with unset_fake_temporarily(), torch.no_grad():
+        return build()
+
+
+def _check_grid(x: Tensor, grid: Grid) -> None:
+    if len(grid) != 3:
+        raise ValueError(f"grid must be (T, H, W), got {grid!r}")
+    n = grid[0] * grid[1] * grid[2]
+    if x.shape[1] != n:
+        raise ValueError(f"x has {x.shape[1]} tokens but grid {tuple(grid)} has T*H*W = {n}")
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, heads*hd) -> (B*heads, N, hd)."""
+    b, n, c = t.shape
+    hd = c // heads
+    return t.reshape(b, n, heads, hd).permute(0, 2, 1, 3).reshape(b * heads, n, hd)
+
+
+def _merge_heads(t: Tensor, batch: int, heads: int) -> Tensor:
+    """(B*heads, N, hd) -- or the GQA-folded (B*kv_heads, g*N, hd), same memory order -- -> (B, N, heads*hd)."""
+    hd = t.shape[-1]
+    n = t.shape[0] * t.shape[1] // (batch * heads)
+    return t.reshape(batch, heads, n, hd).permute(0, 2, 1, 3).reshape(batch, n, heads * hd)
+
+
+def _prefix(t: Tensor, *sizes: int) -> Tensor:
+    """Leading block t[:s0, :s1, ...]; the tensor itself when nothing is cut.
+
+    Returning the parameter untouched at full width keeps it a parameter in torch.export, so
+    XNNPACK sees a static weight; a no-op slice node would hide it (linear then lowers to a
+    non-delegated addmm). Real slices need `constant_prop_pass` (or `sliced()`) before lowering.
+    """
+    if all(n == d for n, d in zip(sizes, t.shape)):
+        return t
+    return t[tuple(slice(0, n) for n in sizes)]
+
+
+def _linear(x: Tensor, layer: nn.Linear, out_features: int, in_features: int | None = None) -> Tensor:
+    """Leading-slice of a Linear: first `out_features` rows, first `in_features` columns."""
+    i = x.shape[-1] if in_features is None else in_features
+    bias = None if layer.bias is None else _prefix(layer.bias, out_features)
+    return F.linear(x, _prefix(layer.weight, out_features, i), bias)
+
+
+def softplus(x: Tensor, floor: float = 1e-6) -> Tensor:
+    """softplus(x) = relu(x) + log(1 + exp(-|x|)), floored at `floor` so it is > 0 in fp32.
+
+    # assumption: this form instead of F.softplus, which exports as where/log1p (not delegated to
+    # XNNPACK); equal to it to ~1e-7 wherever softplus(x) >= floor. The floor keeps phi strictly
+    # positive where softplus underflows (x < ~-14); its gradient there (~e^x) is negligible anyway.
+    """
+    return torch.clamp(torch.relu(x) + torch.log(1.0 + torch.exp(-torch.abs(x))), min=floor)
+
+
+def _copy_prefix_params(dst: nn.Module, src: nn.Module) -> None:
+    """Copy into every parameter of `dst` the leading block of the same-named parameter of `src`.
+
+    Every elastic parameter is sliced as a leading prefix along each of its dims, so this one rule
+    implements `sliced()` for all ops (width-independent parameters are copied whole).
+    """
+    src_params = dict(src.named_parameters())
+    with torch.no_grad():
+        for name, p in dst.named_parameters():
+            s = src_params[name]
+            p.copy_(s[tuple(slice(0, n) for n in p.shape)])
+
+
+def _like(dst: nn.Module, src: nn.Module) -> nn.Module:
+    p = next(src.parameters())
+    return dst.to(device=p.device, dtype=p.dtype)
+
+
+def _downsample_avg(x: Tensor, grid: Grid, s: int) -> tuple[Tensor, Grid]:
+    """Average-pool (B, N, C) tokens by (1, s, s) over the grid; returns tokens and the pooled grid."""
+    t, h, w = grid
+    b, _, c = x.shape
+    x4 = x.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w)
+    y = F.avg_pool2d(x4, kernel_size=s, stride=s)
+    hs, ws = h // s, w // s
+    return y.reshape(b, t, c, hs, ws).permute(0, 1, 3, 4, 2).reshape(b, t * hs * ws, c), (t, hs, ws)
+
+
+def _upsample_nearest(y: Tensor, grid_small: Grid, s: int) -> Tensor:
+    """Nearest (1, s, s) upsampling of (B, T*h*w, C) tokens, as concat-on-last-dim + reshape.
+
+    (repeat_interleave / interpolate would leave the XNNPACK partition; cat on the last dim does not.)
+    """
+    t, h, w = grid_small
+    b, _, c = y.shape
+
+    def copies(z: Tensor) -> list[Tensor]:
+        # XNNPACK refuses a cat whose inputs are the same node; `* 1.0` makes distinct nodes
+        return [z] + [z * 1.0 for _ in range(s - 1)]
+
+    y = torch.cat(copies(y.reshape(b * t * h, w, c)), dim=-1).reshape(b * t, h, w * s * c)  # repeat along W
+    return torch.cat(copies(y), dim=-1).reshape(b, t * h * s * w * s, c)  # repeat rows along H
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-D axial rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+class Rope3D:
+    """3-D axial RoPE over (t, h, w) grid positions, "rotate-half" pairing (i, i + head_dim/2).
+
+    The head_dim/2 frequency pairs are split between the axes: t gets `head_dim // 8` pairs, h and w
+    share the rest equally (w gets the odd one out).
+    # assumption: split t : h : w = 1/4 : 3/8 : 3/8 of the pairs (Wan/HunyuanVideo-like; S2DiT
+    # only says "3D RoPE" [method.md §1.2]). Each axis uses theta^(-j/n_axis), theta = 1e4.
+    # assumption: positions of a strided/pooled grid are that grid's own integer coordinates.
+
+    `apply(x, grid)` takes x of shape (..., N, head_dim) -- the ops use (B*heads, N, head_dim).
+    cos/sin tables are cached per (head_dim, theta, grid, device, dtype) in a module-level cache
+    (not on the nn.Module, which torch.export would flag) and are always real tensors, so they
+    become graph constants under export.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+        pairs = head_dim // 2
+        self.t_pairs = head_dim // 8
+        rest = pairs - self.t_pairs
+        self.h_pairs = rest // 2
+        self.w_pairs = rest - self.h_pairs
+
+    def angles(self, grid: Grid) -> Tensor:
+        """(N, head_dim/2) rotation angles, float64, for every token of the grid (row-major t, h, w)."""
+        t, h, w = grid
+        pos = torch.stack(
+            torch.meshgrid(
+                torch.arange(t, dtype=torch.float64),
+                torch.arange(h, dtype=torch.float64),
+                torch.arange(w, dtype=torch.float64),
+                indexing="ij",
+            ),
+            dim=-1,
+        ).reshape(-1, 3)
+        parts = []
+        for axis, n in enumerate((self.t_pairs, self.h_pairs, self.w_pairs)):
+            if n == 0:
+                continue
+            freqs = self.theta ** (-torch.arange(n, dtype=torch.float64) / n)
+            parts.append(pos[:, axis : axis + 1] * freqs.reshape(1, n))
+        return torch.cat(parts, dim=1)
+
+    def tables(
+        self, grid: Grid, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape (N, head_dim), duplicated over the two halves."""
+        return _rope_tables(self.head_dim, self.theta, tuple(int(g) for g in grid), torch.device(device), dtype)
+
+    def apply(self, x: Tensor, grid: Grid) -> Tensor:
+        cos, sin = self.tables(grid, x.device, x.dtype)
+        half = self.head_dim // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # slicing, not chunk
+        return x * cos + rot * sin
+
+
+@functools.lru_cache(maxsize=128)
+def _rope_tables(
+    head_dim: int, theta: float, grid: Grid, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    # shared across modules: never modify the returned tables in place
+    def build() -> tuple[Tensor, Tensor]:
+        a = Rope3D(head_dim, theta).angles(grid).repeat(1, 2)
+        return a.cos().to(device=device, dtype=dtype), a.sin().to(device=device, dtype=dtype)
+
+    return _constant(build)
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax attention core
+# ----------------------------------------------------------------------------------------------
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Softmax attention on 3-D tensors: q (G, Lq, d), k (G, Lk, d), v (G, Lk, dv) -> (G, Lq, dv).
+
+    `bias` is added to the logits (broadcast to (G, Lq, Lk); -inf masks). Scale 1/sqrt(d).
+    For GQA the ops fold the query heads of one KV group into Lq, so k/v are never repeated.
+    """
+    scores = torch.bmm(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(1, 2))
+    if bias is not None:
+        scores = scores + bias
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
+
+
+class HeadNorm(nn.Module):
+    """LayerNorm over head_dim with a learnable affine shared by all heads (width-independent)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.bias = nn.Parameter(torch.zeros(head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.eps) * self.weight + self.bias
+
+
+class _Mixer(nn.Module):
+    """Common width bookkeeping of the elastic attention-like ops (whole heads, fixed head_dim)."""
+
+    max_heads: int
+    head_dim: int
+
+    @property
+    def dim(self) -> int:
+        return self.max_heads * self.head_dim
+
+    def _heads(self, x: Tensor, heads: int | None) -> int:
+        h = self.max_heads if heads is None else int(heads)
+        if not 1 <= h <= self.max_heads:
+            raise ValueError(f"{type(self).__name__}: heads={h} outside 1..{self.max_heads}")
+        if x.shape[-1] != h * self.head_dim:
+            raise ValueError(
+                f"{type(self).__name__}: x has {x.shape[-1]} features but heads={h} x head_dim={self.head_dim} "
+                f"needs {h * self.head_dim}"
+            )
+        return h
+
+
+# ----------------------------------------------------------------------------------------------
+# SA / GQA
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(_Mixer):
+    """Self-attention (kv_group=1) or grouped-query attention (kv_heads = heads // kv_group).
+
+    QK-norm (LayerNorm over head_dim, shared affine) and 3-D RoPE on q and k; the reference every
+    other mixer is tested against. Query head i uses KV head i // kv_group, so a prefix of query
+    heads uses a prefix of KV heads.
+    """
+
+    def __init__(
+        self, max_heads: int, head_dim: int, kv_group: int = 1, qk_norm: bool = True, rope: bool = True
+    ) -> None:
+        super().__init__()
+        if max_heads < 1 or head_dim < 1:
+            raise ValueError(f"max_heads and head_dim must be positive, got {max_heads}, {head_dim}")
+        if kv_group < 1:
+            raise ValueError(f"kv_group must be >= 1, got {kv_group}")
+        self.max_heads = max_heads
+        self.head_dim = head_dim
+        self.kv_group = kv_group
+        self.qk_norm = qk_norm
+        self.use_rope = rope
+        dim = max_heads * head_dim
+        kv_dim = -(-max_heads // kv_group) * head_dim  # ceil: an odd head count keeps a last, partial group
+        # separate q/k/v Linears: each slices as a plain prefix (a fused qkv would need strided slices)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, kv_dim)
+        self.v = nn.Linear(dim, kv_dim)
+        self.o = nn.Linear(dim, dim)
+        if qk_norm:
+            self.q_norm = HeadNorm(head_dim)
+            self.k_norm = HeadNorm(head_dim)
+        self.rope = Rope3D(head_dim) if rope else None
+
+    def _init_args(self) -> dict:
+        return dict(kv_group=self.kv_group, qk_norm=self.qk_norm, rope=self.use_rope)
+
+    def _kv_heads(self, heads: int) -> int:
+        # assumption: with a head count that kv_group does not divide (e.g. 3 heads at width 0.75), the
+        # last KV head serves a partial group; query head i still uses KV head i // kv_group, so every
+        # width slices a prefix of the same KV heads.
+        return -(-heads // self.kv_group)
+
+    def _repeat_kv(self, t: Tensor, heads: int) -> Tensor:
+        """(B*kv_heads, N, hd) -> (B*heads, N, hd) with query head i reading KV head i // kv_group."""
+        kvh, g = self._kv_heads(heads), self.kv_group
+        b = t.shape[0] // kvh
+        t = t.reshape(b, kvh, 1, t.shape[1], t.shape[2]).expand(b, kvh, g, t.shape[1], t.shape[2])
+        return t.reshape(b, kvh * g, t.shape[3], t.shape[4])[:, :heads].reshape(b * heads, t.shape[3], t.shape[4])
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The softmax core (a method so tests and profilers can hook it per instance)."""
+        return attend(q, k, v, bias)
+
+    def project(self, x: Tensor, grid: Grid, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B*heads, N, hd), k and v (B*kv_heads, N, hd); q and k normalised and rotated."""
+        kvh = self._kv_heads(heads)
+        c = heads * self.head_dim
+        ckv = kvh * self.head_dim
+        q = _split_heads(_linear(x, self.q, c), heads)
+        k = _split_heads(_linear(x, self.k, ckv), kvh)
+        v = _split_heads(_linear(x, self.v, ckv), kvh)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope.apply(q, grid), self.rope.apply(k, grid)
+        return q, k, v
+
+    def _fold(self, q: Tensor) -> Tensor:
+        """(B*heads, N, hd) -> (B*kv_heads, g*N, hd): the g query heads of a KV group share one bmm."""
+        g = self.kv_group
+        return q.reshape(q.shape[0] // g, g * q.shape[1], q.shape[2])
+
+    def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        _check_grid(x, grid)
+        h = self._heads(x, heads)
+        q, k, v = self.project(x, grid, h)
+        if h % self.kv_group:
+            out = self.attend(q, self._repeat_kv(k, h), self._repeat_kv(v, h))
+        else:  # the folded layout shares one bmm per KV group and lowers whole to XNNPACK
+            out = self.attend(self._fold(q), k, v)
+        out = _merge_heads(out, x.shape[0], h)
+        return _linear(out, self.o, h * self.head_dim)
+
+    def sliced(self, heads: int) -> "Attention":
+        new = type(self)(heads, self.head_dim, **self._init_args())
+        _copy_prefix_params(new, self)
+        return _like(new, self)
+
+
+# ----------------------------------------------------------------------------------------------
+# ASSA (SnapGen++ §3, Eqs. 1-3)
+# ----------------------------------------------------------------------------------------------
+
+
+def bna_mask(n_tokens: int, blocks: int, radius: int) -> Tensor:
+    """(N, N) bool, True where query i may attend key j under blockwise neighbourhood attention.
+
+    The sequence is cut into `blocks` equal contiguous blocks; query block b sees key blocks
+    b-radius .. b+radius (SnapGen++ Eq. 3), clipped at both ends.
+    # assumption: clip at the ends, no wrap-around (the paper does not say) [method.md §2.3].
+    """
+    if blocks < 1 or radius < 0:
+        raise ValueError(f"bna_mask: need blocks >= 1 and radius >= 0, got {blocks}, {radius}")
+    if n_tokens % blocks:
+        raise ValueError(f"bna_mask: {n_tokens} tokens do not split into {blocks} equal blocks")
+    block = torch.arange(n_tokens) // (n_tokens // blocks)
+    return (block.reshape(-1, 1) - block.reshape(1, -1)).abs() <= radius
+
+
+@functools.lru_cache(maxsize=64)
+def _bna_bias(n: int, blocks: int, radius: int, tile: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def build() -> Tensor:
+        bias = torch.zeros(n, n, dtype=dtype).masked_fill(~bna_mask(n, blocks, radius), float("-inf"))
+        return bias.repeat(tile, 1).to(device)
+
+    return _constant(build)
+
+
+class ASSA(Attention):
+    """Adaptive sparse self-attention: KV-compressed global branch + blockwise neighbourhood branch.
+
+    - global (Eq. 1): k and v compressed per kv-channel by a depthwise 2x2 stride-2 conv over each
+      frame's (H, W) map, so KV length is N/4; every query attends to all compressed tokens.
+    - local (Eq. 3): BNA as an additive constant band-block mask (-inf outside), so it stays
+      bmm + add + softmax; one batched call instead of the paper's per-block loop.
+    - fusion: per-token, per-head gate w = sigmoid(Linear(x)) sliced to `heads`;
+      h = w * h_local + (1 - w) * h_global, then the output projection.
+    # assumption: w weights the local branch (the paper does not say which) [method.md §2.3].
+    # assumption: the branches share the normalised + rotated q, k, v; the global branch compresses
+    # the rotated k (the paper gives Conv(k) with no RoPE detail).
+    # assumption: for video, BNA blocks cut the flattened T*H*W sequence and the global branch
+    # attends over the compressed tokens of all frames (SnapGen++ is image-only).
+
+    `gate_override` (None or a float in [0, 1]) replaces w by a constant; for tests and ablations.
+    """
+
+    def __init__(
+        self,
+        max_heads: int,
+        head_dim: int,
+        kv_group: int = 1,
+        bna_blocks: int = 4,
+        bna_radius: int = 1,
+        qk_norm: bool = True,
+        rope: bool = True,
+    ) -> None:
+        # assumption: defaults blocks=4, r=1 suit the toy 16x16-token grids; the paper uses b=16,
+        # r=1 at 1024^2 (SnapGen++ §3.1) -- pass bna_blocks=16 to match it.
+        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope)
+        if bna_blocks < 1 or bna_radius < 0:
+            raise ValueError(f"ASSA: need bna_blocks >= 1 and bna_radius >= 0, got {bna_blocks}, {bna_radius}")
+        if max_heads % kv_group:
+            raise ValueError(f"ASSA: max_heads={max_heads} is not divisible by kv_group={kv_group}")
+        self.bna_blocks = bna_blocks
+        self.bna_radius = bna_radius
+        kv_dim = (max_heads // kv_group) * head_dim
+        # SnapGen++ Eq. 1: Conv_{2x2, s=2} on k and v; depthwise = one 2x2 filter per kv-channel
+        # (assumption: depthwise, the paper just says "Conv").
+        self.k_compress = nn.Conv2d(kv_dim, kv_dim, kernel_size=2, stride=2, groups=kv_dim)
+        self.v_compress = nn.Conv2d(kv_dim, kv_dim, kernel_size=2, stride=2, groups=kv_dim)
+        self.gate = nn.Linear(max_heads * head_dim, max_heads)  # SnapGen++ Fig. 3: Linear -> Sigmoid, per head
+        self.gate_override: float | None = None
+
+    def _init_args(self) -> dict:
+        return dict(super()._init_args(), bna_blocks=self.bna_blocks, bna_radius=self.bna_radius)
+
+    def _check_assa_grid(self, grid: Grid) -> None:
+        t, h, w = grid
+        if h % 2 or w % 2:
+            raise ValueError(f"ASSA: the 2x2 stride-2 KV compression needs even H and W, got grid {tuple(grid)}")
+        if (t * h * w) % self.bna_blocks:
+            raise ValueError(f"ASSA: {t * h * w} tokens do not split into bna_blocks={self.bna_blocks} equal blocks")
+
+    def local_bias(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Additive BNA mask (0 / -inf), tiled kv_group times along queries for the folded GQA layout."""
+        return _bna_bias(n_tokens, self.bna_blocks, self.bna_radius, self.kv_group, torch.device(device), dtype)
+
+    def compress(self, t: Tensor, conv: nn.Conv2d, batch: int, grid: Grid) -> Tensor:
+        """(B*kv_heads, T*H*W, hd) -> (B*kv_heads, T*(H/2)*(W/2), hd) by a per-frame depthwise 2x2/2 conv."""
+        tt, h, w = grid
+        hd = self.head_dim
+        kvh = t.shape[0] // batch
+        c = kvh * hd  # channel index = kv_head * hd + d, the Linear's own feature order
+        x = t.reshape(batch, kvh, tt, h, w, hd).permute(0, 2, 1, 5, 3, 4).reshape(batch * tt, c, h, w)
+        y = F.conv2d(x, _prefix(conv.weight, c), _prefix(conv.bias, c), stride=2, groups=c)
+        h2, w2 = h // 2, w // 2
+        return y.reshape(batch, tt, kvh, hd, h2, w2).permute(0, 2, 1, 4, 5, 3).reshape(batch * kvh, tt * h2 * w2, hd)
+
+    def branches(self, x: Tensor, grid: Grid, heads: int) -> tuple[Tensor, Tensor]:
+        """(h_local, h_global), each (B*kv_heads, g*N, hd) in the folded layout."""
+        b, n, _ = x.shape
+        q, k, v = self.project(x, grid, heads)
+        qf = self._fold(q)
+        local = self.attend(qf, k, v, self.local_bias(n, x.device, x.dtype))
+        glob = self.attend(qf, self.compress(k, self.k_compress, b, grid), self.compress(v, self.v_compress, b, grid))
+        return local, glob
+
+    def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        _check_grid(x, grid)
+        self._check_assa_grid(grid)
+        h = self._heads(x, heads)
+        b, n, c = x.shape
+        local, glob = self.branches(x, grid, h)
+        if self.gate_override is not None:
+            w = self.gate_override
+            mixed = local * w + glob * (1.0 - w)
+        else:
+            w = torch.sigmoid(_linear(x, self.gate, h))  # (B, N, heads)
+            # per-head, per-token weight in the folded layout; permute + reshape (not unsqueeze)
+            w = w.permute(0, 2, 1).reshape(local.shape[0], local.shape[1], 1)
+            mixed = w * local + (1.0 - w) * glob
+        return _linear(_merge_heads(mixed, b, h), self.o, c)
+
+    def sliced(self, heads: int) -> "ASSA":
+        new = super().sliced(heads)
+        new.gate_override = self.gate_override
+        return new
+
+
+# ----------------------------------------------------------------------------------------------
+# LCHA (S2DiT LinConv Hybrid Attention, method.md §1.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q_feat: Tensor,
+    k_feat: Tensor,
+    v: Tensor,
+    q_rot: Tensor | None = None,
+    k_rot: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Normalised kernel linear attention, O(L d^2), on (G, L, d) features and (G, L, dv) values.
+
+        y_i = q_rot_i^T (sum_j k_rot_j v_j^T) / q_feat_i^T (sum_j k_feat_j)
+
+    computed right-to-left. The RoPE-rotated features (if given) enter the numerator only; the
+    denominator uses the positive un-rotated features so it stays > 0 [method.md §1.2].
+    Both sums are taken as means (the 1/L cancels) so fp16 on device does not overflow at large L.
+    # assumption: eps = 1e-6 added to the (mean) denominator, for safety only.
+    """
+    g, length, d = k_feat.shape
+    qn = q_feat if q_rot is None else q_rot
+    kn = k_feat if k_rot is None else k_rot
+    kv = torch.bmm(kn.transpose(1, 2), v) * (1.0 / length)  # (G, d, dv)
+    num = torch.bmm(qn, kv)  # (G, L, dv)
+    # mean over L as a 4-D mean over dims (2,3), the only form XNNPACK takes
+    k_mean = k_feat.transpose(1, 2).reshape(g, d, length, 1).mean(dim=(2, 3), keepdim=True).reshape(g, d, 1)
+    den = torch.bmm(q_feat, k_mean)  # (G, L, 1)
+    return num / (den + eps)
+
+
+def linear_attention_quadratic(
+    q_feat: Tensor, k_feat: Tensor, v: Tensor, q_rot: Tensor | None = None, k_rot: Tensor | None = None
+) -> Tensor:
+    """Reference O(L^2) form: y_i = sum_j (q_rot_i . k_rot_j) v_j / sum_j (q_feat_i . k_feat_j)."""
+    qn = q_feat if q_rot is None else q_rot
+    kn = k_feat if k_rot is None else k_rot
+    a = torch.bmm(qn, kn.transpose(1, 2))
+    z = torch.bmm(q_feat, k_feat.transpose(1, 2)).sum(dim=-1, keepdim=True)
+    return torch.bmm(a, v) / z
+
+
+class LCHA(_Mixer):
+    """LinConv Hybrid Attention: linear-attention branch || causal depthwise 3-D conv branch.
+
+    - linear branch: q, k, v Linears; q, k RMS-normalised per head, phi(x) = softplus(W x + b)
+      [S2DiT via method.md §1.2]; 3-D RoPE on phi(q), phi(k) in the numerator only.
+      # assumption: W (head_dim x head_dim) is shared by all heads and by q and k, so it is
+      # width-independent; the RMS norm has no affine (W absorbs it).
+    - conv branch: depthwise 3-D conv, kernel (kt, kh, kw), causal in time (pads past frames only),
+      'same' in space, then a pointwise Linear channel mix [S2DiT, method.md §1.2].
+      # assumption: the conv reads the block input x (the paper does not say x, v or the output).
+      # assumption: kernel (3, 3, 3) by default (kernel size not public).
+      Written as a sum over temporal taps of depthwise F.conv2d on shifted frames (XNNPACK delegates
+      conv2d, not conv3d); the weight is stored as a (C, 1, kt, kh, kw) Conv3d weight.
+    - FusionGate: per-channel logits alpha (init 0 -> 0.5), out = s*lin + (1-s)*conv, s = sigmoid(alpha),
+      then the output projection.
+      # assumption: per-channel, static, convex gate (method.md §1.2 [I] default).
+
+    Not causal overall (the linear branch is bidirectional); the streaming prefix-sum form is future work.
+    `gate_override` (None or a float in [0, 1]) replaces sigmoid(alpha) by a constant.
+    """
+
+    def __init__(
+        self, max_heads: int, head_dim: int, conv_kernel: tuple[int, int, int] = (3, 3, 3), rope: bool = True
+    ) -> None:
+        super().__init__()
+        kt, kh, kw = conv_kernel
+        if kt < 1 or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"LCHA: conv_kernel needs kt >= 1 and odd kh, kw ('same' padding), got {conv_kernel}")
+        self.max_heads = max_heads
+        self.head_dim = head_dim
+        self.conv_kernel = (kt, kh, kw)
+        self.use_rope = rope
+        dim = max_heads * head_dim
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.phi = nn.Linear(head_dim, head_dim)
+        self.conv = nn.Conv3d(dim, dim, kernel_size=(kt, kh, kw), groups=dim)  # storage only; see conv_branch
+        self.mix = nn.Linear(dim, dim)
+        self.alpha = nn.Parameter(torch.zeros(dim))  # sigmoid(0) = 0.5: both branches equal at init
+        self.o = nn.Linear(dim, dim)
+        self.rope = Rope3D(head_dim) if rope else None
+        self.gate_override: float | None = None
+
+    def features(self, t: Tensor) -> Tensor:
+        """phi(RMSNorm(t)) = softplus(W RMSNorm(t) + b) > 0, on (..., head_dim)."""
+        return softplus(self.phi(rms_norm(t)))
+
+    def linear_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
+        c = heads * self.head_dim
+        q = _split_heads(_linear(x, self.q, c), heads)
+        k = _split_heads(_linear(x, self.k, c), heads)
+        v = _split_heads(_linear(x, self.v, c), heads)
+        qf, kf = self.features(q), self.features(k)
+        qr = kr = None
+        if self.rope is not None:
+            qr, kr = self.rope.apply(qf, grid), self.rope.apply(kf, grid)
+        return _merge_heads(linear_attention(qf, kf, v, qr, kr), x.shape[0], heads)
+
+    def conv_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
+        b, n, c = x.shape
+        t, h, w = grid
+        kt, kh, kw = self.conv_kernel
+        x5 = x.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
+        xp = F.pad(x5, (0, 0, 0, 0, 0, 0, kt - 1, 0))  # causal: kt-1 zero frames in the past only
+        weight = _prefix(self.conv.weight, c)
+        bias = _prefix(self.conv.bias, c)
+        acc = None
+        for tau in range(kt):  # tap tau reads frame t - (kt-1) + tau, as Conv3d on the padded input
+            frames = xp[:, tau : tau + t].reshape(b * t, c, h, w)
+            y = F.conv2d(frames, weight[:, :, tau], bias if tau == 0 else None, padding=(kh // 2, kw // 2), groups=c)
+            acc = y if acc is None else acc + y
+        out = acc.reshape(b, t, c, h, w).permute(0, 1, 3, 4, 2).reshape(b, n, c)
+        return _linear(out, self.mix, c)
+
+    def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        _check_grid(x, grid)
+        h = self._heads(x, heads)
+        c = h * self.head_dim
+        lin = self.linear_branch(x, grid, h)
+        conv = self.conv_branch(x, grid, h)
+        if self.gate_override is not None:
+            s = self.gate_override
+            mixed = lin * s + conv * (1.0 - s)
+        else:
+            s = torch.sigmoid(_prefix(self.alpha, c))
+            mixed = s * lin + (1.0 - s) * conv
+        return _linear(mixed, self.o, c)
+
+    def sliced(self, heads: int) -> "LCHA":
+        new = LCHA(heads, self.head_dim, conv_kernel=self.conv_kernel, rope=self.use_rope)
+        _copy_prefix_params(new, self)
+        new.gate_override = self.gate_override
+        return _like(new, self)
+
+
+# ----------------------------------------------------------------------------------------------
+# SSA (S2DiT stride self-attention, method.md §1.3)
+# ----------------------------------------------------------------------------------------------
+
+
+class SSA(Attention):
+    """Stride self-attention: softmax attention over a (1, s, s) average-pooled token grid.
+
+    Equivalent to: project q, k, v; average-pool them by (1, s, s); QK-norm; RoPE on the pooled
+    grid's integer coordinates; attention over N/s^2 tokens; nearest-upsample back to N tokens;
+    output projection. Pooling commutes with the affine q/k/v projections and nearest upsampling
+    with the per-token output projection, so x is pooled once before the projections and the
+    output upsampled after `o` -- the same function at 1/s^2 of the projection cost.
+    # assumption: spatial stride only, average pooling down, nearest repetition up (S2DiT does not
+    # publish the operators) [method.md §1.3]; QK-norm acts on the pooled q, k.
+    stride=1 is exactly Attention.
+    """
+
+    def __init__(
+        self, max_heads: int, head_dim: int, stride: int = 2, kv_group: int = 1, qk_norm: bool = True, rope: bool = True
+    ) -> None:
+        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope)
+        if stride < 1:
+            raise ValueError(f"SSA: stride must be >= 1, got {stride}")
+        self.stride = stride  # assumption: s = 2 (4x fewer tokens) by default [method.md §1.3 [I]]
+
+    def _init_args(self) -> dict:
+        return dict(super()._init_args(), stride=self.stride)
+
+    def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        s = self.stride
+        if s == 1:
+            return super().forward(x, grid, heads)
+        _check_grid(x, grid)
+        t, h, w = grid
+        if h % s or w % s:
+            raise ValueError(f"SSA: grid {tuple(grid)} has H or W not divisible by stride {s}")
+        xs, small = _downsample_avg(x, grid, s)
+        y = super().forward(xs, small, heads)
+        return _upsample_nearest(y, small, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-attention and FFN
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossAttention(_Mixer):
+    """Queries from x (sliced by heads), keys/values from conditioning tokens cond (B, M, cond_dim).
+
+    The K/V projections keep their full input side (cond_dim is fixed; SnapGen++ §2.4: "cross-
+    attention K/V projections are not sliced"); only their output rows follow `heads`. QK-norm,
+    no RoPE (conditioning tokens have no grid position).
+    """
+
+    def __init__(self, max_heads: int, head_dim: int, cond_dim: int, qk_norm: bool = True) -> None:
+        super().__init__()
+        self.max_heads = max_heads
+        self.head_dim = head_dim
+        self.cond_dim = cond_dim
+        self.qk_norm = qk_norm
+        dim = max_heads * head_dim
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(cond_dim, dim)
+        self.v = nn.Linear(cond_dim, dim)
+        self.o = nn.Linear(dim, dim)
+        if qk_norm:
+            self.q_norm = HeadNorm(head_dim)
+            self.k_norm = HeadNorm(head_dim)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        return attend(q, k, v, bias)
+
+    def forward(self, x: Tensor, cond: Tensor, heads: int | None = None) -> Tensor:
+        h = self._heads(x, heads)
+        if cond.shape[-1] != self.cond_dim:
+            raise ValueError(f"CrossAttention: cond has {cond.shape[-1]} features, expected cond_dim={self.cond_dim}")
+        c = h * self.head_dim
+        q = _split_heads(_linear(x, self.q, c), h)
+        k = _split_heads(_linear(cond, self.k, c, self.cond_dim), h)
+        v = _split_heads(_linear(cond, self.v, c, self.cond_dim), h)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _linear(_merge_heads(self.attend(q, k, v), x.shape[0], h), self.o, c)
+
+    def sliced(self, heads: int) -> "CrossAttention":
+        new = CrossAttention(heads, self.head_dim, self.cond_dim, qk_norm=self.qk_norm)
+        _copy_prefix_params(new, self)
+        return _like(new, self)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear; input width = x.shape[-1] (a prefix of max_dim), `hidden` slices units."""
+
+    def __init__(self, max_dim: int, max_hidden: int) -> None:
+        super().__init__()
+        self.max_dim = max_dim
+        self.max_hidden = max_hidden
+        self.fc1 = nn.Linear(max_dim, max_hidden)
+        self.fc2 = nn.Linear(max_hidden, max_dim)
+
+    def forward(self, x: Tensor, hidden: int | None = None) -> Tensor:
+        d = x.shape[-1]
+        hid = self.max_hidden if hidden is None else int(hidden)
+        if not 1 <= d <= self.max_dim or not 1 <= hid <= self.max_hidden:
+            raise ValueError(
+                f"FeedForward: width {d} / hidden {hid} outside 1..{self.max_dim} / 1..{self.max_hidden}"
+            )
+        y = F.gelu(_linear(x, self.fc1, hid), approximate="tanh")  # DiT's MLP uses tanh-GELU
+        return _linear(y, self.fc2, d)
+
+    def sliced(self, dim: int, hidden: int) -> "FeedForward":
+        new = FeedForward(dim, hidden)
+        _copy_prefix_params(new, self)
+        return _like(new, self)
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
+
+
+def _gqa(max_heads: int, head_dim: int, **kw) -> Attention:
+    kw.setdefault("kv_group", 2)  # assumption: "gqa" = 2 query heads per KV head
+    return Attention(max_heads, head_dim, **kw)
+
+
+# Factories f(max_heads, head_dim, **op_kwargs) -> module with forward(x, grid, heads=None) and sliced(heads).
+TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {
+    "sa": Attention,
+    "gqa": _gqa,
+    "assa": ASSA,
+    "lcha": LCHA,
+    "ssa": SSA,
+}
