@@ -9,8 +9,6 @@ two independent draws of real data reach: the best score a perfect generator cou
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 
 from ditnas.data import DatasetSplit
 from ditnas.errors import DitnasError
+from ditnas.io import atomic_torch_save
 
 FORMAT = "ditnas-judge"
 # Bump when the architecture or training recipe changes, so cached judges are retrained.
@@ -136,19 +135,7 @@ class Judge(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"header": self.header(), "state_dict": self.state_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(Path(path), {"header": self.header(), "state_dict": self.state_dict()})
 
     @classmethod
     def load(cls, path: str | Path) -> Judge:

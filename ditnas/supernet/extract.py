@@ -13,13 +13,12 @@ import torch
 
 import ditnas
 from ditnas.arch import Arch
+from ditnas.config import config_from_dict
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
 from ditnas.supernet.flow import interpolate
 from ditnas.supernet.model import ElasticDiT, SubDiT
-from ditnas.supernet.train import _space_kwargs, load_supernet, load_weights
-from ditnas.arch import SearchSpace
-from ditnas.config import config_from_dict
+from ditnas.supernet.train import load_supernet, load_weights, space_from_record
 
 SUBNET_NAME = "subnet.pt"
 
@@ -87,7 +86,7 @@ def load_subnet(path: Path) -> SubDiT:
     if not isinstance(state, dict) or not {"arch", "config", "space", "weights"} <= set(state):
         raise DitnasError(f"subnet file {path} is not a ditnas subnet; pass the folder written by `ditnas extract`")
     cfg = config_from_dict(state["config"], where=f"{path}:config")
-    space = SearchSpace(**_space_kwargs(state["space"]))
+    space = space_from_record(state["space"])
     skeleton = ElasticDiT(space, cfg.model)  # the structure only; weights are replaced below
     sub = skeleton.extract(space.parse(state["arch"], source=str(path)))
     load_weights(sub, state["weights"], path)

@@ -267,18 +267,19 @@ def load_supernet(path: Path, *, use_ema: bool = True) -> tuple[ElasticDiT, RunC
     state = torch_load(path)
     check_checkpoint(state, path)
     cfg = config_from_dict(state["config"], where=f"{path}:config")
-    model = ElasticDiT(SearchSpace(**_space_kwargs(state["space"])), cfg.model)
+    model = ElasticDiT(space_from_record(state["space"]), cfg.model)
     load_weights(model, state["ema"] if use_ema else state["model"], path)
     model.eval()
     return model, cfg, state
 
 
-def _space_kwargs(raw: dict) -> dict:
+def space_from_record(raw: dict) -> SearchSpace:
+    """The SearchSpace a checkpoint recorded with `dataclasses.asdict`."""
     out = dict(raw)
     out["stage_ops"] = {int(k): tuple(v) for k, v in raw.get("stage_ops", {}).items()}
     for key in ("ops", "widths", "mlp_ratios", "skippable", "stage_pattern", "latent"):
         out[key] = tuple(raw[key])
-    return out
+    return SearchSpace(**out)
 
 
 def train_supernet(

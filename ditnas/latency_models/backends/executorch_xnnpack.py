@@ -1,0 +1,291 @@
+"""`executorch-xnnpack`: ExecuTorch with the XNNPACK delegate, run and timed in this process.
+
+prepare:  torch.export -> constant_prop_pass -> to_edge_transform_and_lower(XnnpackPartitioner,
+          generate_etrecord=True) -> <name>.pte + <name>.etrecord + <name>.delegation.json,
+          with a delegation report and an output parity check against eager.
+measure:  executorch.runtime loads the .pte; each timed sample is one `Method.execute` bracketed by
+          time.perf_counter_ns. Then a short separate run with the event tracer on writes
+          <name>.etdp (per-op events), so tracing overhead never enters the timed samples.
+parse:    an .etdp (+ the .etrecord beside it) -> one row per event per run via the Inspector.
+
+Every API here was checked against the installed executorch 1.5.1 (toolchain.md §1.1, §2.1).
+executorch is imported lazily so `get_backend` can report it missing with an install hint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditnas.errors import DitnasError
+from ditnas.io import atomic_write_bytes, write_json
+from ditnas.latency_models.backends.base import Backend, Prepared, package_version
+from ditnas.latency_models.backends.host_torch import check_counts
+from ditnas.latency_models.programs import Program
+
+# Compute ops that must run inside the XNNPACK delegate (toolchain.md §1.1: an undelegated mm was
+# half of Whisper's decoder time). Matched against get_delegation_info op types (aten_<op>_<overload>).
+COMPUTE_OPS = re.compile(r"^aten_(_?softmax|_?log_softmax|mm|bmm|addmm|baddbmm|matmul|linear|convolution)(_|$)")
+ETDUMP_MAGIC = b"ED00"  # flatbuffer file identifier at bytes 8..12 of a size-prefixed ETDump
+PTE_MAGIC = b"ET12"
+
+
+def file_stem(key: str) -> str:
+    """A file-system-safe name for a program key (keys hold ':' and '.')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
+    """Delegated vs non-delegated call nodes of a lowered edge graph, per op type."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    by_op = {
+        op: {"delegated": b.delegated, "non_delegated": b.non_delegated} for op, b in sorted(info.delegation_by_operator.items())
+    }
+    non_delegated = sorted(op for op, b in by_op.items() if b["non_delegated"])
+    compute = {op: b for op, b in by_op.items() if COMPUTE_OPS.match(op)}
+    compute_total = sum(b["delegated"] + b["non_delegated"] for b in compute.values())
+    compute_delegated = sum(b["delegated"] for b in compute.values())
+    return {
+        "delegated_subgraphs": info.num_delegated_subgraphs,
+        "delegated_nodes": info.num_delegated_nodes,
+        "non_delegated_nodes": info.num_non_delegated_nodes,
+        "non_delegated_ops": non_delegated,
+        "non_delegated_compute_ops": sorted(op for op, b in compute.items() if b["non_delegated"]),
+        "compute_nodes": compute_total,
+        "compute_delegated": compute_delegated,
+        "delegated_share": compute_delegated / compute_total if compute_total else 1.0,
+        "by_op": by_op,
+    }
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _flat(item)]
+
+
+def _save_etrecord(etrecord: Any, path: Path) -> None:
+    # ETRecord.save takes a path; write beside the target and rename so no half file is left
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        etrecord.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def set_et_threads(threads: int) -> int:
+    """Size ExecuTorch's process-wide XNNPACK thread pool; returns the count now in effect.
+
+    Not restored afterwards, on purpose: resetting the pool while a loaded XNNPACK method is still
+    alive crashed the process here ("double free or corruption"), so it is reset only when the count
+    differs, before any program is loaded by the caller.
+    """
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+    return portable_lib._threadpool_get_thread_count()
+
+
+class ExecuTorchXnnpackBackend(Backend):
+    name = "executorch-xnnpack"
+    requires = ("executorch",)
+
+    def __init__(
+        self,
+        threads: int = 1,
+        *,
+        strict: bool = False,
+        parity_atol: float | None = 1e-4,
+        etdump: bool = True,
+        etdump_runs: int = 3,
+    ) -> None:
+        super().__init__(threads)
+        self.strict = strict  # raise when attention/matmul/linear/conv fall back to portable kernels
+        self.parity_atol = parity_atol  # None skips the .pte-vs-eager check
+        self.etdump = etdump
+        self.etdump_runs = etdump_runs
+
+    def tool_versions(self) -> dict[str, str | None]:
+        return {"torch": package_version("torch"), "executorch": package_version("executorch")}
+
+    # ----- prepare -----------------------------------------------------------------------------
+    def lower(self, program: Program) -> tuple[Any, dict[str, Any]]:
+        """ExportedProgram -> ExecutorchProgramManager and the delegation report."""
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+        module = program.module.eval().requires_grad_(False)
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(program.inputs))
+        # folds weight slices (LCHA's per-tap conv weights, leading-slice widths) into constants
+        # the partitioner can treat as static weights
+        ep = constant_prop_pass(ep)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], generate_etrecord=True)
+        report = delegation_report(edge.exported_program().graph_module)
+        return edge.to_executorch(), report
+
+    def prepare(self, programs: list[Program], workdir: Path) -> list[Prepared]:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared = []
+        for program in programs:
+            stem = file_stem(program.key())
+            et, report = self.lower(program)
+            if self.strict and report["non_delegated_compute_ops"]:
+                raise DitnasError(
+                    f"program {program.key()}: compute ops {report['non_delegated_compute_ops']} are not delegated to "
+                    "XNNPACK and would run on slow portable kernels; rewrite them as in xnnpack-notes.md or pass strict=False"
+                )
+            pte, etrecord = workdir / f"{stem}.pte", workdir / f"{stem}.etrecord"
+            atomic_write_bytes(pte, et.buffer)
+            _save_etrecord(et.get_etrecord(), etrecord)
+            item = Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=report)
+            if self.parity_atol is not None:
+                err, scale = self.parity(item)
+                # assumption: the tolerance is absolute for unit-scale outputs and relative above
+                # (XNNPACK's GEMM/exp/rsqrt kernels round differently: ~1.2e-4 at |out| ~ 4 here)
+                tol = self.parity_atol * max(1.0, scale)
+                report.update(parity_max_abs_err=err, parity_output_scale=scale, parity_tolerance=tol)
+                if not err <= tol:
+                    raise DitnasError(
+                        f"program {program.key()}: .pte output differs from eager by {err:.3g} > {tol:.3g} "
+                        f"({pte}); the lowering changed the function, do not time it"
+                    )
+            report["pte_bytes"] = pte.stat().st_size
+            write_json(workdir / f"{stem}.delegation.json", {"key": program.key(), **report})
+            prepared.append(item)
+        return prepared
+
+    # ----- run ---------------------------------------------------------------------------------
+    @staticmethod
+    def load(pte: Path, etdump: bool = False) -> Any:
+        from executorch.runtime import Runtime
+
+        return Runtime.get().load_program(Path(pte), enable_etdump=etdump, debug_buffer_size=0)
+
+    @staticmethod
+    def load_method(program: Any, item: Prepared) -> Any:
+        try:
+            return program.load_method("forward")
+        except RuntimeError as exc:
+            raise DitnasError(
+                f"program {item.key()}: the ExecuTorch runtime cannot load {item.artifacts['pte']} ({exc}); XNNPACK "
+                "refuses some graphs only at load time, e.g. tensors of more than 6 dims -- reshape them to <= 6"
+            ) from None
+
+    def run_once(self, item: Prepared) -> list[torch.Tensor]:
+        set_et_threads(self.threads)
+        method = self.load_method(self.load(item.artifacts["pte"]), item)
+        return list(method.execute(list(item.program.inputs)))
+
+    def parity(self, item: Prepared) -> tuple[float, float]:
+        """(max |.pte output - eager output|, max |eager output|) over all outputs."""
+        got = self.run_once(item)
+        want = _flat(item.program.eager())
+        if len(got) != len(want):
+            raise DitnasError(f"program {item.key()}: .pte returns {len(got)} outputs, eager {len(want)}")
+        err = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        return err, max(float(w.abs().max()) for w in want)
+
+    def measure(self, prepared: list[Prepared], warmup: int, iters: int) -> list[dict[str, Any]]:
+        check_counts(warmup, iters)
+        rows: list[dict[str, Any]] = []
+        for item in prepared:
+            inputs = list(item.program.inputs)
+            set_et_threads(self.threads)
+            method = self.load_method(self.load(item.artifacts["pte"]), item)
+            for _ in range(warmup):
+                method.execute(inputs)
+            for i in range(iters):
+                t0 = time.perf_counter_ns()
+                method.execute(inputs)
+                t1 = time.perf_counter_ns()
+                rows.append({"key": item.key(), "iteration": i, "latency_ms": (t1 - t0) / 1e6})
+            del method  # release the XNNPACK runtime before anything else touches the pool
+            if self.etdump:
+                item.artifacts["etdump"] = self.write_etdump(item, self.etdump_runs)
+        return rows
+
+    def write_etdump(self, item: Prepared, runs: int) -> Path:
+        """Run `runs` times with the event tracer on and write <name>.etdp beside the .pte."""
+        pte = item.artifacts["pte"]
+        set_et_threads(self.threads)
+        program = self.load(pte, etdump=True)
+        method = self.load_method(program, item)
+        for _ in range(runs):
+            method.execute(list(item.program.inputs))
+        etdp = pte.with_suffix(".etdp")
+        tmp = pte.with_name(f".{etdp.name}.tmp")
+        # both paths are required; with debug_buffer_size=0 no debug buffer file is written
+        program.write_etdump_result_to_file(str(tmp), str(pte.with_name(f"{pte.stem}_debug.bin")))
+        os.replace(tmp, etdp)
+        return etdp
+
+    # ----- ingest ------------------------------------------------------------------------------
+    def parse(self, artifact: Path) -> list[dict[str, Any]]:
+        return parse_etdump(artifact)
+
+
+def parse_etdump(artifact: Path, etrecord: Path | None = None) -> list[dict[str, Any]]:
+    """One row per (event, run) of an ETDump: event_block, event, run, latency_ms, delegated,
+    delegate_backend. The .etrecord beside it (same stem) is used when present, for op names."""
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise DitnasError(f"ETDump {artifact} does not exist; run the program with the event tracer on first")
+    head = artifact.read_bytes()[:12]
+    if head[8:12] != ETDUMP_MAGIC:
+        raise DitnasError(
+            f"{artifact} is not an ETDump (no 'ED00' identifier); pass the .etdp file the runtime wrote, "
+            "or re-run the program with enable_etdump"
+        )
+    if etrecord is None and artifact.with_suffix(".etrecord").is_file():
+        etrecord = artifact.with_suffix(".etrecord")
+    from executorch.devtools import Inspector
+
+    try:
+        inspector = Inspector(etdump_path=str(artifact), etrecord=str(etrecord) if etrecord else None)
+        df = inspector.to_dataframe()
+    except Exception as exc:  # flatc / flatbuffer errors come as many types
+        raise DitnasError(f"ETDump {artifact} is unreadable ({type(exc).__name__}); re-run the program that wrote it") from None
+    rows: list[dict[str, Any]] = []
+    for rec in df.to_dict("records"):
+        for run, value in enumerate(rec.get("raw") or []):
+            rows.append(
+                {
+                    "event_block": rec["event_block_name"],
+                    "event": rec["event_name"],
+                    "run": run,
+                    "latency_ms": float(value),
+                    "delegated": bool(rec.get("is_delegated_op")),
+                    "delegate_backend": rec.get("delegate_backend_name") or "",
+                }
+            )
+    # assumption: load/init events alone (the "Default" block) are not a profile; an executed
+    # method always records events in its "Execute" block
+    if not any(r["event_block"] != "Default" for r in rows):
+        raise DitnasError(
+            f"ETDump {artifact} has no execution events; the runtime was built without the event tracer or "
+            "the method never ran -- use executorch>=1.5 wheels and execute before writing the dump"
+        )
+    return rows
+
+
+def load_delegation_report(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise DitnasError(f"delegation report {path} is missing or unreadable; re-run prepare") from None
