@@ -14,7 +14,13 @@ import torch
 from ditnas.arch import SearchSpace
 from ditnas.config import ModelConfig
 from ditnas.errors import DitnasError
-from ditnas.latency_models import ProfilingSession, build_program, cells_for_space, get_backend, programs_for_cells
+from ditnas.latency_models import (
+    ProfilingSession,
+    build_program,
+    cells_for_space,
+    get_backend,
+    programs_for_cells,
+)
 from ditnas.latency_models.backends.executorch_xnnpack import COMPUTE_OPS, parse_etdump
 from ditnas.supernet.model import ElasticDiT
 
@@ -82,7 +88,7 @@ def test_sa_block_lowers_whole_to_xnnpack(lowered) -> None:
 
 
 def test_measure_times_each_execute_and_writes_an_etdump(lowered) -> None:
-    backend, prepared, _ = lowered
+    backend = lowered[0]
     item = _sa(lowered, "0.5")
     rows = backend.measure([item], warmup=2, iters=5)
     assert [r["iteration"] for r in rows] == list(range(5))
@@ -135,7 +141,7 @@ def test_executorch_session_writes_artifacts(supernet: ElasticDiT, tmp_path) -> 
     space = supernet.space
     backend = get_backend("executorch-xnnpack", etdump_runs=2)
     session = ProfilingSession.open(tmp_path / "s", backend, warmup=2, iters=5)
-    prog = build_program(supernet, [c for c in cells_for_space(space) if c.kind == "final" and c.width == 0.5][0])
+    prog = build_program(supernet, next(c for c in cells_for_space(space) if c.kind == "final" and c.width == 0.5))
     assert session.run([prog], backend) == [prog.key()]
     samples = session.samples()
     assert len(samples) == 5 and set(samples["backend"]) == {"executorch-xnnpack"}

@@ -33,7 +33,13 @@ CFG = ModelConfig(max_heads=2, head_dim=8, cond_dim=16, cond_tokens=1)
 
 
 def _space(**kw) -> SearchSpace:
-    base = dict(depth=2, ops=("sa", "gqa", "assa", "lcha", "ssa"), widths=(0.5, 1.0), mlp_ratios=(2.0, 4.0), stage_pattern=(0, 1))
+    base = {
+        "depth": 2,
+        "ops": ("sa", "gqa", "assa", "lcha", "ssa"),
+        "widths": (0.5, 1.0),
+        "mlp_ratios": (2.0, 4.0),
+        "stage_pattern": (0, 1),
+    }
     base.update(kw)
     return SearchSpace(**base)
 
@@ -138,17 +144,6 @@ def test_pieces_compose_to_the_extracted_model(space: SearchSpace, supernet: Ela
     assert torch.allclose(whole.eager(), supernet.run(arch, x, t, y), atol=1e-5)
 
 
-def test_six_dim_layout_ops_equal_the_model_ones() -> None:
-    from ditnas.latency_models.programs import patchify6, unpatchify6
-    from ditnas.supernet.model import patchify, unpatchify
-
-    x = torch.randn(2, 3, 4, 8, 12)  # video: T = 4
-    tokens, grid = patchify(x, 2)
-    assert torch.equal(patchify6(x, 2), tokens)
-    assert torch.equal(unpatchify6(tokens, grid, 2, 3), unpatchify(tokens, grid, 2, 3))
-    assert torch.equal(unpatchify6(tokens, grid, 2, 3), x)
-
-
 def test_block_program_matches_supernet_block(supernet: ElasticDiT) -> None:
     """A standalone block equals the supernet's block run at that op/width with shared weights."""
     space = supernet.space
@@ -165,7 +160,9 @@ def test_block_program_matches_supernet_block(supernet: ElasticDiT) -> None:
 def test_backend_registry_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DitnasError, match="unknown backend 'tpu'.*host-torch"):
         get_backend("tpu")
-    from ditnas.latency_models.backends.executorch_xnnpack import ExecuTorchXnnpackBackend
+    from ditnas.latency_models.backends.executorch_xnnpack import (
+        ExecuTorchXnnpackBackend,
+    )
 
     monkeypatch.setattr(ExecuTorchXnnpackBackend, "requires", ("executorch_not_here",))
     with pytest.raises(DitnasError, match="executorch_not_here.*pip install executorch"):

@@ -119,6 +119,15 @@ def test_shape_helpers_round_trip():
     assert big == grid and torch.equal(back, tokens)
 
 
+def test_patchify_equals_the_7d_reference_for_video():
+    x = torch.randn(2, 3, 4, 8, 12)  # T = 4 frames
+    b, c, t, h, w = x.shape
+    ref = x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 4, 6, 1).reshape(b, t * 4 * 6, 12)
+    tokens, grid = patchify(x, 2)
+    assert torch.equal(tokens, ref) and grid == (4, 4, 6)
+    assert torch.equal(unpatchify(tokens, grid, 2, 3), x)
+
+
 def test_half_resolution_runs_on_a_quarter_of_the_tokens():
     model = _supernet()
     seen = []

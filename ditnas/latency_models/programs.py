@@ -30,8 +30,10 @@ from ditnas.supernet.model import (
     SubDiT,
     merge_2x2,
     modulate,
+    patchify,
     split_2x2,
     timestep_embedding,
+    unpatchify,
 )
 from ditnas.supernet.ops import layer_norm
 
@@ -41,7 +43,7 @@ Grid = tuple[int, int, int]
 
 def _fmt(x: float) -> str:
     text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
+    return text.removesuffix(".0")
 
 
 @dataclass(frozen=True)
@@ -189,28 +191,6 @@ def _transition_cell(space: SearchSpace, stream: float, to: int) -> Cell:
 
 
 # ----------------------------------------------------------------------------------------------
-# layout ops in at most 6 dims
-# ----------------------------------------------------------------------------------------------
-# supernet.model's patchify/unpatchify go through 7-D tensors; XNNPACK's partitioner takes them but
-# its runtime cannot (measured: "Failed to define tensor ... xnn_status_unsupported_parameter", the
-# method then fails to load). T and H/p stay adjacent and in order, so folding them gives the same
-# permutation in 6 dims (the composition test checks these equal SubDiT end to end).
-def patchify6(x: Tensor, p: int) -> Tensor:
-    """As model.patchify: (B, C, T, H, W) -> (B, T*H/p*W/p, p*p*C), through 6-D tensors."""
-    b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t * (h // p), p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, t * (h // p) * (w // p), p * p * c)
-
-
-def unpatchify6(tokens: Tensor, grid: Grid, p: int, channels: int) -> Tensor:
-    """As model.unpatchify: (B, N, p*p*C) on grid (T, H, W) -> (B, C, T, H*p, W*p), in 6 dims."""
-    b = tokens.shape[0]
-    t, gh, gw = grid
-    x = tokens.reshape(b, t * gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, t, gh * p, gw * p)
-
-
-# ----------------------------------------------------------------------------------------------
 # wrappers: forward takes tensors only
 # ----------------------------------------------------------------------------------------------
 class BlockProgram(nn.Module):
@@ -234,7 +214,7 @@ class PatchEmbedProgram(nn.Module):
         self.patch, self.t_mlp, self.y_embed, self.ctx_embed = sub.patch, sub.t_mlp, sub.y_embed, sub.ctx_embed
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        tokens = patchify6(x, self.patch_size)
+        tokens, _ = patchify(x, self.patch_size)
         # as SubDiT._condition (the composition test keeps the two equal)
         c = self.t_mlp(timestep_embedding(t, self.t_mlp[0].in_features)) + self.y_embed(y)
         ctx = self.ctx_embed(y).reshape(y.shape[0], -1, self.y_embed.embedding_dim)
@@ -252,7 +232,7 @@ class FinalProgram(nn.Module):
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         m = self.final_mod(F.silu(c)).reshape(c.shape[0], 1, 2 * self.stream)
         h = modulate(layer_norm(h), m[..., : self.stream], m[..., self.stream :])
-        return unpatchify6(self.final(h), self.grid, self.patch_size, self.channels)
+        return unpatchify(self.final(h), self.grid, self.patch_size, self.channels)
 
 
 class DownProgram(nn.Module):
@@ -282,8 +262,7 @@ class UpProgram(nn.Module):
 class ModelProgram(nn.Module):
     """A whole SubDiT velocity call: forward(x, t, y) (the additivity check of block sums).
 
-    Runs SubDiT.forward as is, so it lowers to XNNPACK but fails to load there until
-    model.patchify/unpatchify use 6-D tensors (see patchify6); host-torch runs it.
+    Runs SubDiT.forward as is (every tensor has at most 6 dims, so XNNPACK loads it).
     """
 
     def __init__(self, sub: SubDiT) -> None:
@@ -336,7 +315,7 @@ def _block_module(supernet: ElasticDiT, cell: Cell) -> Block:
         raise DitnasError(f"block cell {cell.key()}: op {cell.op!r} not in the supernet's ops {list(sblock.mixers)}")
     heads = supernet.heads_for(cell.width)
     d = heads * supernet.head_dim
-    hidden = int(round(cell.mlp_ratio * d))
+    hidden = round(cell.mlp_ratio * d)
     with torch.no_grad():
         return Block(
             {cell.op: sblock.mixers[cell.op].sliced(heads)},

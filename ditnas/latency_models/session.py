@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ IDENTITY_FIELDS = ("device_id", "device_model", "backend", "precision", "compute
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def empty_samples() -> pd.DataFrame:
@@ -79,7 +79,7 @@ def read_samples(path: Path) -> pd.DataFrame:
         return empty_samples()
     try:
         df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for truncated files
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises ArrowInvalid / OSError for truncated files
         raise DitnasError(
             f"{path} is unreadable or truncated ({type(exc).__name__}); delete it to re-measure the session, "
             "or re-run the profiling step that wrote it"

@@ -72,16 +72,21 @@ def _group_index(groups: int, full: int, keep: int) -> Tensor:
 
 
 def patchify(x: Tensor, p: int) -> tuple[Tensor, Grid]:
-    """(B, C, T, H, W) -> tokens (B, T*H/p*W/p, p*p*C), row-major over (t, h, w)."""
+    """(B, C, T, H, W) -> tokens (B, T*H/p*W/p, p*p*C), row-major over (t, h, w).
+
+    Frames are folded into the rows (t*H/p + h) so no tensor has more than 6 dims: XNNPACK lowers
+    7-D permutes but fails to load them (xnn_status_unsupported_parameter).
+    """
     b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 4, 6, 1)
+    x = x.reshape(b, c, t * (h // p), p, w // p, p).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(b, t * (h // p) * (w // p), p * p * c), (t, h // p, w // p)
 
 
 def unpatchify(tokens: Tensor, grid: Grid, p: int, channels: int) -> Tensor:
+    """Inverse of patchify: (B, N, p*p*C) on grid (T, H, W) -> (B, C, T, H*p, W*p), in 6 dims."""
     b = tokens.shape[0]
     t, gh, gw = grid
-    x = tokens.reshape(b, t, gh, gw, p, p, channels).permute(0, 6, 1, 2, 4, 3, 5)
+    x = tokens.reshape(b, t * gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(b, channels, t, gh * p, gw * p)
 
 

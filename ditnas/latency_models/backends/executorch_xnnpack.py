@@ -124,7 +124,9 @@ class ExecuTorchXnnpackBackend(Backend):
     # ----- prepare -----------------------------------------------------------------------------
     def lower(self, program: Program) -> tuple[Any, dict[str, Any]]:
         """ExportedProgram -> ExecutorchProgramManager and the delegation report."""
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
         from executorch.exir import to_edge_transform_and_lower
         from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
@@ -259,7 +261,7 @@ def parse_etdump(artifact: Path, etrecord: Path | None = None) -> list[dict[str,
     try:
         inspector = Inspector(etdump_path=str(artifact), etrecord=str(etrecord) if etrecord else None)
         df = inspector.to_dataframe()
-    except Exception as exc:  # flatc / flatbuffer errors come as many types
+    except Exception as exc:  # noqa: BLE001 -- flatc / flatbuffer errors come as many types
         raise DitnasError(f"ETDump {artifact} is unreadable ({type(exc).__name__}); re-run the program that wrote it") from None
     rows: list[dict[str, Any]] = []
     for rec in df.to_dict("records"):
