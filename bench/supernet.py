@@ -15,6 +15,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,25 @@ from ditnas.supernet.train import build_space, train_standalone, train_supernet
 def machine() -> dict:
     return {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def interleaved_step_seconds(cfg, split, archs: dict, rounds: int = 5, burst: int = 10) -> dict[str, float]:
+    """Median seconds per step of the supernet trainer and of each arch trained alone, measured in
+    alternating bursts so that load from other processes hits every contender alike."""
+    from ditnas.supernet.train import StandaloneTrainer, Trainer
+
+    contenders = {"supernet": Trainer(cfg, Path("/nonexistent"), split)}
+    contenders.update({name: StandaloneTrainer(arch, cfg, split) for name, arch in archs.items()})
+    for trainer in contenders.values():  # warm-up: first steps allocate
+        trainer.train_step()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, trainer in contenders.items():
+            start = time.perf_counter()
+            for _ in range(burst):
+                trainer.train_step()
+            times[name].append((time.perf_counter() - start) / burst)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -93,15 +113,17 @@ def main() -> None:
         label_accuracy[name] = q["label_accuracy"]
         fd[name] = {"fd": q["fd"], "floor": q["fd_floor"]}
 
-    plain_step = standalone["max"]["seconds"] / steps
+    print("timing steps in interleaved bursts ...", flush=True)
+    step_seconds = interleaved_step_seconds(cfg, split, archs)
     result = {
         "benchmark": "supernet",
         "steps": steps,
         "sampler": cfg.train.sampler,
         "num_random": cfg.train.num_random,
-        "sandwich_step_ratio": (supernet_seconds / steps) / plain_step,
+        "sandwich_step_ratio": step_seconds["supernet"] / step_seconds["max"],
         "subnet_gap_pct": {k: v["gap_pct"] for k, v in rows.items()},
-        "cost_ratio": supernet_seconds / sum(v["seconds"] for v in standalone.values()),
+        "cost_ratio": step_seconds["supernet"] / sum(step_seconds[name] for name in archs),
+        "step_seconds": step_seconds,
         "label_accuracy": label_accuracy,
         "fd": fd,
         "judge_val_accuracy": judge.val_accuracy,

@@ -290,6 +290,10 @@ class SearchSpace:
             for i, s in enumerate(self.stage_pattern)
         )
 
+    def narrowest_arch(self) -> Arch:
+        """The max arch with every slot at the smallest width (SnapGen++'s "tiny" point of the supernet)."""
+        return self._base(Slot(s.op, self.widths[0], s.mlp_ratio, s.stage) for s in self.max_arch().slots)
+
     def mid_arch(self) -> Arch:
         """No skips; every slot at the middle op of its stage, the middle width and MLP ratio."""
         mid = lambda values: values[len(values) // 2]  # noqa: E731

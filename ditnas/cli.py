@@ -37,7 +37,7 @@ def train(
     manifest = train_run(cfg, out, resume=resume, progress=progress, evaluate=evaluate)
     loss = manifest["val_flow_loss_ema"]
     typer.echo(f"trained {manifest['step']} steps -> {out / manifest['checkpoint']}")
-    typer.echo(f"val flow loss (EMA): max {loss['max']:.4f}  min {loss['min']:.4f}")
+    typer.echo("val flow loss (EMA): " + "  ".join(f"{name} {value:.4f}" for name, value in loss.items()))
     for name, q in manifest.get("quality", {}).items():
         typer.echo(f"{name}: label accuracy {q['label_accuracy']:.3f}  FD {q['fd']:.2f} (real-vs-real floor {q['fd_floor']:.2f})")
     typer.echo(f"manifest {out / 'run.json'}, samples {out / manifest['samples']}")
@@ -88,6 +88,145 @@ def sample(
     samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
                        null_label=classes, seed=seed)
     typer.echo(f"wrote {save_grid(samples, out, nrow=per_class)}")
+
+
+profile_app = typer.Typer(no_args_is_help=False, help="Device profiling sessions: measure a search space, ingest phone artifacts.")
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.callback(invoke_without_command=True)
+def profile(
+    ctx: typer.Context,
+    backend: Annotated[Optional[str], typer.Option(help="host-torch | executorch-xnnpack | android-adb | ios | coreml")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="run config YAML whose space/model sections define what to profile")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="profile a trained supernet instead of a fresh one")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="session folder (rerun to resume)")] = None,
+    overrides: SetOpt = None,
+    models: Annotated[int, typer.Option(min=0, help="whole-model programs to measure (calibration rows)")] = 12,
+    warmup: Annotated[int, typer.Option(min=0)] = 10,
+    iters: Annotated[int, typer.Option(min=1)] = 50,
+    threads: Annotated[int, typer.Option(min=1, help="fixed thread count for every measurement")] = 1,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Measure every cell of a search space (and whole models) on one backend into a session folder."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if backend is None or out is None:
+        raise DitnasError("ditnas profile needs --backend and --out (and --space CONFIG or --checkpoint); see --help")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ditnas.latency_models.profile import profile_space, supernet_for_profiling
+
+    supernet = supernet_for_profiling(space, checkpoint, overrides or [])
+    bar = Progress(TextColumn("[bold]profile"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("profile", total=None, info="")
+        session = profile_space(
+            supernet, backend, out, warmup=warmup, iters=iters, threads=threads, n_models=models, seed=seed,
+            progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key),
+        )
+    from ditnas.latency_models.stage import build_table
+
+    table, predictor = build_table(session, supernet)
+    summary = session.summary()
+    flagged = session.flag_high_variance()
+    typer.echo(f"session {out}: {len(summary)} programs measured on {session.device.get('device_model')} "
+               f"({session.device.get('backend')}, {session.device.get('threads')} thread(s))")
+    typer.echo(table.coverage_summary(supernet.space))
+    typer.echo(f"table + predictor in {table.root} (calibration: {predictor.calibration.method})")
+    if len(flagged):
+        typer.echo(f"{len(flagged)} program(s) vary by more than 10% (cv); re-measure them: {', '.join(flagged['key'][:5])}")
+
+
+latency_app = typer.Typer(no_args_is_help=True, help="Latency tables: predict, validate, show, re-measure.")
+app.add_typer(latency_app, name="latency")
+TableOpt = Annotated[Path, typer.Option(help="table folder, or the session folder holding table/")]
+
+
+@latency_app.command("predict")
+def latency_predict(
+    arch: Annotated[str, typer.Option(help="layout string, max/mid/min, or a file holding one")],
+    table: TableOpt,
+    detail: Annotated[bool, typer.Option(help="print the per-cell breakdown")] = True,
+) -> None:
+    """Per-step and total latency of one arch on the table's device (labelled: measured/interpolated/regressed)."""
+    from ditnas.latency_models.stage import load_predictor, parse_arch
+
+    tbl, predictor = load_predictor(table)
+    chosen = parse_arch(tbl, arch)
+    per_step = predictor.predict(chosen)
+    low, mid, high = (predictor.predict_range(chosen)[k] for k in ("p10", "p50", "p90"))
+    ident = tbl.identity
+    typer.echo(f"{chosen}")
+    typer.echo(f"device {ident.get('device_model')} / {ident.get('backend')} / {ident.get('threads')} thread(s)")
+    table_sum = predictor.predict(chosen, calibrated=False)
+    typer.echo(f"per step: {per_step:.3f} ms calibrated ({predictor.calibration.method}); table sum {table_sum:.3f} ms "
+               f"(p10..p90 band {low:.3f}..{high:.3f}, p50 {mid:.3f})")
+    typer.echo(f"{chosen.steps} steps: {chosen.steps * per_step:.2f} ms")
+    if detail:
+        frame = predictor.predict_detail(chosen)
+        typer.echo(frame[["key", "p50", "source"]].to_string(index=False))
+
+
+@latency_app.command("validate")
+def latency_validate(
+    table: TableOpt,
+    n: Annotated[int, typer.Option(min=1, help="held-out whole-model archs")] = 30,
+    seed: int = 0,
+) -> None:
+    """Share of held-out archs predicted within ±10% of measured, and the median |error|."""
+    from ditnas.latency_models.stage import validate_table
+
+    result = validate_table(table, n, seed)
+    typer.echo(f"held-out archs: {result['n']}  within ±10%: {result['within_10pct']:.2f} "
+               f"(uncalibrated {result['within_10pct_uncalibrated']:.2f})  median |err|: {result['median_abs_err_pct']:.2f}% "
+               f"(uncalibrated {result['median_abs_err_pct_uncalibrated']:.2f}%)  calibration: {result['calibration']}")
+
+
+@latency_app.command("show")
+def latency_show(table: TableOpt) -> None:
+    """What a table holds: device, coverage of its space, calibration, p50 per op and width."""
+    from ditnas.latency_models.stage import load_predictor
+
+    tbl, predictor = load_predictor(table)
+    typer.echo(tbl.describe())
+    if tbl.space is not None:
+        typer.echo(tbl.coverage_summary(tbl.space))
+    typer.echo(f"calibration: {predictor.calibration.method} — {predictor.calibration.note}")
+    blocks = tbl.cell_rows()
+    blocks = blocks[blocks["kind"] == "block"]
+    if len(blocks):
+        pivot = blocks.pivot_table(index=["op", "stage"], columns="width", values="p50", aggfunc="median")
+        typer.echo("block p50 ms (median over MLP ratios), rows op/stage, columns width:")
+        typer.echo(pivot.round(4).to_string())
+
+
+@latency_app.command("remeasure")
+def latency_remeasure(
+    session: Annotated[Path, typer.Option(help="the session folder to measure into (its device settings are reused)")],
+    archs: Annotated[list[str], typer.Option("--arch", help="layout string, max/mid/min, or a file with one per line")],
+    space: Annotated[Optional[Path], typer.Option(help="run config of the supernet (or --checkpoint)")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option()] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Closed loop: measure given archs (e.g. a search's winners) as whole models, rebuild, refit."""
+    from ditnas.latency_models.profile import supernet_for_profiling
+    from ditnas.latency_models.stage import remeasure_archs
+
+    supernet = supernet_for_profiling(space, checkpoint, overrides or [])
+    chosen = []
+    for item in archs:
+        path = Path(item)
+        lines = ([ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+                 if len(item) < 255 and path.is_file() else [item])
+        for line in lines:
+            named = {"max": supernet.space.max_arch, "mid": supernet.space.mid_arch, "min": supernet.space.min_arch}
+            chosen.append(named[line]() if line in named else supernet.space.parse(line, source=str(item)))
+    table, predictor = remeasure_archs(session, chosen, supernet)
+    typer.echo(f"measured {len(chosen)} arch(s); table now has {len(table.model_rows())} whole-model rows; "
+               f"calibration: {predictor.calibration.method}")
 
 
 def main(argv: list[str] | None = None) -> None:

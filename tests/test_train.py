@@ -160,3 +160,17 @@ def test_eval_loss_is_deterministic_and_exact_for_the_true_velocity():
     oracle = lambda x, t, y: batch.target  # noqa: E731
     assert eval_flow_loss(oracle, batch, chunk=64) == 0.0
     assert eval_flow_loss(lambda x, t, y: torch.zeros_like(x), batch) == pytest.approx(batch.target.pow(2).mean().item())
+
+
+def test_standalone_trainer_trains_exactly_the_arch(split):
+    from ditnas.supernet.train import StandaloneTrainer, build_space
+
+    cfg = load_config(None, TINY)
+    space = build_space(cfg, split)
+    arch = space.min_arch()
+    trainer = StandaloneTrainer(arch, cfg, split)
+    assert trainer.model.arch == arch
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step()
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and trainer.step == 1

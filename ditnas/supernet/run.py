@@ -33,10 +33,12 @@ def val_losses(trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
     split = trainer.split
     batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=1234, null_label=trainer.null_label)
     space = trainer.space
-    return {
-        "max": eval_flow_loss(velocity_fn(model, space.max_arch()), batch),
-        "min": eval_flow_loss(velocity_fn(model, space.min_arch()), batch),
-    }
+    return {name: eval_flow_loss(velocity_fn(model, arch), batch) for name, arch in reference_archs(space).items()}
+
+
+def reference_archs(space) -> dict:
+    """The subnets every run reports on: the largest, the max layout at the smallest width, the smallest."""
+    return {"max": space.max_arch(), "narrowest": space.narrowest_arch(), "min": space.min_arch()}
 
 
 def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
@@ -99,7 +101,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         manifest["quality"] = {
             name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
                                    cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift)
-            for name, arch in (("max", trainer.space.max_arch()), ("min", trainer.space.min_arch()))
+            for name, arch in reference_archs(trainer.space).items()
         }
     write_json(out / "run.json", manifest)
     return manifest

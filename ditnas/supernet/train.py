@@ -317,39 +317,49 @@ def train_supernet(
     return trainer
 
 
-def train_standalone(
-    arch: Arch, cfg: RunConfig, split: DatasetSplit, steps: int, *, on_step: Callable[[int, float], None] | None = None
-) -> tuple[torch.nn.Module, Ema]:
-    """Train one arch alone from scratch (plain flow matching), same optimiser, data order and noise
-    stream as the supernet trainer: the baseline the supernet's subnets are compared with."""
-    tc = cfg.train
-    space = build_space(cfg, split)
-    torch.manual_seed(tc.seed)
-    model = ElasticDiT(space, cfg.model).extract(space.validate(arch))  # fresh init, adaLN-Zero kept
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    ema = Ema(model, tc.ema_decay)
-    noise = torch.Generator().manual_seed(tc.seed + 1)
-    batches = BatchSampler(split, tc.batch_size, seed=tc.seed + 3)
-    null = space.num_classes
-    for step in range(steps):
-        x0, y = batches.next()
+class StandaloneTrainer:
+    """One arch trained alone from scratch (plain flow matching) with the supernet trainer's optimiser,
+    data order and noise stream: the baseline the supernet's subnets are compared with."""
+
+    def __init__(self, arch: Arch, cfg: RunConfig, split: DatasetSplit):
+        tc = self.tc = cfg.train
+        space = build_space(cfg, split)
+        torch.manual_seed(tc.seed)
+        self.model = ElasticDiT(space, cfg.model).extract(space.validate(arch))  # fresh init, adaLN-Zero kept
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.ema = Ema(self.model, tc.ema_decay)
+        self.noise = torch.Generator().manual_seed(tc.seed + 1)
+        self.batches = BatchSampler(split, tc.batch_size, seed=tc.seed + 3)
+        self.null = space.num_classes
+        self.step = 0
+
+    def train_step(self) -> float:
+        tc = self.tc
+        x0, y = self.batches.next()
         n = x0.shape[0]
         if y is None:
-            y = torch.full((n,), null, dtype=torch.long)
-        drop = torch.rand(n, generator=noise) < tc.class_dropout
-        y = torch.where(drop, torch.full_like(y, null), y)
-        t = sample_time(n, noise, tc.time_shift)
-        eps = torch.randn(x0.shape, generator=noise)
-        for group in optimizer.param_groups:
-            group["lr"] = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
-        optimizer.zero_grad(set_to_none=True)
-        loss = mse(model(interpolate(x0, eps, t), t, y), velocity_target(x0, eps))
+            y = torch.full((n,), self.null, dtype=torch.long)
+        drop = torch.rand(n, generator=self.noise) < tc.class_dropout
+        y = torch.where(drop, torch.full_like(y, self.null), y)
+        t = sample_time(n, self.noise, tc.time_shift)
+        eps = torch.randn(x0.shape, generator=self.noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = tc.lr * min(1.0, (self.step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = mse(self.model(interpolate(x0, eps, t), t, y), velocity_target(x0, eps))
         loss.backward()
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        ema.update(model, step + 1)
-        if on_step:
-            on_step(step + 1, loss.item())
-    return model, ema
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return loss.item()
+
+
+def train_standalone(arch: Arch, cfg: RunConfig, split: DatasetSplit, steps: int) -> tuple[torch.nn.Module, Ema]:
+    """Train `arch` alone for `steps` steps; returns the model and its EMA."""
+    trainer = StandaloneTrainer(arch, cfg, split)
+    for _ in range(steps):
+        trainer.train_step()
+    return trainer.model, trainer.ema

@@ -1,0 +1,92 @@
+"""`ditnas profile` as a stage: measure every cell of a search space (+ whole models) on one backend.
+
+What is measured, each as a standalone program (programs.py): every op x width x MLP ratio x stage
+block the space can produce, the patch embedding, the final layer and both resolution transitions at
+every stream width, plus whole-model programs for a seeded sample of archs (max, mid, min and random
+ones) — the rows the predictor's whole-model calibration is fitted on. The session is resumable:
+rerunning the same command measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from ditnas.arch import Arch, SearchSpace
+from ditnas.config import load_config
+from ditnas.latency_models.backends import get_backend
+from ditnas.latency_models.programs import KINDS, build_program, cells_for_space, model_cell
+from ditnas.latency_models.session import ProfilingSession
+from ditnas.supernet.model import ElasticDiT
+
+Progress = Callable[[int, int, str], None]
+
+
+def supernet_for_profiling(config: Path | None = None, checkpoint: Path | None = None,
+                           overrides: list[str] | tuple[str, ...] = ()) -> ElasticDiT:
+    """A trained supernet (checkpoint) or a freshly initialised one built from a run config.
+
+    Latency does not depend on weight values, so a fresh supernet prices the same cells; the data
+    section of the config only fixes the latent shape and the number of classes.
+    """
+    if checkpoint is not None:
+        from ditnas.supernet.train import load_supernet
+
+        model, _, _ = load_supernet(checkpoint)
+        return model
+    from ditnas.data import load_dataset
+    from ditnas.supernet.train import build_space
+
+    cfg = load_config(config, overrides)
+    split = load_dataset(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
+    return ElasticDiT(build_space(cfg, split), cfg.model).eval()
+
+
+def sample_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
+    """`n` distinct archs: max, mid and min first (the corners), then seeded random ones."""
+    rng = random.Random(seed)
+    archs: list[Arch] = []
+    for arch in (space.max_arch(), space.mid_arch(), space.min_arch()):
+        if arch not in archs and len(archs) < n:
+            archs.append(arch)
+    attempts = 0
+    while len(archs) < n and attempts < 100 * n:
+        arch = space.sample(rng)
+        attempts += 1
+        if arch not in archs:
+            archs.append(arch)
+    return archs
+
+
+def profile_space(
+    supernet: ElasticDiT,
+    backend_name: str,
+    out: Path,
+    *,
+    warmup: int = 10,
+    iters: int = 50,
+    threads: int = 1,
+    n_models: int = 12,
+    seed: int = 0,
+    kinds: tuple[str, ...] = ("block", "patch_embed", "final", "down", "up"),
+    progress: Progress | None = None,
+    backend_options: dict | None = None,
+) -> ProfilingSession:
+    """Measure the space's cells and `n_models` whole models into the session folder `out`."""
+    backend = get_backend(backend_name, threads=threads, **(backend_options or {}))
+    session = ProfilingSession.open(out, backend, warmup=warmup, iters=iters,
+                                    notes={"space": str(supernet.space.max_arch()), "n_models": n_models, "seed": seed})
+    cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
+    cells += [model_cell(supernet, arch) for arch in sample_archs(supernet.space, n_models, seed)]
+    done = session.measured_keys()
+    todo = [c for c in cells if c.key() not in done]
+    # programs are built one at a time so a large space never holds every program in memory
+    for index, cell in enumerate(todo):
+        if progress:
+            progress(index, len(todo), cell.key())
+        session.run([build_program(supernet, cell, seed=seed)], backend)
+    if progress:
+        progress(len(todo), len(todo), "")
+    return session

@@ -1,0 +1,92 @@
+"""The latency stage's entry points for the CLI: build a table from a session, load a table and its
+fitted predictor, validate on held-out whole models, and the closed loop (re-measure archs, refit)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ditnas.arch import Arch
+from ditnas.errors import DitnasError
+from ditnas.latency_models.backends import get_backend
+from ditnas.latency_models.predictor import PREDICTOR, LatencyPredictor, remeasure
+from ditnas.latency_models.session import MANIFEST as SESSION_MANIFEST
+from ditnas.latency_models.session import ProfilingSession
+from ditnas.latency_models.table import LatencyTable
+from ditnas.supernet.model import ElasticDiT
+
+TABLE_DIR = "table"
+
+
+def table_dir(path: Path) -> Path:
+    """`--table` may name the table folder or the session folder that holds it in `table/`."""
+    path = Path(path)
+    if (path / "table.json").exists() or not (path / TABLE_DIR).is_dir():
+        return path
+    return path / TABLE_DIR
+
+
+def build_table(session: ProfilingSession, supernet: ElasticDiT) -> tuple[LatencyTable, LatencyPredictor]:
+    """Table of the session's measurements (in `<session>/table`) and the predictor fitted on it."""
+    table = LatencyTable.from_sessions([session], space=supernet.space, model=asdict(supernet.cfg))
+    out = session.root / TABLE_DIR
+    table.save(out)
+    predictor = LatencyPredictor.fit(table)
+    predictor.save(out)
+    return table, predictor
+
+
+def load_predictor(path: Path) -> tuple[LatencyTable, LatencyPredictor]:
+    """The table at `path` and its predictor (refitted and saved when missing or stale)."""
+    root = table_dir(path)
+    table = LatencyTable.load(root)
+    if (root / PREDICTOR).exists():
+        try:
+            return table, LatencyPredictor.load(root, table)
+        except DitnasError:
+            pass  # fitted on an older version of the table: refit below
+    predictor = LatencyPredictor.fit(table)
+    predictor.save(root)
+    return table, predictor
+
+
+def parse_arch(table: LatencyTable, text: str) -> Arch:
+    space = table.space
+    if space is None:
+        raise DitnasError(f"{table.describe()} records no search space; rebuild it with `ditnas profile`")
+    path = Path(text)
+    if len(text) < 255 and path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise DitnasError(f"arch file {path} is empty; write one layout string per line")
+        text = lines[0]
+    if text in ("max", "min", "mid"):
+        return getattr(space, f"{text}_arch")()
+    return space.parse(text, source="--arch")
+
+
+def validate_table(path: Path, n: int, seed: int = 0) -> dict:
+    """Fit on all but `n` whole-model rows, validate on those `n` (held out from the calibration)."""
+    table = LatencyTable.load(table_dir(path))
+    have = len(table.model_rows())
+    if have < n + 1:
+        raise DitnasError(
+            f"{table.describe()} has {have} whole-model rows; validating on {n} held-out archs needs at least {n + 1}: "
+            f"run `ditnas profile ... --models {n + 6}` on the same session folder, or lower --n"
+        )
+    train, held = table.split_models(n, seed=seed)
+    return LatencyPredictor.fit(train).validate(held)
+
+
+def remeasure_archs(session_dir: Path, archs: list[Arch], supernet: ElasticDiT, progress=None) -> tuple[LatencyTable, LatencyPredictor]:
+    """Closed loop: measure `archs` as whole models in the session's device settings, rebuild the
+    table and refit the predictor (e.g. on a search's winners)."""
+    session_dir = Path(session_dir)
+    if not (session_dir / SESSION_MANIFEST).exists():
+        raise DitnasError(f"{session_dir} is not a profiling session (no {SESSION_MANIFEST}); pass the folder `ditnas profile --out` wrote")
+    session = ProfilingSession.load(session_dir)
+    device = session.device
+    options = {k: device[k] for k in ("threads",) if k in device}
+    backend = get_backend(device["backend"], **options)
+    remeasure(archs, supernet, session, backend, progress=progress)
+    return build_table(session, supernet)
