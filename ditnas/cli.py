@@ -140,6 +140,23 @@ def profile(
         typer.echo(f"{len(flagged)} program(s) vary by more than 10% (cv); re-measure them: {', '.join(flagged['key'][:5])}")
 
 
+@profile_app.command("ingest")
+def profile_ingest(
+    artifacts: Annotated[list[Path], typer.Argument(help="minibench JSON, xcodebuild logs, ETDumps (.etdp), Core ML benchmark JSON")],
+    session: Annotated[Path, typer.Option(help="session folder to add the samples to (created from the files' device info if new)")],
+    threads: Annotated[int, typer.Option(min=1, help="thread count the phone ran with (phone apps do not record it)")] = 1,
+    etdump_warmup: Annotated[Optional[int], typer.Option(help="leading runs to drop from ETDumps without a sidecar")] = None,
+    replace: Annotated[bool, typer.Option(help="replace programs the session already holds")] = False,
+) -> None:
+    """Add the measurements a phone wrote (artifacts) to a profiling session."""
+    from ditnas.latency_models.ingest import ingest, session_for_artifacts
+
+    target = session_for_artifacts(session, artifacts, threads=threads)
+    report = ingest(artifacts, target, etdump_warmup=etdump_warmup, replace=replace)
+    typer.echo(f"session {session}: added {len(report.added)} program(s) from {len(artifacts)} file(s); "
+               f"skipped {len(report.skipped)} already measured; replaced {len(report.replaced)}")
+
+
 latency_app = typer.Typer(no_args_is_help=True, help="Latency tables: predict, validate, show, re-measure.")
 app.add_typer(latency_app, name="latency")
 TableOpt = Annotated[Path, typer.Option(help="table folder, or the session folder holding table/")]

@@ -99,3 +99,47 @@ def test_table_from_another_device_is_refused(session_dir, tmp_path, capsys):
 def test_bad_table_path(tmp_path, capsys):
     code, _, err = run(["latency", "predict", "--arch", "max", "--table", str(tmp_path)], capsys)
     assert code == 2 and str(tmp_path) in err and "Traceback" not in err
+
+
+def test_profile_ingest_phone_artifacts(tmp_path, capsys):
+    """Artifacts in the documented phone formats (written by the project's own writers) enter a session."""
+    from ditnas.latency_models.artifacts import (
+        AndroidDeviceInfo,
+        XCTestMeasurement,
+        device_model_name,
+        ios_test_name,
+        minibench_records,
+        write_minibench_json,
+        write_xcodebuild_log,
+    )
+
+    keys = ["block:sa:w1:r4:n64:s0", "block:ssa:w0.5:r2:n16:s1"]
+    records = []
+    for key, ms in zip(keys, (1.5, 0.7)):
+        records += minibench_records(device_model_name(key).removesuffix("_xnnpack_fp32"), [ms] * 5, load_ms=3.0,
+                                     device=AndroidDeviceInfo())
+    android = write_minibench_json(tmp_path / "benchmark_results.json", records)
+    code, out, err = run(["profile", "ingest", str(android), "--session", str(tmp_path / "pixel")], capsys)
+    assert code == 0, err
+    samples = ProfilingSession.load(tmp_path / "pixel").samples()
+    assert sorted(samples["key"].unique()) == sorted(keys)
+    assert samples.set_index("key").loc[keys[0], "latency_ms"] == pytest.approx(1.5)
+    # the same file again adds nothing
+    code, out, _ = run(["profile", "ingest", str(android), "--session", str(tmp_path / "pixel")], capsys)
+    assert code == 0 and "added 0" in out
+
+    values = [0.0021, 0.0020, 0.0022]
+    log = write_xcodebuild_log(tmp_path / "xcodebuild.log", [
+        XCTestMeasurement(ios_test_name("forward", device_model_name(keys[0])), values)])
+    code, out, err = run(["profile", "ingest", str(log), "--session", str(tmp_path / "iphone")], capsys)
+    assert code == 0, err
+    got = ProfilingSession.load(tmp_path / "iphone").samples()
+    assert sorted(got["latency_ms"].round(6)) == sorted(round(v * 1000, 6) for v in values)
+
+
+def test_profile_ingest_unknown_format(tmp_path, capsys):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello\n")
+    code, _, err = run(["profile", "ingest", str(junk), "--session", str(tmp_path / "s")], capsys)
+    assert code == 2 and "notes.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "samples.parquet").exists()

@@ -176,7 +176,8 @@ def read_artifact(path: Path, *, etdump_warmup: int | None = None) -> ParsedArti
         aggregate = True
         for r in rows:
             if r["key"] is None:
-                ignored.append(r["name"])
+                if r["name"] not in ignored:
+                    ignored.append(r["name"])
             elif r["metric"] == MINIBENCH_LATENCY_METRIC:
                 if r["key"] in samples:
                     raise DitnasError(f"minibench results {path}: model {r['name']!r} has two {MINIBENCH_LATENCY_METRIC} records; keep one run per file")

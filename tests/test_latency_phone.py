@@ -1,0 +1,425 @@
+"""Phone backends (android-adb, ios, coreml) and `ingest`, without a phone or a Mac.
+
+Every artifact ingested here is produced by this project: a real ETDump from the host XNNPACK
+runtime (the flatbuffer executor_runner writes on a phone), and minibench JSON, xcodebuild logs and
+Core ML benchmark JSON from `artifacts.py`. adb is a shell script that records its argv, so the
+exact command sequence is asserted. Cost: 3 XNNPACK lowerings and 1 coremltools conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditnas.arch import SearchSpace
+from ditnas.config import ModelConfig
+from ditnas.errors import DitnasError
+from ditnas.latency_models import (
+    ProfilingSession,
+    cells_for_space,
+    get_backend,
+    programs_for_cells,
+)
+from ditnas.latency_models.artifacts import (
+    AndroidDeviceInfo,
+    CoreMLBenchmarkResult,
+    XCTestMeasurement,
+    cell_from_name,
+    coreml_benchmark_payload,
+    device_model_name,
+    ios_test_name,
+    minibench_records,
+    write_coreml_benchmark_json,
+    write_host_etdump,
+    write_minibench_json,
+    write_xcodebuild_log,
+    xcodebuild_log_text,
+)
+from ditnas.latency_models.backends.android_adb import parse_minibench_json
+from ditnas.latency_models.backends.executorch_xnnpack import (
+    ExecuTorchXnnpackBackend,
+    parse_etdump,
+)
+from ditnas.latency_models.backends.ios_xcodebuild import parse_xcodebuild_log
+from ditnas.latency_models.ingest import detect_format, ingest, session_for_artifacts
+from ditnas.supernet.model import ElasticDiT
+
+pytest.importorskip("executorch")
+
+CFG = ModelConfig(max_heads=2, head_dim=8, cond_dim=16, cond_tokens=1)
+WARMUP, ITERS = 2, 5
+SA_HALF, SA_FULL = "block:sa:w0.5:r2:n64:s0", "block:sa:w1:r2:n64:s0"
+SERIAL = "FAKE123"
+
+FAKE_ADB = r"""#!/bin/sh
+# fake adb: one line per call, arguments separated by \037; "pulls" a real ETDump made on the host
+for a in "$@"; do printf '%s\037' "$a"; done >> "$FAKE_ADB_LOG"
+printf '\n' >> "$FAKE_ADB_LOG"
+if [ "$1" = "-s" ]; then shift 2; fi
+case "$1" in
+  devices) echo "List of devices attached"
+           if [ -z "${FAKE_ADB_NO_DEVICE:-}" ]; then printf 'FAKE123\tdevice\n'; fi ;;
+  push) [ -f "$2" ] || exit 1 ;;
+  pull) cp "$FAKE_ETDUMP" "$3" ;;
+  shell)
+    case "$2" in
+      getprop) printf '[ro.product.brand]: [google]\n[ro.product.model]: [Pixel 8]\n'
+               printf '[ro.build.version.release]: [15]\n[ro.product.cpu.abi]: [arm64-v8a]\n[ro.soc.model]: [Tensor G3]\n' ;;
+      run-as) cat "$FAKE_MINIBENCH" ;;
+      am) echo "Status: ok" ;;
+    esac ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def programs():
+    torch.manual_seed(0)
+    space = SearchSpace(depth=1, ops=("sa",), widths=(0.5, 1.0), mlp_ratios=(2.0,), stage_pattern=(0,))
+    net = ElasticDiT(space, CFG).eval()
+    progs = programs_for_cells(net, cells_for_space(space, kinds=("block",)))
+    return {p.key(): p for p in progs}
+
+
+@pytest.fixture()
+def fake_adb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fake `adb` first on PATH; returns a reader of the calls it received."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    adb = bindir / "adb"
+    adb.write_text(FAKE_ADB)
+    adb.chmod(adb.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "adb_calls.log"
+    log.write_text("")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.delenv("FAKE_ADB_NO_DEVICE", raising=False)
+
+    def calls() -> list[list[str]]:
+        return [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
+
+    return calls
+
+
+@pytest.fixture(scope="module")
+def android(programs, tmp_path_factory):
+    """android-adb prepare of one SA block (lowering 1) and a real ETDump of warm-up + iterations."""
+    work = tmp_path_factory.mktemp("android")
+    runner = work / "executor_runner"
+    runner.write_bytes(b"\x7fELF fake runner")  # only pushed, never executed
+    backend = get_backend("android-adb", runner=runner)
+    prepared = backend.prepare([programs[SA_HALF]], work / "artifacts", warmup=WARMUP, iters=ITERS)
+    etdump = write_host_etdump(prepared[0], WARMUP + ITERS, work / "host.etdp")
+    return backend, prepared, etdump, work
+
+
+def _open_android_session(root: Path) -> ProfilingSession:
+    return ProfilingSession.open(root, get_backend("android-adb"), warmup=WARMUP, iters=ITERS)
+
+
+# ----------------------------------------------------------------------------------------------
+# names
+# ----------------------------------------------------------------------------------------------
+def test_device_names_round_trip_every_kind() -> None:
+    for key in (SA_HALF, "block:lcha:w0.25:r2.5:n16:s1", "patch_embed:w1:n64:s0", "up:w0.5:n16:s1", "model:0123456789abcdef:n64"):
+        name = device_model_name(key)
+        assert name.replace("_", "").isalnum()  # a \w+ word: minibench's regex splits it
+        for form in (name, name + ".pte", key, ios_test_name("forward", name + ".pte").split("_", 2)[2]):
+            assert cell_from_name(form)["key"] == key, form
+    assert cell_from_name("resnet50_xnnpack_fp32") is None
+    assert ios_test_name("forward", "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte", ios_version="18.1", machine="iPhone17,2") == (
+        "test_forward_block_sa_w0p5_r2_n64_s0_xnnpack_fp32_pte_iOS_18_1_iPhone17_2"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# android-adb
+# ----------------------------------------------------------------------------------------------
+def test_android_prepare_reuses_xnnpack_lowering_and_writes_plan(android) -> None:
+    _, prepared, _, work = android
+    item = prepared[0]
+    art = work / "artifacts"
+    assert item.artifacts["pte"].read_bytes()[4:8] == b"ET12" and item.artifacts["etrecord"].is_file()
+    assert item.report["delegated_subgraphs"] >= 1 and item.report["parity_max_abs_err"] <= item.report["parity_tolerance"]
+    plan = json.loads((art / "android_plan.json").read_text())
+    assert plan["warmup"] == WARMUP and plan["iters"] == ITERS
+    (entry,) = plan["programs"]
+    assert entry["key"] == SA_HALF and entry["remote_pte"] == "/data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte"
+    script = (art / "run_on_device.sh").read_text()
+    assert os.access(art / "run_on_device.sh", os.X_OK)
+    assert (
+        "$ADB shell /data/local/tmp/ditnas/executor_runner --model_path /data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte "
+        f"--num_executions {WARMUP + ITERS} --cpu_threads 1 --etdump_path /data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp"
+    ) in script
+
+
+def test_android_measure_runs_the_exact_adb_sequence(android, fake_adb, monkeypatch) -> None:
+    _, prepared, etdump, work = android
+    monkeypatch.setenv("FAKE_ETDUMP", str(etdump))
+    backend = get_backend("android-adb", runner=work / "executor_runner")
+    rows = backend.measure(prepared, WARMUP, ITERS)
+    pte, remote = prepared[0].artifacts["pte"], "/data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32"
+    local = pte.parent / "android" / "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp"
+    s = ["-s", SERIAL]
+    assert fake_adb() == [
+        ["devices"],
+        [*s, "shell", "getprop"],
+        [*s, "shell", "mkdir", "-p", "/data/local/tmp/ditnas"],
+        [*s, "push", str(work / "executor_runner"), "/data/local/tmp/ditnas/executor_runner"],
+        [*s, "shell", "chmod", "755", "/data/local/tmp/ditnas/executor_runner"],
+        [*s, "push", str(pte), f"{remote}.pte"],
+        [*s, "shell", "/data/local/tmp/ditnas/executor_runner", "--model_path", f"{remote}.pte",
+         "--num_executions", str(WARMUP + ITERS), "--cpu_threads", "1", "--etdump_path", f"{remote}.etdp"],
+        [*s, "pull", f"{remote}.etdp", str(local)],
+    ]  # fmt: skip
+    # the samples are the dump's Method::execute runs after the warm-up ones, in order
+    want = [r["latency_ms"] for r in sorted(parse_etdump(etdump), key=lambda r: r["run"]) if r["event"] == "Method::execute"]
+    assert len(want) == WARMUP + ITERS
+    assert [r["latency_ms"] for r in rows] == want[WARMUP:]
+    assert [r["iteration"] for r in rows] == list(range(ITERS)) and {r["key"] for r in rows} == {SA_HALF}
+    side = json.loads(local.with_name(local.stem + ".run.json").read_text())
+    assert side["warmup"] == WARMUP and side["device"]["device_model"] == "Pixel 8" and side["device"]["device_id"] == SERIAL
+
+    # the pulled dump (with its sidecar) ingests into a session of that phone: the same samples
+    session = _open_android_session(work / "session")
+    report = ingest([local], session)
+    assert report.added == {SA_HALF: ITERS}
+    got = session.samples()
+    assert got["latency_ms"].tolist() == want[WARMUP:] and set(got["device"]) == {SERIAL}
+    assert got["width"].tolist() == [0.5] * ITERS and set(got["backend"]) == {"android-adb"}
+
+
+def test_run_on_device_script_is_the_same_sequence(android, fake_adb, monkeypatch) -> None:
+    _, _, etdump, work = android
+    monkeypatch.setenv("FAKE_ETDUMP", str(etdump))
+    art = work / "artifacts"
+    subprocess.run(["sh", str(art / "run_on_device.sh")], check=True, env={**os.environ, "SERIAL": SERIAL})
+    calls = fake_adb()
+    assert [c[2] for c in calls] == ["shell", "push", "shell", "push", "shell", "pull"]
+    assert calls[4][:4] == ["-s", SERIAL, "shell", "/data/local/tmp/ditnas/executor_runner"]
+    assert calls[4][4:] == ["--model_path", "/data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte",
+                            "--num_executions", str(WARMUP + ITERS), "--cpu_threads", "1",
+                            "--etdump_path", "/data/local/tmp/ditnas/block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp"]  # fmt: skip
+    pulled = art / "android" / "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp"
+    assert pulled.read_bytes() == etdump.read_bytes()
+    side = json.loads(pulled.with_name(pulled.stem + ".run.json").read_text())
+    assert side == {"key": SA_HALF, "warmup": WARMUP, "iters": ITERS, "threads": 1, "backend": "android-adb"}
+
+
+def test_session_run_with_android_backend(programs, android, fake_adb, monkeypatch, tmp_path) -> None:
+    """ProfilingSession.run drives prepare (lowering 3) + measure over the fake adb and stores the samples."""
+    _, _, etdump, work = android
+    monkeypatch.setenv("FAKE_ETDUMP", str(etdump))
+    backend = get_backend("android-adb", runner=work / "executor_runner")
+    session = ProfilingSession.open(tmp_path / "session", backend, warmup=WARMUP, iters=ITERS)
+    assert session.device["device_id"] == SERIAL and session.device["device_model"] == "Pixel 8"
+    assert session.device["os"] == "Android 15" and session.device["soc"] == "Tensor G3"
+    assert session.run([programs[SA_HALF]], backend) == [SA_HALF]
+    df = session.samples()
+    assert len(df) == ITERS and set(df["key"]) == {SA_HALF} and (df["latency_ms"] > 0).all()
+    assert (session.artifacts_dir / "run_on_device.sh").is_file()
+    assert (session.artifacts_dir / "android" / "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp").is_file()
+
+
+def test_minibench_run_parse_and_ingest(android, fake_adb, monkeypatch, tmp_path) -> None:
+    _, prepared, _, _ = android
+    dev = AndroidDeviceInfo(device="google", arch="Pixel 8", os="Android 15")
+    lat = [4.0, 4.2, 3.9, 4.1, 9.0]
+    records = minibench_records(device_model_name(SA_FULL).removesuffix("_xnnpack_fp32"), lat, load_ms=12.5, device=dev)
+    records += minibench_records("resnet50", [30.0], load_ms=80.0, device=dev)  # not ours: reported, not ingested
+    source = write_minibench_json(tmp_path / "device_results.json", records)
+    monkeypatch.setenv("FAKE_MINIBENCH", str(source))
+    out = get_backend("android-adb").run_minibench(prepared, WARMUP, ITERS, tmp_path / "benchmark_results.json")
+    name = "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte"
+    assert [c[2:] for c in fake_adb()[1:]] == [
+        ["shell", "mkdir", "-p", "/data/local/tmp/minibench"],
+        ["push", str(prepared[0].artifacts["pte"]), f"/data/local/tmp/minibench/{name}"],
+        ["shell", "am", "start", "-W", "-S", "-n", "org.pytorch.minibench/org.pytorch.minibench.BenchmarkActivity",
+         "--es", "model_dir", "/data/local/tmp/minibench", "--ei", "num_iter", str(ITERS), "--ei", "num_warm_up_iter", str(WARMUP)],
+        ["shell", "run-as", "org.pytorch.minibench", "cat", "files/benchmark_results.json"],
+    ]  # fmt: skip
+    assert detect_format(out) == "minibench-json"
+    rows = parse_minibench_json(out)
+    mine = [r for r in rows if r["key"] == SA_FULL]
+    assert {r["metric"] for r in mine} == {"model_load_time(ms)", "load_status", "avg_inference_latency(ms)", "trimmean_inference_latency(ms)", "ram_pss_usage(mb)"}
+    avg = next(r for r in mine if r["metric"] == "avg_inference_latency(ms)")
+    assert avg["value"] == pytest.approx(sum(lat) / len(lat)) and avg["arch"] == "Pixel 8" and avg["os"] == "Android 15"
+
+    session = _open_android_session(tmp_path / "session")
+    report = ingest([out], session)
+    assert report.added == {SA_FULL: 1}
+    assert session.samples()["latency_ms"].tolist() == [pytest.approx(sum(lat) / len(lat))]
+    logged = session.manifest["ingested"][-1]
+    assert logged["aggregate"] is True and logged["ignored"] == ["resnet50"]
+    assert ingest([out], session).skipped == [SA_FULL]  # never stored twice
+    assert ingest([out], session, replace=True).replaced == [SA_FULL]
+    assert len(session.samples()) == 1
+
+    # the same file from another phone is refused, naming both
+    other = write_minibench_json(tmp_path / "other.json", minibench_records("block_sa_w1_r2_n64_s0", lat, load_ms=1.0, device=AndroidDeviceInfo(arch="SM-S921B")))
+    with pytest.raises(DitnasError, match="SM-S921B.*Pixel 8"):
+        ingest([other], session)
+
+
+def test_android_missing_adb_and_no_device_are_clear_errors(android, fake_adb, monkeypatch, tmp_path) -> None:
+    _, prepared, _, _ = android
+    monkeypatch.setenv("FAKE_ADB_NO_DEVICE", "1")
+    with pytest.raises(DitnasError, match="no Android device attached"):
+        get_backend("android-adb").measure(prepared, WARMUP, ITERS)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # adb not installed
+    with pytest.raises(DitnasError, match="`adb` was not found; install Android platform-tools"):
+        get_backend("android-adb").measure(prepared, WARMUP, ITERS)
+    with pytest.raises(DitnasError, match="not found"):
+        get_backend("android-adb", adb=str(tmp_path / "nope" / "adb")).info()
+
+
+# ----------------------------------------------------------------------------------------------
+# ios
+# ----------------------------------------------------------------------------------------------
+def test_ios_prepare_writes_benchmark_bundle_and_command(programs, tmp_path) -> None:
+    backend = get_backend("ios", udid="00008140-0001", development_team="TEAM123")
+    (item,) = backend.prepare([programs[SA_FULL]], tmp_path)  # lowering 2
+    res = tmp_path / "ios" / "Benchmark" / "Resources" / "block_sa_w1_r2_n64_s0_xnnpack_fp32.pte"
+    assert item.artifacts["ios_resource"] == res and res.read_bytes() == item.artifacts["pte"].read_bytes()
+    plan = json.loads((tmp_path / "ios" / "ios_plan.json").read_text())
+    assert plan["keys"] == {res.stem: SA_FULL}
+    assert plan["xcodebuild"] == (
+        "xcodebuild test -project executorch/extension/benchmark/apple/Benchmark/Benchmark.xcodeproj -scheme Benchmark "
+        "-destination id=00008140-0001 -testPlan Tests -allowProvisioningUpdates DEVELOPMENT_TEAM=TEAM123"
+    )
+    script = (tmp_path / "ios" / "run_xcodebuild.sh").read_text()
+    assert 'cp Benchmark/Resources/*.pte "$BENCHMARK_DIR/Resources/"' in script and "| tee xcodebuild.log" in script
+    if platform.system() != "Darwin":
+        with pytest.raises(DitnasError, match="needs macOS with Xcode"):
+            backend.measure([item], 1, 20)
+
+
+def _ios_log(tmp_path: Path) -> tuple[Path, list[float]]:
+    seconds = [0.0121, 0.0119, 0.0125, 0.0118, 0.0120]
+    tests = {
+        key: ios_test_name(m, device_model_name(key) + ".pte", ios_version="18.1", machine="iPhone17,2")
+        for key in (SA_HALF, SA_FULL)
+        for m in ("forward",)
+    }
+    ms = [
+        XCTestMeasurement(ios_test_name("load", device_model_name(SA_HALF) + ".pte"), [0.05, 0.04]),
+        XCTestMeasurement(tests[SA_HALF], seconds),
+        XCTestMeasurement(tests[SA_HALF], [2048.0, 2050.0], metric="Memory Peak Physical, kB"),
+        XCTestMeasurement(tests[SA_FULL], [s * 2 for s in seconds]),
+    ]
+    return write_xcodebuild_log(tmp_path / "xcodebuild.log", ms), seconds
+
+
+def test_xcodebuild_log_parses_one_row_per_value_and_ingests(tmp_path) -> None:
+    log, seconds = _ios_log(tmp_path)
+    line = next(x for x in log.read_text().splitlines() if "measured [Clock" in x and "forward" in x)
+    assert line.startswith("Test Case '-[GenericTests test_forward_block_sa_w0p5_r2_n64_s0_xnnpack_fp32_pte_iOS_18_1_iPhone17_2]' measured [Clock Monotonic Time, s] average: 0.012060, relative standard deviation: ")
+    rows = parse_xcodebuild_log(log)
+    fwd = [r for r in rows if r["key"] == SA_HALF and r["method"] == "forward" and r["unit"] == "s"]
+    assert [r["value"] for r in fwd] == seconds and [r["latency_ms"] for r in fwd] == pytest.approx([s * 1e3 for s in seconds])
+    assert {(r["os"], r["device_model"]) for r in rows} == {("iOS 18.1", "iPhone17,2")}
+    assert {r["method"] for r in rows} == {"load", "forward"} and len(rows) == 2 + 5 + 2 + 5
+    assert detect_format(log) == "xcodebuild-log"
+
+    session = session_for_artifacts(tmp_path / "ios_session", [log])  # the device comes from the test names
+    assert session.device["backend"] == "ios" and session.device["device_model"] == "iPhone17,2"
+    report = ingest([log], session)
+    assert report.added == {SA_HALF: 5, SA_FULL: 5}
+    df = session.samples()
+    assert df[df["key"] == SA_HALF]["latency_ms"].tolist() == pytest.approx([s * 1e3 for s in seconds])
+
+
+def test_malformed_xcodebuild_line_names_its_line_number(tmp_path) -> None:
+    log, _ = _ios_log(tmp_path)
+    lines = log.read_text().splitlines()
+    n = next(i for i, x in enumerate(lines) if "measured [Clock" in x and "forward" in x)
+    lines[n] = lines[n].split(" average:")[0] + " average: 0.012, relative standard deviation: 1.3%, values: [0.0121, 0.01"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DitnasError, match=f"line {n + 1}: a `measured \\[...\\]` line that does not parse"):
+        parse_xcodebuild_log(log)
+    with pytest.raises(DitnasError, match=f"line {n + 1}"):
+        session_for_artifacts(tmp_path / "s", [log])
+
+
+# ----------------------------------------------------------------------------------------------
+# coreml
+# ----------------------------------------------------------------------------------------------
+def test_coreml_converts_one_mlpackage_and_refuses_to_run_off_macos(programs, tmp_path) -> None:
+    pytest.importorskip("coremltools", reason="coremltools is not installed (pip install coremltools==9.0)")
+    backend = get_backend("coreml")
+    (item,) = backend.prepare([programs[SA_HALF]], tmp_path)  # the only conversion (~1 s)
+    pkg = item.artifacts["mlpackage"]
+    assert pkg.name == "block_sa_w0.5_r2_n64_s0.mlpackage" and (pkg / "Manifest.json").is_file()
+    assert item.report["inputs"] == ["x", "c", "ctx"] and item.report["mlpackage_bytes"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert backend.info()["precision"] == "fp16" and backend.info()["compute_unit"] == "cpu_and_ne"
+    if platform.system() != "Darwin":
+        with pytest.raises(DitnasError, match="running a Core ML model needs macOS"):
+            backend.measure([item], 1, 3)
+
+
+def test_coreml_benchmark_json_ingests_predict_samples(tmp_path) -> None:
+    device = {"device_id": "00008140-0001", "device_model": "iPhone17,2", "os": "iOS 18.1"}
+    predict = [1.5, 1.4, 1.6]
+    payload = coreml_benchmark_payload(
+        [CoreMLBenchmarkResult(SA_HALF, "block_sa_w0.5_r2_n64_s0.mlpackage", predict, [20.0])], device=device, tool_version="9.0"
+    )
+    path = write_coreml_benchmark_json(tmp_path / "bench.json", payload)
+    assert payload["results"][0]["predict"]["statistics"]["median"] == 1.5
+    assert detect_format(path) == "coreml-benchmark-json"
+    session = session_for_artifacts(tmp_path / "coreml_session", [path])
+    assert session.device["backend"] == "coreml" and session.device["device_id"] == "00008140-0001"
+    assert ingest([path], session).added == {SA_HALF: 3}
+    assert session.samples()["latency_ms"].tolist() == predict
+    with pytest.raises(DitnasError, match="comes from ios.*coreml session"):
+        ingest([_ios_log(tmp_path)[0]], session)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def test_unknown_format_and_truncated_json_are_clear_errors(tmp_path, android) -> None:
+    session = ProfilingSession.open(tmp_path / "s", get_backend("ios", device_info={"device_id": "u", "device_model": "iPhone17,2"}), iters=5)
+    odd = tmp_path / "notes.txt"
+    odd.write_text("hello phone\n")
+    with pytest.raises(DitnasError, match=r"notes.txt is in no format ditnas reads; known formats: etdump.*minibench-json.*xcodebuild-log"):
+        ingest([odd], session)
+    # a log whose measured lines name no ditnas program
+    foreign = tmp_path / "foreign.log"
+    foreign.write_text(xcodebuild_log_text([XCTestMeasurement("test_forward_resnet50_xnnpack_fp32_pte_iOS_18_1_iPhone17_2", [1.0])]))
+    with pytest.raises(DitnasError, match=r"foreign.log \(xcodebuild-log\) holds no latency samples of a ditnas program \(names seen: test_forward_resnet50"):
+        ingest([foreign], session)
+    records = minibench_records("block_sa_w1_r2_n64_s0", [1.0, 2.0], load_ms=1.0, device=AndroidDeviceInfo())
+    text = json.dumps(records)
+    cut = tmp_path / "benchmark_results.json"
+    cut.write_text(text[: len(text) // 2])
+    with pytest.raises(DitnasError, match=r"benchmark_results.json is truncated or not JSON .*line 1 column"):
+        ingest([cut], session)
+    with pytest.raises(DitnasError, match="does not exist"):
+        ingest([tmp_path / "missing.etdp"], session)
+    assert session.samples().empty  # nothing written by any of them
+
+
+def test_etdump_without_events_is_refused(android, tmp_path) -> None:
+    _, prepared, _, _ = android
+    program = ExecuTorchXnnpackBackend.load(prepared[0].artifacts["pte"], etdump=True)
+    program.load_method("forward")  # init events only: never executed
+    empty = tmp_path / "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.etdp"
+    program.write_etdump_result_to_file(str(empty), str(tmp_path / "debug.bin"))
+    assert detect_format(empty) == "etdump"
+    session = ProfilingSession.open(
+        tmp_path / "s", get_backend("android-adb", device_info={"device_id": SERIAL, "device_model": "Pixel 8"}), iters=ITERS
+    )
+    with pytest.raises(DitnasError, match="has no execution events"):
+        ingest([empty], session)
+    assert session.samples().empty
