@@ -113,13 +113,13 @@ class DPProblem:
         for i, (o, r) in enumerate(zip(choice, stage)):
             total += self.cost[i, o, r] + _trans(prev, r, self.down_cost, self.up_cost)
             prev = r
-        return total + (self.up_cost if prev == 1 else 0.0)
+        return float(total + (self.up_cost if prev == 1 else 0.0))
 
     def layout_score(self, choice: tuple[int, ...], stage: tuple[int, ...]) -> float:
         total = 0.0
         for i, (o, r) in enumerate(zip(choice, stage)):
             total += self.score[i, o, r]
-        return total
+        return float(total)
 
     def min_cost_ms(self) -> float:
         """Cheapest reachable real latency (min-plus DP over stages), ms; inf if no layout exists."""
@@ -202,7 +202,7 @@ def _bucketize(p: DPProblem) -> _Bucketed:
     slot_budget = p.budget_ms - p.fixed_cost
     if p.bucket_ms is not None:
         unit = float(p.bucket_ms)
-        nb = max(int(math.floor(slot_budget / unit)), -1) if slot_budget >= 0 else -1
+        nb = math.floor(slot_budget / unit) if slot_budget >= 0 else -1
         if nb >= 0 and nb * unit > slot_budget:  # float guard
             nb -= 1
     elif slot_budget > 0:
@@ -217,6 +217,12 @@ def _bucketize(p: DPProblem) -> _Bucketed:
     return _Bucketed(unit, nb, cb, tb, up)
 
 
+def _ms(x: float) -> str:
+    """Short text for ms that never rounds a minimum down (the user copies it as a budget)."""
+    text = f"{x:.6g}"
+    return text if float(text) >= x else repr(float(x))
+
+
 def _check_reachable(p: DPProblem) -> None:
     minimum = p.min_cost_ms()
     if not math.isfinite(minimum):
@@ -224,15 +230,15 @@ def _check_reachable(p: DPProblem) -> None:
         raise DitnasError(f"DPProblem.cost: slots {bad} have no allowed (finite-cost) choice at any stage; fill the table")
     if p.budget_ms < minimum:
         raise DitnasError(
-            f"budget_ms: {p.budget_ms:.6g} ms is below the cheapest reachable layout, {minimum:.6g} ms "
-            f"(fixed {p.fixed_cost:.6g} ms included); raise the budget to at least {minimum:.6g} ms"
+            f"budget_ms: {p.budget_ms!r} ms is below the cheapest reachable layout, {_ms(minimum)} ms "
+            f"(fixed {p.fixed_cost:.6g} ms included); raise the budget to at least {_ms(minimum)} ms"
         )
 
 
 def _rounding_error(p: DPProblem, bk: _Bucketed) -> DitnasError:
     return DitnasError(
         f"budget_ms: {p.budget_ms:.6g} ms is within bucket rounding ({bk.unit:.3g} ms/bucket) of the cheapest "
-        f"reachable layout, {p.min_cost_ms():.6g} ms; raise the budget or the number of buckets"
+        f"reachable layout, {_ms(p.min_cost_ms())} ms; raise the budget or the number of buckets"
     )
 
 
@@ -493,6 +499,15 @@ def solve_two_phase(problem: DPProblem, *, max_states: int = 50_000, max_tries: 
     return TwoPhaseResult(counts, float("nan"), float("nan"), placed, exact, len(tried) + 1, True)
 
 
+def _min_buckets(p: DPProblem, bk: _Bucketed) -> int:
+    """Fewest buckets of any layout (min-plus DP on the rounded costs)."""
+    best = np.array([0, np.iinfo(np.int64).max // 4], dtype=np.int64)
+    for i in range(p.n_slots):
+        cell = bk.cb[i].min(axis=0)
+        best = np.array([min(best[rp] + cell[r] + bk.tb[rp, r] for rp in (0, 1)) for r in (0, 1)])
+    return int(min(best[0], best[1] + bk.ub))
+
+
 def _cheapest(p: DPProblem, bk: _Bucketed) -> DPResult:
     """The layout with the fewest buckets (score 0 for all cells, so the DP returns the cheapest)."""
     zero = DPProblem(p.cost, np.zeros_like(p.score), p.budget_ms, p.down_cost, p.up_cost, p.fixed_cost,
@@ -555,6 +570,72 @@ def k_best(problem: DPProblem, k: int, *, max_nodes: int = 200_000) -> list[DPRe
         used = last[1] + (bk.ub if last[2] == 1 else 0)
         out.append(_result(p, bk, choice, stage, used, None, "k_best"))
     return out
+
+
+# ----- random instances (tests and benchmarks) -------------------------------------------------
+def random_problem(
+    rng: np.random.Generator,
+    n_slots: int,
+    n_choices: int,
+    *,
+    free_stages: bool = True,
+    skip: bool = False,
+    transitions: bool = True,
+    integer: bool = False,
+    buckets: int | None = None,
+) -> DPProblem:
+    """A random instance: half-resolution cells ~3x cheaper, ~10% forbidden cells, optionally a last
+    `skip` choice (zero cost, poor score, allowed in some slots) and a budget between the cheapest and
+    the dearest layout. `integer=True` makes every cost whole ms and one bucket = 1 ms, so bucketing is
+    exact and the DP must equal the real-cost brute force."""
+    N, O = n_slots, n_choices
+    if integer:
+        cost = rng.integers(1, 7, size=(N, O, 2)).astype(float)
+        cost[:, :, 1] = np.ceil(cost[:, :, 1] / 3)
+    else:
+        cost = rng.uniform(0.5, 5.0, size=(N, O, 2))
+        cost[:, :, 1] *= rng.uniform(0.2, 0.5)
+    # dearer cells tend to score better, so the budget binds
+    score = -rng.uniform(0.0, 1.0, size=(N, O, 2)) + 0.2 * cost
+    cost[rng.random((N, O, 2)) < 0.1] = np.inf
+    if skip:
+        cost[:, -1, :] = 0.0
+        score[:, -1, :] = -rng.uniform(0.5, 2.0, size=(N, 1))
+        cost[rng.random(N) < 0.5, -1, :] = np.inf  # not every slot is skippable
+    for i in range(N):  # every slot keeps at least one allowed cell
+        if not np.isfinite(cost[i]).any():
+            cost[i, 0, 0] = 2.0
+    stages = None
+    if not free_stages:
+        pattern, stage = [], 0
+        for _ in range(N):
+            stage = 1 - stage if rng.random() < 0.3 else stage
+            pattern.append(stage)
+        stages = tuple((s,) for s in pattern)
+        for i, s in enumerate(pattern):  # keep an allowed cell at the fixed stage
+            if not np.isfinite(cost[i, :, s]).any():
+                cost[i, 0, s] = 2.0
+    if transitions:
+        down, up = (float(v) for v in (rng.integers(0, 3, 2) if integer else rng.uniform(0.1, 1.0, 2)))
+    else:
+        down = up = 0.0
+    fixed = float(rng.integers(0, 3)) if integer else float(rng.uniform(0.0, 2.0))
+    probe = DPProblem(cost, score, 1e12, down, up, fixed, stages=stages)
+    low = probe.min_cost_ms()
+    span = float(np.nanmax(np.where(np.isfinite(probe.cost), probe.cost, np.nan), axis=(1, 2)).sum()) + N * (down + up)
+    budget = low + rng.uniform(0.05, 0.6) * (span + fixed - low)
+    n_buckets = buckets or int(rng.integers(50, 400))
+    for _ in range(20):  # a coarse grid may never fit (each positive cost is >= 1 bucket): give up then
+        if integer:
+            problem = DPProblem(cost, score, float(math.ceil(budget)), down, up, fixed, stages=stages, bucket_ms=1.0)
+        else:
+            problem = DPProblem(cost, score, budget, down, up, fixed, stages=stages, buckets=n_buckets)
+        bk = _bucketize(problem)
+        if _min_buckets(problem, bk) <= bk.nb:
+            return problem
+        # rounding up excluded every layout: loosen by what rounding can add (<= 1 bucket per cost)
+        budget += 0.05 * (span + fixed - low) + (2 * N + 2) * bk.unit
+    return problem
 
 
 # ----- back to an Arch -------------------------------------------------------------------------
