@@ -246,6 +246,43 @@ def latency_remeasure(
                f"calibration: {predictor.calibration.method}")
 
 
+@app.command()
+def search(
+    checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
+    table: Annotated[Path, typer.Option(help="latency table folder (or the session folder holding table/)")],
+    budget_ms: Annotated[float, typer.Option(help="latency budget for the whole generation (steps x per-step), ms")],
+    steps: Annotated[Optional[list[int]], typer.Option(help="denoising steps; repeat for a set (joint dimension)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Optuna trials added by this call")] = 64,
+    out: Annotated[Path, typer.Option(help="results folder (rerun continues the study)")] = Path("runs/search"),
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL, e.g. postgresql://user@host:5432/db (default: a journal file in --out)")] = None,
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | gp")] = "nsga2",
+    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued as the first trials")] = 8,
+    memory_mb: Annotated[Optional[float], typer.Option(help="peak-memory limit (constraint), MB")] = None,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Search layouts under a latency budget: exact DP seeds, then Optuna multi-objective (latency, quality)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ditnas.latency_models.stage import table_dir
+    from ditnas.search.stage import run_search
+
+    bar = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("search", total=None, phase="search", info="")
+        manifest = run_search(
+            checkpoint, table_dir(table), budget_ms, list(steps or [28]), trials, out, storage=storage, sampler=sampler,
+            seed=seed, n_seeds=seeds, memory_limit_mb=memory_mb,
+            progress=lambda phase, done, total, what: bar.update(task, completed=done, total=total, phase=phase, info=what),
+        )
+    best = manifest.get("best") or {}
+    typer.echo(f"{manifest['trials_total']} trials in the study ({manifest['trials_feasible']} feasible); feasible Pareto front: {manifest['pareto_size']} arch(s)")
+    if best:
+        typer.echo(f"best feasible: {best.get('arch')}  quality {best.get('quality'):.4f}  latency {best.get('latency_ms'):.2f} ms")
+    typer.echo(f"results in {out} (trials.csv, pareto.csv, manifest.json); dashboard: {manifest.get('dashboard')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -1,0 +1,186 @@
+"""The search objectives of one candidate (arch, denoising steps).
+
+- **quality**: the supernet's weight-sharing validation flow-matching loss of the arch on one fixed
+  eval batch (`fixed_eval_batch`: the same (x0, ε, t, y) for every arch, so it is deterministic and
+  comparable across candidates; lower is better). It does not depend on the number of steps.
+- **latency**: steps × the predictor's per-step latency (`LatencyPredictor.predict`, calibrated).
+  Denoising steps are a joint dimension of the search: total latency = steps × per-step.
+- **memory**: `flops.peak_memory_bytes` (an estimate: weights + the largest live activations).
+- **params**: the extracted sub-DiT's parameter count.
+
+`EvalContext.from_paths(checkpoint, table, n, seed)` loads everything a worker needs (supernet,
+validation split, fixed batch, table, predictor) and `EvalContext.evaluate(arch_text, steps)` is a pure
+function of its arguments given that context, so a Ray task can call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditnas.arch import Arch
+from ditnas.errors import DitnasError
+from ditnas.io import file_sha256
+from ditnas.supernet.flow import EvalBatch, eval_flow_loss, fixed_eval_batch
+from ditnas.supernet.model import ElasticDiT
+from ditnas.supernet.run import VAL_BATCH
+
+EVAL_SEED = 1234  # the seed `ditnas train` reports its validation losses with (supernet/run.py)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` intra-op threads (None/0: leave torch's setting), restored afterwards.
+
+    Measured here (2 shared cores, another benchmark running): one eval of the tiny test supernet on 48
+    items took ~0.013 s with 1 thread and ~1.2 s with 2 (spin-waiting threads fight for the busy cores),
+    so the search evaluates with 1 thread by default; a Ray task also holds 1 CPU.
+    """
+    if not n:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Objectives:
+    """Objectives of archs under one supernet, eval batch and (optional) latency predictor.
+
+    Results are memoised per arch (the supernet is frozen during a search)."""
+
+    supernet: ElasticDiT
+    batch: EvalBatch
+    predictor: Any | None = None  # LatencyPredictor
+    steps: tuple[int, ...] = (28,)
+    threads: int | None = 1  # intra-op threads while evaluating (None/0: torch's setting)
+    _quality: dict[Arch, float] = field(default_factory=dict, repr=False)
+    _step_ms: dict[Arch, float] = field(default_factory=dict, repr=False)
+    _memory: dict[Arch, int] = field(default_factory=dict, repr=False)
+    _params: dict[Arch, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.steps = tuple(int(s) for s in self.steps)
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise DitnasError(f"steps {list(self.steps)}: give one or more denoising step counts >= 1")
+        self.supernet.eval()
+
+    @staticmethod
+    def _plain(arch: Arch) -> Arch:
+        # steps is a separate search dimension: the arch's own header value must not split the caches
+        return replace(arch, steps=1)
+
+    def quality(self, arch: Arch) -> float:
+        """Validation flow-matching loss (lower is better) with the supernet's shared weights."""
+        key = self._plain(arch)
+        if key not in self._quality:
+            self.supernet.space.validate(arch)
+            with torch_threads(self.threads):
+                self._quality[key] = eval_flow_loss(lambda x, t, y: self.supernet.run(arch, x, t, y), self.batch)
+        return self._quality[key]
+
+    def step_ms(self, arch: Arch) -> float:
+        """Predicted latency of one denoising step (ms, calibrated p50)."""
+        if self.predictor is None:
+            raise DitnasError("latency: no latency table given; pass --table")
+        key = self._plain(arch)
+        if key not in self._step_ms:
+            self._step_ms[key] = float(self.predictor.predict(arch))
+        return self._step_ms[key]
+
+    def latency_ms(self, arch: Arch, steps: int | None = None) -> float:
+        """Total latency: steps × per-step latency (steps defaults to the arch's own)."""
+        steps = int(arch.steps if steps is None else steps)
+        if steps < 1:
+            raise DitnasError(f"steps={steps} must be >= 1")
+        return steps * self.step_ms(arch)
+
+    def memory_bytes(self, arch: Arch) -> int:
+        from ditnas.latency_models.flops import peak_memory_bytes
+
+        key = self._plain(arch)
+        if key not in self._memory:
+            with torch_threads(self.threads):
+                self._memory[key] = int(peak_memory_bytes(self.supernet, arch))
+        return self._memory[key]
+
+    def params(self, arch: Arch) -> int:
+        key = self._plain(arch)
+        if key not in self._params:
+            with torch_threads(self.threads):
+                self._params[key] = int(self.supernet.extract(arch).num_params())
+        return self._params[key]
+
+    def evaluate(self, arch: Arch, steps: int) -> dict[str, Any]:
+        """Every objective of (arch, steps) as a flat dict (the arch's header steps set to `steps`)."""
+        arch = replace(self.supernet.space.validate(arch), steps=int(steps))
+        out: dict[str, Any] = {"arch": str(arch), "arch_key": arch.key(), "steps": int(steps),
+                               "quality": self.quality(arch)}
+        if self.predictor is not None:
+            per_step = self.step_ms(arch)
+            out["latency_ms_step"] = per_step
+            out["latency_ms"] = int(steps) * per_step
+        out["memory_bytes"] = self.memory_bytes(arch)
+        out["params"] = self.params(arch)
+        return out
+
+
+Evaluator = Objectives  # the name issue 5 uses
+
+
+@dataclass
+class EvalContext:
+    """Everything an evaluation needs, loaded once per process (a Ray worker calls `from_paths`)."""
+
+    objectives: Objectives
+    checkpoint: Path
+    checkpoint_sha256: str
+    table_id: str | None
+    n: int
+    seed: int
+    table: Any | None = None  # LatencyTable
+    config: Any | None = None  # RunConfig of the checkpoint
+
+    @classmethod
+    def from_paths(cls, checkpoint: Path | str, table: Path | str | None, n: int = VAL_BATCH, seed: int = EVAL_SEED,
+                   steps: Iterable[int] = (28,), threads: int | None = 1) -> EvalContext:
+        """Load the supernet (EMA weights), its validation split, the fixed eval batch of `n` items
+        drawn with `seed`, and the latency table + predictor at `table` (None: no latency)."""
+        from ditnas.data import load_dataset
+        from ditnas.supernet.train import load_supernet
+
+        checkpoint = Path(checkpoint)
+        supernet, cfg, _ = load_supernet(checkpoint)
+        d = cfg.data
+        split = load_dataset(d.source, image_size=d.image_size, channels=d.channels, val_fraction=d.val_fraction, seed=d.seed)
+        batch = fixed_eval_batch(split.val_x, split.val_y, int(n), int(seed), null_label=supernet.space.num_classes)
+        lat_table = predictor = None
+        if table is not None:
+            from ditnas.latency_models.stage import load_predictor
+
+            lat_table, predictor = load_predictor(Path(table))
+        return cls(Objectives(supernet, batch, predictor, tuple(steps), threads), checkpoint, file_sha256(checkpoint),
+                   lat_table.table_id if lat_table is not None else None, int(n), int(seed), lat_table, cfg)
+
+    @property
+    def supernet(self) -> ElasticDiT:
+        return self.objectives.supernet
+
+    @property
+    def space(self):
+        return self.objectives.supernet.space
+
+    def evaluate(self, arch_text: str, steps: int) -> dict[str, Any]:
+        """Objectives of one candidate; `arch_text` is `str(Arch)` (header optional: the space's
+        globals fill it in). Raises DitnasError when the space cannot run the arch."""
+        arch = self.space.parse(arch_text, source="candidate")
+        return self.objectives.evaluate(arch, int(steps))
