@@ -283,6 +283,39 @@ def search(
     typer.echo(f"results in {out} (trials.csv, pareto.csv, manifest.json); dashboard: {manifest.get('dashboard')}")
 
 
+@app.command()
+def sweep(
+    checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
+    budgets: Annotated[str, typer.Option(help="comma-separated total latency budgets, ms, e.g. 8,12,16")],
+    tables: Annotated[str, typer.Option(help="comma-separated latency table folders (one per device)")],
+    trials: Annotated[int, typer.Option(min=1, help="finished trials per (budget, table) study")] = 64,
+    steps: Annotated[str, typer.Option(help="denoising steps, comma-separated for a set")] = "28",
+    out: Annotated[Path, typer.Option(help="sweep results folder (rerun tops studies up)")] = Path("runs/sweep"),
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: out/sweep.journal)")] = None,
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | gp")] = "nsga2",
+    ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="attach to a running cluster (ray start --head ...); default: a local one")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(min=1, help="evaluations running at once")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="retries of a task whose worker died")] = 2,
+    seed: int = 0,
+) -> None:
+    """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair."""
+    from ditnas.latency_models.stage import table_dir
+    from ditnas.search.distributed import sweep as run_sweep
+
+    def numbers(text: str, kind: type, name: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise DitnasError(f"--{name} {text!r} must be comma-separated numbers, e.g. 8,12,16") from None
+
+    manifest = run_sweep(
+        numbers(budgets, float, "budgets"), [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()],
+        checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"), sampler=sampler, storage=storage,
+        max_in_flight=max_in_flight, retries=retries, seed=seed,
+    )
+    typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

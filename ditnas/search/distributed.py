@@ -512,6 +512,7 @@ def sweep(
     from ditnas.search import objectives as obj
     from ditnas.search import optuna_search as osr
     from ditnas.search.space import SearchChoices
+    from ditnas.supernet.run import VAL_BATCH
     from ditnas.supernet.train import load_supernet
 
     budgets = [float(b) for b in budgets]
@@ -526,7 +527,8 @@ def sweep(
     for p in [checkpoint, *tables]:
         if not p.exists():
             raise DitnasError(f"{p} does not exist; pass an existing {'checkpoint' if p == checkpoint else 'latency table'}")
-    names = [t.stem for t in tables]
+    # a table folder inside a session (`<session>/table`) is named after its session
+    names = [t.parent.name if t.name == "table" else t.stem for t in tables]
     if len(set(names)) != len(names):
         raise DitnasError(f"device tables must have distinct file names (they name the result folders): {names}")
     conn = connect(ray_address)
@@ -534,8 +536,8 @@ def sweep(
     choices = SearchChoices.from_space(supernet.space)
     base = supernet.space.max_arch()
     del supernet
-    n_eval = int(n if n is not None else getattr(obj, "VAL_BATCH", 64))
-    e_seed = int(eval_seed if eval_seed is not None else getattr(obj, "EVAL_SEED", 1234))
+    n_eval = int(n if n is not None else VAL_BATCH)  # the same fixed batch as `ditnas search`
+    e_seed = int(eval_seed if eval_seed is not None else obj.EVAL_SEED)
     store, storage_desc = osr.open_storage(storage or str(out / "sweep.journal"), out)
     dists = osr.distributions(choices, steps)
 

@@ -1,0 +1,66 @@
+"""`ditnas search` end to end: a tiny trained supernet, a host-torch table, DP seeds, Optuna, rerun."""
+
+import json
+
+import pandas as pd
+import pytest
+from test_search_objectives import build_env
+
+from ditnas.cli import main
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return build_env(tmp_path_factory.mktemp("search_cli"))
+
+
+def test_search_writes_results_and_rerun_continues(env, tmp_path, capsys):
+    args = ["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms", "1e6",
+            "--steps", "4", "--trials", "6", "--seeds", "2", "--out", str(tmp_path / "s"), "--no-progress"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["trials_total"] == 6 and manifest["pareto_size"] >= 1
+    trials = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert trials["feasible"].all()  # a huge budget: everything fits
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["trials_total"] == 12
+
+
+def test_budget_below_the_cheapest_arch(env, tmp_path, capsys):
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        "0.001", "--steps", "4", "--trials", "2", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 2 and "below the cheapest reachable arch" in err and "Traceback" not in err
+
+
+def test_unreachable_storage(env, tmp_path, capsys):
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        "1e6", "--steps", "4", "--trials", "2", "--out", str(tmp_path / "s"), "--no-progress",
+                        "--storage", "postgresql://nobody@127.0.0.1:1/none"], capsys)
+    assert code == 2 and "storage" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
+    """Two budgets x one device table, evaluations as Ray tasks; results per study + combined front."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
+    code, out, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", "1e6,2e6", "--tables",
+                          str(env["table_dir"]), "--trials", "3", "--steps", "4", "--out", str(tmp_path / "sw")], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert len(manifest["studies"]) == 2
+    front = pd.read_csv(tmp_path / "sw" / "front.csv")
+    assert set(front["budget_ms"]) == {1e6, 2e6}
+    import ray
+
+    ray.shutdown()
