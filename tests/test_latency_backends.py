@@ -124,13 +124,14 @@ def test_bad_etdumps_are_clear_errors(lowered, tmp_path) -> None:
 
 
 def test_graph_xnnpack_cannot_load_is_a_clear_error(tmp_path) -> None:
-    """model.patchify's 7-D permute passes the partitioner but fails in the XNNPACK runtime."""
+    """A 7-D permute (how patchify was first written) passes the partitioner but fails in the runtime."""
     from ditnas.latency_models.programs import Cell, Program
-    from ditnas.supernet.model import patchify
 
     class SevenD(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return patchify(x * 2.0, 2)[0]
+            b, c, t, h, w = x.shape
+            x = (x * 2.0).reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 4, 6, 1)
+            return x.reshape(b, t * (h // 2) * (w // 2), 4 * c)
 
     prog = Program(Cell("patch_embed", tokens=16), SevenD().eval(), (torch.randn(1, 1, 1, 8, 8),))
     with pytest.raises(DitnasError, match="cannot load .*more than 6 dims"):
