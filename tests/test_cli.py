@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from cli_helpers import run
+
 from ditnas.cli import main
 
 TINY = [
@@ -16,14 +18,6 @@ TINY = [
     "--set", "space.ops=[sa,lcha,ssa]", "--set", "train.batch_size=8", "--set", "train.steps=4",
     "--set", "train.checkpoint_every=2", "--set", "sample.steps=2",
 ]
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

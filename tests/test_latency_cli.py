@@ -5,6 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from cli_helpers import run
+
 from ditnas.cli import main
 from ditnas.latency_models.session import ProfilingSession
 from ditnas.latency_models.stage import load_predictor
@@ -15,14 +17,6 @@ TINY = [
     "--set", "space.skippable=[1]", "--set", "space.widths=[0.5,1.0]", "--set", "space.mlp_ratios=[2,4]",
     "--set", "space.ops=[sa,ssa]",
 ]
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,8 @@ import pandas as pd
 import pytest
 from test_search_objectives import build_env
 
-from ditnas.cli import main
+from cli_helpers import run
 
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,26 @@ class SubnetSampler:
         return archs
 
 
+def flow_batch(batches: BatchSampler, noise: torch.Generator, tc, null_label: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Next training batch as (x_t, t, labels with CFG dropout, target velocity); draws from `noise`."""
+    x0, y = batches.next()
+    n = x0.shape[0]
+    if y is None:
+        y = torch.full((n,), null_label, dtype=torch.long)
+    drop = torch.rand(n, generator=noise) < tc.class_dropout
+    y = torch.where(drop, torch.full_like(y, null_label), y)
+    t = sample_time(n, noise, tc.time_shift)
+    eps = torch.randn(x0.shape, generator=noise)
+    return interpolate(x0, eps, t), t, y, velocity_target(x0, eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, tc, step: int) -> None:
+    """Linear warm-up to `lr`, then constant (assumption: short runs on tiny data need no decay)."""
+    lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 class Trainer:
     """Holds everything a run needs, and exactly the state a checkpoint must restore."""
 
@@ -127,25 +147,12 @@ class Trainer:
         self.max_arch = self.space.max_arch()
 
     # ----- one step ---------------------------------------------------------------------------
-    def _lr(self) -> float:
-        warm = self.cfg.train.warmup_steps
-        return self.cfg.train.lr * min(1.0, (self.step + 1) / warm) if warm > 0 else self.cfg.train.lr
-
     def train_step(self) -> StepStats:
         tc = self.cfg.train
         start = time.perf_counter()
         self.model.train()
-        x0, y = self.batches.next()
-        n = x0.shape[0]
-        if y is None:
-            y = torch.full((n,), self.null_label, dtype=torch.long)
-        drop = torch.rand(n, generator=self.noise) < tc.class_dropout
-        y = torch.where(drop, torch.full_like(y, self.null_label), y)
-        t = sample_time(n, self.noise, tc.time_shift)
-        eps = torch.randn(x0.shape, generator=self.noise)
-        x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr()
+        x_t, t, y, target = flow_batch(self.batches, self.noise, tc, self.null_label)
+        set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
 
         v_max = self.model.run(self.max_arch, x_t, t, y)
@@ -336,18 +343,10 @@ class StandaloneTrainer:
 
     def train_step(self) -> float:
         tc = self.tc
-        x0, y = self.batches.next()
-        n = x0.shape[0]
-        if y is None:
-            y = torch.full((n,), self.null, dtype=torch.long)
-        drop = torch.rand(n, generator=self.noise) < tc.class_dropout
-        y = torch.where(drop, torch.full_like(y, self.null), y)
-        t = sample_time(n, self.noise, tc.time_shift)
-        eps = torch.randn(x0.shape, generator=self.noise)
-        for group in self.optimizer.param_groups:
-            group["lr"] = tc.lr * min(1.0, (self.step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+        x_t, t, y, target = flow_batch(self.batches, self.noise, tc, self.null)
+        set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = mse(self.model(interpolate(x0, eps, t), t, y), velocity_target(x0, eps))
+        loss = mse(self.model(x_t, t, y), target)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
