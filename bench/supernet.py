@@ -64,7 +64,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_supernet"), help="scratch folder")
     parser.add_argument("--n-label", type=int, default=500, help="samples for label accuracy")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for everything (1: on a shared 2-core machine 2 threads can be many times slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
     overrides += ["train.checkpoint_every=0"]
