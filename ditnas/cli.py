@@ -297,6 +297,7 @@ def sweep(
     max_in_flight: Annotated[Optional[int], typer.Option(min=1, help="evaluations running at once")] = None,
     retries: Annotated[int, typer.Option(min=0, help="retries of a task whose worker died")] = 2,
     seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair."""
     from ditnas.latency_models.stage import table_dir
@@ -308,11 +309,19 @@ def sweep(
         except ValueError:
             raise DitnasError(f"--{name} {text!r} must be comma-separated numbers, e.g. 8,12,16") from None
 
-    manifest = run_sweep(
-        numbers(budgets, float, "budgets"), [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()],
-        checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"), sampler=sampler, storage=storage,
-        max_in_flight=max_in_flight, retries=retries, seed=seed,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    budget_list = numbers(budgets, float, "budgets")
+    table_list = [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()]
+    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("sweep", total=len(budget_list) * len(table_list) * trials, info="")
+        manifest = run_sweep(
+            budget_list, table_list, checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"),
+            sampler=sampler, storage=storage, max_in_flight=max_in_flight, retries=retries, seed=seed,
+            on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
+        )
     typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")
 
 

@@ -48,7 +48,7 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
     code, out, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", "1e6,2e6", "--tables",
-                          str(env["table_dir"]), "--trials", "3", "--steps", "4", "--out", str(tmp_path / "sw")], capsys)
+                          str(env["table_dir"]), "--trials", "3", "--steps", "4", "--out", str(tmp_path / "sw"), "--no-progress"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert len(manifest["studies"]) == 2
