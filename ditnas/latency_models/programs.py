@@ -38,6 +38,18 @@ from ditnas.supernet.model import (
 from ditnas.supernet.ops import layer_norm
 
 KINDS = ("block", "patch_embed", "final", "down", "up", "model")
+
+# a cell's columns in samples and tables: column -> pandas dtype, in order
+CELL_SCHEMA: dict[str, str] = {
+    "key": "string",
+    "kind": "string",
+    "op": "string",
+    "width": "float64",
+    "mlp_ratio": "float64",
+    "tokens": "int64",
+    "stage": "int64",
+    "arch": "string",
+}
 Grid = tuple[int, int, int]
 
 

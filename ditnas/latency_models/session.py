@@ -28,7 +28,7 @@ import pandas as pd
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
-from ditnas.latency_models.programs import Program
+from ditnas.latency_models.programs import CELL_SCHEMA, Program
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
@@ -37,14 +37,7 @@ FORMAT_VERSION = 1
 # column -> pandas dtype, in order
 SAMPLE_SCHEMA: dict[str, str] = {
     "session_id": "string",
-    "key": "string",
-    "kind": "string",
-    "op": "string",
-    "width": "float64",
-    "mlp_ratio": "float64",
-    "tokens": "int64",
-    "stage": "int64",
-    "arch": "string",
+    **CELL_SCHEMA,
     "iteration": "int64",
     "latency_ms": "float64",
     "backend": "string",

@@ -30,26 +30,19 @@ from ditnas.arch import SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, write_json
 from ditnas.latency_models.backends.base import package_version
-from ditnas.latency_models.programs import Cell, cells_for_space
+from ditnas.latency_models.programs import CELL_SCHEMA, Cell, cells_for_space
 from ditnas.latency_models.session import IDENTITY_FIELDS, ProfilingSession, summarize
 
 TABLE = "table.parquet"
 TABLE_MANIFEST = "table.json"
 FORMAT_VERSION = 1
 
-CELL_COLUMNS = ("key", "kind", "op", "width", "mlp_ratio", "tokens", "stage", "arch")
+CELL_COLUMNS = tuple(CELL_SCHEMA)
 STAT_COLUMNS = ("n", "p10", "p50", "p90", "mean", "std", "cv")
 
 # column -> pandas dtype, in order
 TABLE_SCHEMA: dict[str, str] = {
-    "key": "string",
-    "kind": "string",
-    "op": "string",
-    "width": "float64",
-    "mlp_ratio": "float64",
-    "tokens": "int64",
-    "stage": "int64",
-    "arch": "string",
+    **CELL_SCHEMA,
     "n": "int64",
     "p10": "float64",
     "p50": "float64",
