@@ -32,11 +32,10 @@ class SlotChoice:
     mlp_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.op == SKIP:
-            object.__setattr__(self, "width", 0.0)
-            object.__setattr__(self, "mlp_ratio", 0.0)
-        object.__setattr__(self, "width", float(self.width))
-        object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
+        # Slot owns the normalisation (skip has no width; floats), so both compare alike
+        slot = self.slot(0)
+        object.__setattr__(self, "width", slot.width)
+        object.__setattr__(self, "mlp_ratio", slot.mlp_ratio)
 
     @property
     def is_skip(self) -> bool:
