@@ -104,7 +104,7 @@ def profile(
     overrides: SetOpt = None,
     models: Annotated[int, typer.Option(min=0, help="whole-model programs to measure (calibration rows)")] = 12,
     warmup: Annotated[int, typer.Option(min=0)] = 10,
-    iters: Annotated[int, typer.Option(min=1)] = 50,
+    iters: Annotated[int, typer.Option(min=1, help="timed runs per program, interleaved across programs")] = 200,
     threads: Annotated[int, typer.Option(min=1, help="fixed thread count for every measurement")] = 1,
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -131,13 +131,18 @@ def profile(
 
     table, predictor = build_table(session, supernet)
     summary = session.summary()
-    flagged = session.flag_high_variance()
+    uncertain = summary[summary["p50_rel_se"] > 0.03]
     typer.echo(f"session {out}: {len(summary)} programs measured on {session.device.get('device_model')} "
                f"({session.device.get('backend')}, {session.device.get('threads')} thread(s))")
     typer.echo(table.coverage_summary(supernet.space))
     typer.echo(f"table + predictor in {table.root} (calibration: {predictor.calibration.method})")
-    if len(flagged):
-        typer.echo(f"{len(flagged)} program(s) vary by more than 10% (cv); re-measure them: {', '.join(flagged['key'][:5])}")
+    if len(uncertain):
+        typer.echo(f"{len(uncertain)} program(s) have a p50 uncertain by more than 3% (standard error); profile into a "
+                   f"new --out with more --iters: {', '.join(uncertain['key'][:5])}")
+    drift = session.drift_since_last_pass()
+    if drift is not None and abs(drift - 1) > 0.05:
+        typer.echo(f"note: programs re-timed in this pass run {drift:.2f}x their previous times (machine speed changed); "
+                   "every row of the table is from this pass")
 
 
 @profile_app.command("ingest")

@@ -138,6 +138,29 @@ def test_graph_xnnpack_cannot_load_is_a_clear_error(tmp_path) -> None:
         get_backend("executorch-xnnpack").prepare([prog], tmp_path)
 
 
+def test_an_interrupted_profile_reuses_what_was_lowered(lowered, supernet: ElasticDiT, tmp_path) -> None:
+    backend, _, workdir = lowered
+    item = _sa(lowered)
+    pte = item.artifacts["pte"]
+    stamp = pte.stat().st_mtime_ns
+    again = backend.reuse(item.program, workdir)
+    assert again is not None and again.artifacts["pte"] == pte and again.report == json.loads(
+        (workdir / f"{pte.stem}.delegation.json").read_text())
+    assert pte.stat().st_mtime_ns == stamp  # not lowered again
+    assert backend.reuse(item.program, tmp_path) is None  # nothing built there yet
+    (tmp_path / pte.name).write_bytes(pte.read_bytes())  # a .pte without its report: lowering was cut short
+    assert backend.reuse(item.program, tmp_path) is None
+
+
+def test_measure_interleaves_programs_on_xnnpack(lowered) -> None:
+    backend = lowered[0]
+    items = [_sa(lowered, "0.5"), _sa(lowered, "1")]
+    rows = backend.measure(items, warmup=1, iters=7)
+    assert sorted({r["key"] for r in rows}) == sorted(i.key() for i in items)
+    assert all(sorted(r["iteration"] for r in rows if r["key"] == i.key()) == list(range(7)) for i in items)
+    assert all(r["latency_ms"] > 0 for r in rows)
+
+
 def test_executorch_session_writes_artifacts(supernet: ElasticDiT, tmp_path) -> None:
     space = supernet.space
     backend = get_backend("executorch-xnnpack", etdump_runs=2)

@@ -24,8 +24,10 @@ from ditnas.latency_models import (
     programs_for_cells,
     summarize,
 )
+from ditnas.latency_models.backends.base import interleaved_rounds
 from ditnas.latency_models.backends.host_torch import HostTorchBackend
-from ditnas.latency_models.session import SAMPLES, write_samples
+from ditnas.latency_models.programs import Cell
+from ditnas.latency_models.session import HISTORY, SAMPLES, read_samples, write_samples
 from ditnas.supernet.model import ElasticDiT
 
 WARMUP, ITERS = 2, 5
@@ -71,15 +73,21 @@ class OtherHost(HostTorchBackend):
 
 
 class Interrupting(HostTorchBackend):
-    """Raises KeyboardInterrupt while measuring the n-th program (as Ctrl-C would)."""
+    """Raises KeyboardInterrupt (as Ctrl-C would) while building the n-th program, or while timing
+    when `stop_at` is None."""
 
-    def __init__(self, stop_at: int) -> None:
+    def __init__(self, stop_at: int | None) -> None:
         super().__init__(threads=1)
         self.calls, self.stop_at = 0, stop_at
 
-    def measure(self, prepared, warmup, iters):
+    def prepare(self, programs, workdir):
         self.calls += 1
         if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return super().prepare(programs, workdir)
+
+    def measure(self, prepared, warmup, iters):
+        if self.stop_at is None:
             raise KeyboardInterrupt
         return super().measure(prepared, warmup, iters)
 
@@ -211,7 +219,10 @@ def test_session_resumes_without_loss_or_duplicates(tmp_path, four) -> None:
     samples = again.samples()
     assert len(samples) == 4 * ITERS
     assert samples.groupby("key").size().to_dict() == {p.key(): ITERS for p in four}
-    pd.testing.assert_frame_equal(samples.iloc[: 2 * ITERS].reset_index(drop=True), first)
+    assert samples["measured_at"].nunique() == 1  # one timing pass holds every program
+    # the first two were re-timed with the new ones; their old samples moved to the history
+    pd.testing.assert_frame_equal(read_samples(tmp_path / "s" / HISTORY), first)
+    assert again.manifest["passes"][-1]["retimed"] == 2
     assert again.run(four, backend) == []  # nothing left: nothing re-measured
     assert len(again.samples()) == 4 * ITERS
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -222,17 +233,72 @@ def test_session_resumes_without_loss_or_duplicates(tmp_path, four) -> None:
     assert (summary["p10"] <= summary["p50"]).all() and (summary["p50"] <= summary["p90"]).all()
 
 
-def test_session_interrupted_mid_run_keeps_finished_programs(tmp_path, four) -> None:
+def test_session_interrupted_loses_nothing_and_resumes(tmp_path, four) -> None:
     root = tmp_path / "s"
-    with pytest.raises(KeyboardInterrupt):
-        ProfilingSession.open(root, Interrupting(stop_at=3), warmup=0, iters=ITERS).run(four, Interrupting(stop_at=3))
-    done = ProfilingSession.load(root).samples()
-    assert sorted(done["key"].unique()) == sorted(p.key() for p in four[:2]) and len(done) == 2 * ITERS
-    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
     backend = get_backend("host-torch")
+    ProfilingSession.open(root, backend, warmup=0, iters=ITERS).run(four[:1], backend)
+    before = ProfilingSession.load(root).samples()
+    for stop in (Interrupting(stop_at=3), Interrupting(stop_at=None)):  # while building, while timing
+        with pytest.raises(KeyboardInterrupt):
+            ProfilingSession.open(root, stop, warmup=0, iters=ITERS).run(four, stop)
+        pd.testing.assert_frame_equal(ProfilingSession.load(root).samples(), before)  # nothing half-written
+        assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
     s = ProfilingSession.open(root, backend, warmup=0, iters=ITERS)
-    assert s.run(four, backend) == [p.key() for p in four[2:]]
+    assert s.run(four, backend) == [p.key() for p in four[1:]]
     assert s.samples().groupby("key").size().to_dict() == {p.key(): ITERS for p in four}
+
+
+class Drifting(HostTorchBackend):
+    """Synthetic timings: each program's own cost times a machine speed the test changes."""
+
+    def __init__(self) -> None:
+        super().__init__(threads=1)
+        self.speed = 1.0
+
+    def measure(self, prepared, warmup, iters):
+        return [{"key": p.key(), "iteration": i, "latency_ms": self.speed * (1 + len(p.key()) % 7)}
+                for p in prepared for i in range(iters)]
+
+
+def test_a_later_pass_retimes_the_whole_session_so_rows_share_one_machine_state(tmp_path, four, supernet) -> None:
+    backend = Drifting()
+    session = ProfilingSession.open(tmp_path / "s", backend, warmup=0, iters=3)
+    session.run(four[:3], backend)
+    backend.speed = 2.0  # the machine got twice as slow before the closed loop measures one more program
+    by_key = {p.key(): p for p in four}
+    assert session.run([four[3]], backend, rebuild=lambda cell: by_key[cell.key()]) == [four[3].key()]
+    p50 = session.summary().set_index("key")["p50"]
+    assert all(p50[p.key()] == 2.0 * (1 + len(p.key()) % 7) for p in four)  # every row at the new speed
+    assert session.drift_since_last_pass() == 2.0 and session.manifest["passes"][-1]["retimed"] == 3
+    assert len(read_samples(tmp_path / "s" / HISTORY)) == 3 * 3
+    # without `rebuild` a pass times only what it is given
+    backend.speed = 3.0
+    other = build_program(supernet, next(c for c in cells_for_space(supernet.space) if c.kind == "final"))
+    session.run([other], backend)
+    p50 = session.summary().set_index("key")["p50"]
+    assert p50[other.key()] == 3.0 * (1 + len(other.key()) % 7) and p50[four[0].key()] == 2.0 * (1 + len(four[0].key()) % 7)
+
+
+def test_cells_round_trip_through_sample_rows(supernet) -> None:
+    space = supernet.space
+    cells = cells_for_space(space) + [model_program(supernet, space.min_arch()).cell]
+    assert [Cell.from_fields(c.fields()) for c in cells] == cells
+
+
+def test_interleaved_rounds_time_every_call_in_seeded_shuffled_rounds() -> None:
+    log: list[str] = []
+    calls = [(k, lambda k=k: log.append(k)) for k in "abc"]
+    rows = interleaved_rounds(calls, warmup=2, iters=7, per_round=3, seed=1)
+    assert log[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up first, untimed
+    timed = log[6:]
+    assert len(timed) == len(rows) == 21 and {r["key"]: r["iteration"] for r in rows} == {"a": 6, "b": 6, "c": 6}
+    # rounds of 3 (the last of 1): every program appears in every round, not all of one then the next
+    assert [sorted(set(timed[i:i + 9])) for i in (0, 9)] == [["a", "b", "c"]] * 2 and sorted(timed[18:]) == ["a", "b", "c"]
+    again: list[str] = []
+    interleaved_rounds([(k, lambda k=k: again.append(k)) for k in "abc"], warmup=2, iters=7, per_round=3, seed=1)
+    assert again == log  # seeded
+    with pytest.raises(DitnasError, match="per_round=0"):
+        interleaved_rounds(calls, warmup=0, iters=1, per_round=0)
 
 
 def test_session_refuses_other_settings_and_duplicate_programs(tmp_path, four) -> None:
@@ -314,5 +380,6 @@ def test_summary_statistics_and_high_variance_flags(tmp_path, four) -> None:
         assert np.isclose(row["p50"], np.median(v)) and np.isclose(row["p10"], np.quantile(v, 0.1))
         assert np.isclose(row["p90"], np.quantile(v, 0.9)) and np.isclose(row["mean"], v.mean())
         assert np.isclose(row["std"], v.std(ddof=1)) and row["n"] == 4
+        assert np.isclose(row["p50_rel_se"], 1.2533 * v.std(ddof=1) / 2 / np.median(v))
     flagged = s.flag_high_variance(threshold_cv=0.2)
     assert list(flagged["key"]) == [noisy]

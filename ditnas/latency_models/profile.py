@@ -4,7 +4,7 @@ What is measured, each as a standalone program (programs.py): every op x width x
 block the space can produce, the patch embedding, the final layer and both resolution transitions at
 every stream width, plus whole-model programs for a seeded sample of archs (max, mid, min and random
 ones) — the rows the predictor's whole-model calibration is fitted on. The session is resumable:
-rerunning the same command measures only what is missing.
+rerunning the same command builds only what is missing, then times the session in one pass.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from pathlib import Path
 from ditnas.arch import Arch, SearchSpace
 from ditnas.config import load_config
 from ditnas.latency_models.backends import get_backend
-from ditnas.latency_models.programs import KINDS, build_program, cells_for_space, model_cell
+from ditnas.latency_models.programs import (
+    KINDS,
+    build_program,
+    cells_for_space,
+    model_cell,
+)
 from ditnas.latency_models.session import ProfilingSession
 from ditnas.supernet.model import ElasticDiT
 
@@ -66,7 +71,7 @@ def profile_space(
     out: Path,
     *,
     warmup: int = 10,
-    iters: int = 50,
+    iters: int = 200,
     threads: int = 1,
     n_models: int = 12,
     seed: int = 0,
@@ -80,13 +85,9 @@ def profile_space(
                                     notes={"space": str(supernet.space.max_arch()), "n_models": n_models, "seed": seed})
     cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
     cells += [model_cell(supernet, arch) for arch in sample_archs(supernet.space, n_models, seed)]
-    done = session.measured_keys()
-    todo = [c for c in cells if c.key() not in done]
-    # programs are built one at a time so a large space never holds every program in memory
-    for index, cell in enumerate(todo):
-        if progress:
-            progress(index, len(todo), cell.key())
-        session.run([build_program(supernet, cell, seed=seed)], backend)
-    if progress:
-        progress(len(todo), len(todo), "")
+    if {c.key() for c in cells} <= session.measured_keys():
+        return session  # nothing new: no timing pass
+    # every program of the session (old ones too) is timed in one interleaved pass (session.py)
+    session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
+                rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress)
     return session

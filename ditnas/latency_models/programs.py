@@ -85,6 +85,13 @@ class Cell:
             return f"block:{self.op}:w{_fmt(self.width)}:r{_fmt(self.mlp_ratio)}:n{self.tokens}:s{self.stage}"
         return f"{self.kind}:w{_fmt(self.width)}:n{self.tokens}:s{self.stage}"
 
+    @classmethod
+    def from_fields(cls, row: dict) -> Cell:
+        """The cell of one samples/table row (the inverse of `fields`; missing strings read as empty)."""
+        text = {name: row.get(name) if isinstance(row.get(name), str) else "" for name in ("op", "arch")}
+        return cls(row["kind"], text["op"], float(row["width"]), float(row["mlp_ratio"]), int(row["tokens"]),
+                   int(row["stage"]), text["arch"])
+
     def fields(self) -> dict:
         """The cell as flat columns for a samples table."""
         return {

@@ -4,12 +4,17 @@
                                 compute unit, threads, tool versions), warm-up and iteration counts,
                                 ditnas/torch/executorch versions, created/updated timestamps
     <session>/samples.parquet   long format, one row per timed sample (SAMPLE_SCHEMA)
+    <session>/samples_history.parquet   samples a later timing pass replaced (drift between passes)
     <session>/artifacts/        what the backend built or pulled (.pte, .etrecord, .etdp, reports)
 
-`run(programs)` measures only programs whose key is not in samples.parquet yet and rewrites the
-parquet atomically after each program, so an interrupted session loses at most the program in
-flight and never holds a program twice. Resuming with another backend, device, thread count or
-warm-up/iteration count is refused.
+`run(programs)` works in two phases. It builds every program whose key is not in samples.parquet
+yet (on XNNPACK the slow part: ~5 s per block, ~35 s per whole model; files already built by an
+interrupted run are reused), then times them in one pass and rewrites the parquet atomically. On
+local backends (`retimes_session`) that pass also re-times every program the session already holds,
+interleaved with the new ones, so all rows of a table share one machine state (measured: timed
+~30 min apart, whole models came out 1.5-2.1x the sum of their blocks; timed together, 0.96-1.24x).
+An interrupted run therefore loses no sample and never holds a program twice. Resuming with
+another backend, device, thread count or warm-up/iteration count is refused.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import pandas as pd
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
-from ditnas.latency_models.programs import CELL_SCHEMA, Program
+from ditnas.latency_models.programs import CELL_SCHEMA, Cell, Program
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
+HISTORY = "samples_history.parquet"
 FORMAT_VERSION = 1
 
 # column -> pandas dtype, in order
@@ -194,15 +200,26 @@ class ProfilingSession:
         self.manifest["updated_at"] = _now()
         write_json(self.root / MANIFEST, self.manifest)
 
+    def cells(self) -> list[Cell]:
+        """The cells this session holds samples of, in key order."""
+        rows = self.samples().drop_duplicates("key").sort_values("key")
+        return [Cell.from_fields(row) for row in rows.to_dict("records")]
+
     # ----- measuring -----------------------------------------------------------------------------
     def run(
         self,
         programs: Sequence[Program],
         backend: Backend,
         *,
+        rebuild: Callable[[Cell], Program] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
     ) -> list[str]:
-        """Measure every program not yet in the session; returns the keys measured now."""
+        """Measure every program not yet in the session; returns the keys measured for the first time.
+
+        When something is new and the backend `retimes_session`, the timing pass also re-times the
+        session's other programs: those given, plus (with `rebuild`, cell -> program) every other
+        cell the session holds. Their replaced samples move to samples_history.parquet.
+        """
         if _identity(backend.info()) != _identity(self.device):
             raise DitnasError(
                 f"session {self.root} belongs to {_describe(self.device)}; backend given is {_describe(backend.info())}"
@@ -213,28 +230,39 @@ class ProfilingSession:
             raise DitnasError(f"programs {dupes} appear twice in one run; each cell is measured once per session")
         done = self.measured_keys()
         todo = [p for p in programs if p.key() not in done]
-        measured: list[str] = []
-        for index, program in enumerate(todo):
+        if not todo:
+            return []
+        retime: list[Program] = []
+        if backend.retimes_session:
+            retime = [p for p in programs if p.key() in done]
+            if rebuild is not None:
+                given = set(keys)
+                retime += [rebuild(cell) for cell in self.cells() if cell.key() not in given]
+        prepared = []
+        for index, program in enumerate(todo + retime):
             if progress:
-                progress(index, len(todo), program.key())
-            prepared = backend.prepare([program], self.artifacts_dir)
-            rows = backend.measure(prepared, self.manifest["warmup"], self.manifest["iters"])
-            self._append(program, rows)
-            measured.append(program.key())
+                progress(index, len(todo) + len(retime), program.key())
+            prepared += [backend.reuse(program, self.artifacts_dir) or backend.prepare([program], self.artifacts_dir)[0]]
         if progress:
-            progress(len(todo), len(todo), "")
-        return measured
+            progress(len(prepared), len(prepared), "timing")
+        rows = backend.measure(prepared, self.manifest["warmup"], self.manifest["iters"])
+        self._store([p.program for p in prepared], rows)
+        return [p.key() for p in todo]
 
-    def _append(self, program: Program, rows: list[dict[str, Any]]) -> None:
+    def _store(self, programs: Sequence[Program], rows: list[dict[str, Any]]) -> None:
+        """Write one timing pass: its samples replace any older ones of the same programs."""
         expected = self.manifest["iters"]
-        if len(rows) != expected or any(r["key"] != program.key() for r in rows):
-            raise DitnasError(f"backend returned {len(rows)} samples for {program.key()}, expected {expected}")
+        by_key: dict[str, list[dict[str, Any]]] = {p.key(): [] for p in programs}
+        for r in rows:
+            by_key.setdefault(r["key"], []).append(r)
+        wrong = {k: len(v) for k, v in by_key.items() if len(v) != expected}
+        if wrong:
+            raise DitnasError(f"backend returned {wrong} samples per program, expected {expected} each")
         stamp = _now()
-        fields = program.cell.fields()
         new = pd.DataFrame(
             [
                 {
-                    **fields,
+                    **program.cell.fields(),
                     "session_id": self.session_id,
                     "iteration": int(r["iteration"]),
                     "latency_ms": float(r["latency_ms"]),
@@ -243,13 +271,28 @@ class ProfilingSession:
                     "threads": int(self.device["threads"]),
                     "measured_at": stamp,
                 }
-                for r in rows
+                for program in programs
+                for r in by_key[program.key()]
             ]
         )
         old = self.samples()
-        table = new if old.empty else pd.concat([old, _typed(new)], ignore_index=True)
+        replaced = old["key"].isin(by_key)
+        if replaced.any():
+            drift = summarize(new).set_index("key")["p50"] / summarize(old[replaced]).set_index("key")["p50"]
+            self.manifest.setdefault("passes", []).append(
+                {"at": stamp, "retimed": int(drift.notna().sum()), "median_p50_ratio_vs_previous": float(drift.median())}
+            )
+            history = pd.concat([read_samples(self.root / HISTORY), old[replaced]], ignore_index=True)
+            write_samples(self.root / HISTORY, history)
+        kept = old[~replaced]
+        table = _typed(new) if kept.empty else pd.concat([kept, _typed(new)], ignore_index=True)
         write_samples(self.root / SAMPLES, table)  # parquet first: it is the truth
         self._write_manifest()
+
+    def drift_since_last_pass(self) -> float | None:
+        """Median p50 ratio (this pass / the one before) of the programs the last pass re-timed."""
+        passes = self.manifest.get("passes") or []
+        return passes[-1]["median_p50_ratio_vs_previous"] if passes else None
 
     # ----- analysis ------------------------------------------------------------------------------
     def summary(self) -> pd.DataFrame:
@@ -274,10 +317,10 @@ class ProfilingSession:
 
 
 def summarize(samples: pd.DataFrame) -> pd.DataFrame:
-    """n, p10, p50, p90, mean, std, cv per program key (cell fields kept)."""
+    """n, p10, p50, p90, mean, std, cv, p50_rel_se per program key (cell fields kept)."""
     cols = ["key", "kind", "op", "width", "mlp_ratio", "tokens", "stage", "arch"]
     if samples.empty:
-        return pd.DataFrame(columns=cols + ["n", "p10", "p50", "p90", "mean", "std", "cv"])
+        return pd.DataFrame(columns=cols + ["n", "p10", "p50", "p90", "mean", "std", "cv", "p50_rel_se"])
     g = samples.groupby(cols, sort=True, dropna=False)["latency_ms"]
     out = g.agg(
         n="count",
@@ -288,6 +331,9 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
         std=lambda s: s.std(ddof=1) if len(s) > 1 else 0.0,
     ).reset_index()
     out["cv"] = out["std"] / out["mean"]
+    # standard error of the median relative to it (normal approximation, 1.2533 = sqrt(pi/2)): how
+    # well the p50 a table uses is pinned down, unlike cv, which tiny programs have high by nature
+    out["p50_rel_se"] = 1.2533 * out["std"] / out["n"].pow(0.5) / out["p50"]
     return out
 
 

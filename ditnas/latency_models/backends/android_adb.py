@@ -35,12 +35,16 @@ from ditnas.latency_models.artifacts import (
     device_model_name,
     load_json,
 )
-from ditnas.latency_models.backends.base import Backend, Prepared, package_version
+from ditnas.latency_models.backends.base import (
+    Backend,
+    Prepared,
+    check_counts,
+    package_version,
+)
 from ditnas.latency_models.backends.executorch_xnnpack import (
     ExecuTorchXnnpackBackend,
     parse_etdump,
 )
-from ditnas.latency_models.backends.host_torch import check_counts
 from ditnas.latency_models.programs import Program
 
 PLAN_FILE = "android_plan.json"

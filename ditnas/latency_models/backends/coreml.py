@@ -40,11 +40,11 @@ from ditnas.latency_models.artifacts import (
 from ditnas.latency_models.backends.base import (
     Backend,
     Prepared,
+    check_counts,
     host_info,
     package_version,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import file_stem
-from ditnas.latency_models.backends.host_torch import check_counts
 from ditnas.latency_models.programs import Program
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")

@@ -3,9 +3,12 @@
 prepare:  torch.export -> constant_prop_pass -> to_edge_transform_and_lower(XnnpackPartitioner,
           generate_etrecord=True) -> <name>.pte + <name>.etrecord + <name>.delegation.json,
           with a delegation report and an output parity check against eager.
-measure:  executorch.runtime loads the .pte; each timed sample is one `Method.execute` bracketed by
-          time.perf_counter_ns. Then a short separate run with the event tracer on writes
-          <name>.etdp (per-op events), so tracing overhead never enters the timed samples.
+reuse:    a program whose .pte, .etrecord and .delegation.json (written last) are on disk is not
+          lowered again, so an interrupted `ditnas profile` resumes where lowering stopped.
+measure:  executorch.runtime loads every .pte; each timed sample is one `Method.execute` bracketed
+          by time.perf_counter_ns, all programs interleaved (base.interleaved_rounds). Then a short
+          separate run with the event tracer on writes <name>.etdp (per-op events) for programs
+          without one, so tracing overhead never enters the timed samples.
 parse:    an .etdp (+ the .etrecord beside it) -> one row per event per run via the Inspector.
 
 Every API here was checked against the installed executorch 1.5.1 (toolchain.md §1.1, §2.1).
@@ -18,7 +21,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,12 @@ import torch
 
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, write_json
-from ditnas.latency_models.backends.base import Backend, Prepared, package_version
-from ditnas.latency_models.backends.host_torch import check_counts
+from ditnas.latency_models.backends.base import (
+    Backend,
+    Prepared,
+    check_counts,
+    package_version,
+)
 from ditnas.latency_models.programs import Program
 
 # Compute ops that must run inside the XNNPACK delegate (toolchain.md §1.1: an undelegated mm was
@@ -102,6 +108,7 @@ def set_et_threads(threads: int) -> int:
 class ExecuTorchXnnpackBackend(Backend):
     name = "executorch-xnnpack"
     requires = ("executorch",)
+    retimes_session = True
 
     def __init__(
         self,
@@ -111,8 +118,10 @@ class ExecuTorchXnnpackBackend(Backend):
         parity_atol: float | None = 1e-4,
         etdump: bool = True,
         etdump_runs: int = 3,
+        isolate: bool = True,
     ) -> None:
         super().__init__(threads)
+        self.isolate = isolate  # time in a spawned process that never lowered anything (see measure)
         self.strict = strict  # raise when attention/matmul/linear/conv fall back to portable kernels
         self.parity_atol = parity_atol  # None skips the .pte-vs-eager check
         self.etdump = etdump
@@ -154,6 +163,7 @@ class ExecuTorchXnnpackBackend(Backend):
                 )
             pte, etrecord = workdir / f"{stem}.pte", workdir / f"{stem}.etrecord"
             atomic_write_bytes(pte, et.buffer)
+            (workdir / f"{stem}.etdp").unlink(missing_ok=True)  # an ETDump of an older build is stale
             _save_etrecord(et.get_etrecord(), etrecord)
             item = Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=report)
             if self.parity_atol is not None:
@@ -172,6 +182,14 @@ class ExecuTorchXnnpackBackend(Backend):
             prepared.append(item)
         return prepared
 
+    def reuse(self, program: Program, workdir: Path) -> Prepared | None:
+        workdir, stem = Path(workdir), file_stem(program.key())
+        pte, etrecord, report = (workdir / f"{stem}{suffix}" for suffix in (".pte", ".etrecord", ".delegation.json"))
+        if not (pte.is_file() and etrecord.is_file() and report.is_file()):
+            return None
+        # the report is written last by prepare(): its presence means the .pte passed every check
+        return Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=load_delegation_report(report))
+
     # ----- run ---------------------------------------------------------------------------------
     @staticmethod
     def load(pte: Path, etdump: bool = False) -> Any:
@@ -181,13 +199,7 @@ class ExecuTorchXnnpackBackend(Backend):
 
     @staticmethod
     def load_method(program: Any, item: Prepared) -> Any:
-        try:
-            return program.load_method("forward")
-        except RuntimeError as exc:
-            raise DitnasError(
-                f"program {item.key()}: the ExecuTorch runtime cannot load {item.artifacts['pte']} ({exc}); XNNPACK "
-                "refuses some graphs only at load time, e.g. tensors of more than 6 dims -- reshape them to <= 6"
-            ) from None
+        return load_method(program, item.key(), item.artifacts["pte"])
 
     def run_once(self, item: Prepared) -> list[torch.Tensor]:
         set_et_threads(self.threads)
@@ -204,22 +216,20 @@ class ExecuTorchXnnpackBackend(Backend):
         return err, max(float(w.abs().max()) for w in want)
 
     def measure(self, prepared: list[Prepared], warmup: int, iters: int) -> list[dict[str, Any]]:
+        from ditnas.latency_models.backends.pte_timer import (
+            time_here,
+            time_in_fresh_process,
+        )
+
         check_counts(warmup, iters)
-        rows: list[dict[str, Any]] = []
-        for item in prepared:
-            inputs = list(item.program.inputs)
-            set_et_threads(self.threads)
-            method = self.load_method(self.load(item.artifacts["pte"]), item)
-            for _ in range(warmup):
-                method.execute(inputs)
-            for i in range(iters):
-                t0 = time.perf_counter_ns()
-                method.execute(inputs)
-                t1 = time.perf_counter_ns()
-                rows.append({"key": item.key(), "iteration": i, "latency_ms": (t1 - t0) / 1e6})
-            del method  # release the XNNPACK runtime before anything else touches the pool
-            if self.etdump:
-                item.artifacts["etdump"] = self.write_etdump(item, self.etdump_runs)
+        jobs = [(item.key(), item.artifacts["pte"], list(item.program.inputs)) for item in prepared]
+        # the timing pass runs in a fresh interpreter by default: see pte_timer.py for why
+        timer = time_in_fresh_process if self.isolate else time_here
+        rows = timer(jobs, self.threads, warmup, iters)
+        if self.etdump:
+            for item in prepared:
+                etdp = item.artifacts["pte"].with_suffix(".etdp")
+                item.artifacts["etdump"] = etdp if etdp.is_file() else self.write_etdump(item, self.etdump_runs)
         return rows
 
     def write_etdump(self, item: Prepared, runs: int) -> Path:
@@ -240,6 +250,16 @@ class ExecuTorchXnnpackBackend(Backend):
     # ----- ingest ------------------------------------------------------------------------------
     def parse(self, artifact: Path) -> list[dict[str, Any]]:
         return parse_etdump(artifact)
+
+
+def load_method(program: Any, key: str, pte: Path) -> Any:
+    try:
+        return program.load_method("forward")
+    except RuntimeError as exc:
+        raise DitnasError(
+            f"program {key}: the ExecuTorch runtime cannot load {pte} ({exc}); XNNPACK refuses some graphs only at "
+            "load time, e.g. tensors of more than 6 dims -- reshape them to <= 6"
+        ) from None
 
 
 def parse_etdump(artifact: Path, etrecord: Path | None = None) -> list[dict[str, Any]]:

@@ -1,19 +1,19 @@
 """`host-torch`: eager PyTorch on this host, timed in process.
 
 Each timed sample is one forward call under `torch.no_grad()`, bracketed by
-`time.perf_counter_ns()`. The thread count is set for the measurement and restored afterwards.
+`time.perf_counter_ns()`; programs are timed interleaved (base.interleaved_rounds). The thread
+count is set for the measurement and restored afterwards.
 """
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ditnas.errors import DitnasError
-from ditnas.latency_models.backends.base import Backend, Prepared
+from ditnas.latency_models.backends.base import Backend, Prepared, interleaved_rounds
 from ditnas.latency_models.programs import Program
 
 
@@ -33,30 +33,16 @@ class fixed_torch_threads:
         torch.set_num_threads(self.previous)
 
 
-def check_counts(warmup: int, iters: int) -> None:
-    if warmup < 0 or iters < 1:
-        raise DitnasError(f"measure: warmup={warmup} must be >= 0 and iters={iters} >= 1")
-
-
 class HostTorchBackend(Backend):
     name = "host-torch"
     requires = ("torch",)
+    retimes_session = True
 
     def prepare(self, programs: list[Program], workdir: Path) -> list[Prepared]:
         # nothing to build: the eager module is the program
         return [Prepared(p, handle=p.module.eval().requires_grad_(False)) for p in programs]
 
     def measure(self, prepared: list[Prepared], warmup: int, iters: int) -> list[dict[str, Any]]:
-        check_counts(warmup, iters)
-        rows: list[dict[str, Any]] = []
         with fixed_torch_threads(self.threads), torch.no_grad():
-            for item in prepared:
-                module, inputs = item.handle, item.program.inputs
-                for _ in range(warmup):
-                    module(*inputs)
-                for i in range(iters):
-                    t0 = time.perf_counter_ns()
-                    module(*inputs)
-                    t1 = time.perf_counter_ns()
-                    rows.append({"key": item.key(), "iteration": i, "latency_ms": (t1 - t0) / 1e6})
-        return rows
+            calls = [(item.key(), partial(item.handle, *item.program.inputs)) for item in prepared]
+            return interleaved_rounds(calls, warmup, iters)

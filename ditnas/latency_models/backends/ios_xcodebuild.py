@@ -34,9 +34,13 @@ from ditnas.latency_models.artifacts import (
     cell_from_name,
     device_model_name,
 )
-from ditnas.latency_models.backends.base import Backend, Prepared, package_version
+from ditnas.latency_models.backends.base import (
+    Backend,
+    Prepared,
+    check_counts,
+    package_version,
+)
 from ditnas.latency_models.backends.executorch_xnnpack import ExecuTorchXnnpackBackend
-from ditnas.latency_models.backends.host_torch import check_counts
 from ditnas.latency_models.programs import Program
 
 PLAN_FILE = "ios_plan.json"
