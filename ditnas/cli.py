@@ -17,6 +17,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Hardware-aware architecture search and compression for Diffusion Transformers.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections data/space/model/train/sample)")]
+
+
+def progress_bar(enabled: bool):
+    """The one progress bar of every long verb: phase, bar, done/total, what runs now, time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled)
+
+
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set train.steps=500")]
 
 
@@ -114,15 +130,12 @@ def profile(
         return
     if backend is None or out is None:
         raise DitnasError("ditnas profile needs --backend and --out (and --space CONFIG or --checkpoint); see --help")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 
     supernet = supernet_for_profiling(space, checkpoint, overrides or [])
-    bar = Progress(TextColumn("[bold]profile"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = progress_bar(progress)
     with bar:
-        task = bar.add_task("profile", total=None, info="")
+        task = bar.add_task("profile", total=None, phase="profile", info="")
         session = profile_space(
             supernet, backend, out, warmup=warmup, iters=iters, threads=threads, n_models=models, seed=seed,
             progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key),
@@ -232,8 +245,10 @@ def latency_remeasure(
     space: Annotated[Optional[Path], typer.Option(help="run config of the supernet (or --checkpoint)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option()] = None,
     overrides: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Closed loop: measure given archs (e.g. a search's winners) as whole models, rebuild, refit."""
+    """Closed loop: measure given archs (e.g. a search's winners) as whole models, rebuild, refit.
+    On local backends the session's other programs are re-timed in the same pass."""
     from ditnas.latency_models.profile import supernet_for_profiling
     from ditnas.latency_models.stage import remeasure_archs
 
@@ -246,7 +261,11 @@ def latency_remeasure(
         for line in lines:
             named = {"max": supernet.space.max_arch, "mid": supernet.space.mid_arch, "min": supernet.space.min_arch}
             chosen.append(named[line]() if line in named else supernet.space.parse(line, source=str(item)))
-    table, predictor = remeasure_archs(session, chosen, supernet)
+    bar = progress_bar(progress)
+    with bar:
+        task = bar.add_task("remeasure", total=None, phase="remeasure", info="")
+        table, predictor = remeasure_archs(session, chosen, supernet,
+                                           progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key))
     typer.echo(f"measured {len(chosen)} arch(s); table now has {len(table.model_rows())} whole-model rows; "
                f"calibration: {predictor.calibration.method}")
 
@@ -267,13 +286,10 @@ def search(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Search layouts under a latency budget: exact DP seeds, then Optuna multi-objective (latency, quality)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ditnas.latency_models.stage import table_dir
     from ditnas.search.stage import run_search
 
-    bar = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress)
+    bar = progress_bar(progress)
     with bar:
         task = bar.add_task("search", total=None, phase="search", info="")
         manifest = run_search(
@@ -314,14 +330,11 @@ def sweep(
         except ValueError:
             raise DitnasError(f"--{name} {text!r} must be comma-separated numbers, e.g. 8,12,16") from None
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     budget_list = numbers(budgets, float, "budgets")
     table_list = [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()]
-    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = progress_bar(progress)
     with bar:
-        task = bar.add_task("sweep", total=len(budget_list) * len(table_list) * trials, info="")
+        task = bar.add_task("sweep", total=len(budget_list) * len(table_list) * trials, phase="sweep", info="")
         manifest = run_sweep(
             budget_list, table_list, checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"),
             sampler=sampler, storage=storage, max_in_flight=max_in_flight, retries=retries, seed=seed,

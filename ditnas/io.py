@@ -37,6 +37,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_json(path: Path, *, missing: str, damaged: str) -> Any:
+    """JSON from `path`; a missing or an unreadable/truncated file is one DitnasError ending in the
+    caller's advice (`missing` / `damaged`: what to do about it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DitnasError(f"{path} does not exist; {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise DitnasError(f"{path} is unreadable or truncated ({type(exc).__name__}); {damaged}") from None
+
+
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -30,7 +30,6 @@ The fit report says which was used and why.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ import pandas as pd
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
-from ditnas.io import write_json
+from ditnas.io import read_json, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
 from ditnas.latency_models.programs import (
     Cell,
@@ -404,12 +403,8 @@ class LatencyPredictor:
         """Read predictor.json; the table defaults to the one in the same folder and must be the one
         the predictor was fitted on (same table_id)."""
         path = Path(root) / PREDICTOR
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DitnasError(f"{path} does not exist; fit a predictor on the table first (ditnas latency validate/predict fits one)") from None
-        except (OSError, ValueError) as exc:
-            raise DitnasError(f"{path} is unreadable or truncated ({type(exc).__name__}); delete it and refit the predictor") from None
+        d = read_json(path, missing="fit a predictor on the table first (ditnas latency validate/predict fits one)",
+                      damaged="delete it and refit the predictor")
         table = table if table is not None else LatencyTable.load(root)
         for f in ("table_id", "space", "calibration", "regressors", "width_exponent"):
             if f not in d:

@@ -19,7 +19,6 @@ another backend, device, thread count or warm-up/iteration count is refused.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_write_bytes, write_json
+from ditnas.io import atomic_write_bytes, read_json, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
 from ditnas.latency_models.programs import CELL_SCHEMA, Cell, Program
 
@@ -93,15 +92,8 @@ def write_samples(path: Path, df: pd.DataFrame) -> None:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DitnasError(f"{path} does not exist; this folder is not a profiling session (create one with run)") from None
-    except (OSError, ValueError) as exc:
-        raise DitnasError(
-            f"{path} is unreadable or truncated ({type(exc).__name__}); delete the session folder and re-run profiling"
-        ) from None
+    manifest = read_json(path, missing="this folder is not a profiling session (create one with run)",
+                         damaged="delete the session folder and re-run profiling")
     for field in ("session_id", "device", "warmup", "iters"):
         if field not in manifest:
             raise DitnasError(f"{path}: field {field!r} missing; the manifest is damaged, delete the session and re-run")

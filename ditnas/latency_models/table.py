@@ -28,7 +28,7 @@ import pandas as pd
 
 from ditnas.arch import SearchSpace
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_write_bytes, write_json
+from ditnas.io import atomic_write_bytes, read_json, write_json
 from ditnas.latency_models.backends.base import package_version
 from ditnas.latency_models.programs import CELL_SCHEMA, Cell, cells_for_space
 from ditnas.latency_models.session import IDENTITY_FIELDS, ProfilingSession, summarize
@@ -258,14 +258,8 @@ class LatencyTable:
         mpath, tpath = root / TABLE_MANIFEST, root / TABLE
         if not mpath.exists() and not tpath.exists():
             raise DitnasError(f"{root} holds no latency table ({TABLE_MANIFEST}, {TABLE}); build one from a profiling session")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise DitnasError(f"{mpath} does not exist next to {tpath}; rebuild the table from its profiling sessions") from None
-        except (OSError, ValueError) as exc:
-            raise DitnasError(
-                f"{mpath} is unreadable or truncated ({type(exc).__name__}); delete {root} and rebuild the table from its sessions"
-            ) from None
+        manifest = read_json(mpath, missing=f"it belongs next to {tpath}: rebuild the table from its profiling sessions",
+                             damaged=f"delete {root} and rebuild the table from its sessions")
         for f in ("identity", "table_id"):
             if f not in manifest:
                 raise DitnasError(f"{mpath}: field {f!r} missing; the manifest is damaged, rebuild the table from its sessions")

@@ -153,7 +153,7 @@ class AndroidAdbBackend(Backend):
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch"), "executorch": package_version("executorch")}
 
-    def info(self) -> dict[str, Any]:
+    def device(self) -> dict[str, Any]:
         if self._device is None:
             serial = self.ensure_device()
             props = self.getprops()
@@ -165,15 +165,7 @@ class AndroidAdbBackend(Backend):
                 "os": f"Android {props.get('ro.build.version.release', '?')}",
                 "arch": props.get("ro.product.cpu.abi"),
             }
-        return {
-            **self._device,
-            "host": platform.node(),
-            "backend": self.name,
-            "precision": self.precision,
-            "compute_unit": self.compute_unit,
-            "threads": self.threads,
-            "tool_versions": self.tool_versions(),
-        }
+        return {**self._device, "host": platform.node()}
 
     # ----- prepare -----------------------------------------------------------------------------
     def remote_names(self, item: Prepared) -> dict[str, str]:

@@ -150,10 +150,14 @@ class Backend(ABC):
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch")}
 
+    def device(self) -> dict[str, Any]:
+        """Which device runs the programs: device_id, device_model, os, ... (this host by default)."""
+        return host_info()
+
     def info(self) -> dict[str, Any]:
         """Everything a table needs to say where it was measured (goes into the session manifest)."""
         return {
-            **host_info(),
+            **self.device(),
             "backend": self.name,
             "precision": self.precision,
             "compute_unit": self.compute_unit,

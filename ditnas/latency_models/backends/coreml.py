@@ -80,16 +80,8 @@ class CoreMLBackend(Backend):
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch"), "coremltools": package_version("coremltools")}
 
-    def info(self) -> dict[str, Any]:
-        device = self._device or host_info()
-        return {
-            **device,
-            "backend": self.name,
-            "precision": self.precision,
-            "compute_unit": self.compute_unit,
-            "threads": self.threads,
-            "tool_versions": self.tool_versions(),
-        }
+    def device(self) -> dict[str, Any]:
+        return self._device or host_info()
 
     # ----- prepare -----------------------------------------------------------------------------
     def convert(self, program: Program) -> Any:

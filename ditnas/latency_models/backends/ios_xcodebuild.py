@@ -89,18 +89,10 @@ class IosBackend(Backend):
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch"), "executorch": package_version("executorch")}
 
-    def info(self) -> dict[str, Any]:
+    def device(self) -> dict[str, Any]:
         # assumption: without a device query (needs macOS), the caller names the phone; the model and
         # OS are filled in from the test names when a log is ingested into a new session
-        device = self._device or {"device_id": self.udid, "device_model": None, "os": None}
-        return {
-            **device,
-            "backend": self.name,
-            "precision": self.precision,
-            "compute_unit": self.compute_unit,
-            "threads": self.threads,
-            "tool_versions": self.tool_versions(),
-        }
+        return self._device or {"device_id": self.udid, "device_model": None, "os": None}
 
     # ----- prepare -----------------------------------------------------------------------------
     def xcodebuild_command(self, *, benchmark_dir: str | None = None) -> list[str]:
