@@ -21,6 +21,7 @@ from ditnas.latency_models import (
     get_backend,
     programs_for_cells,
 )
+from ditnas.latency_models.backends.base import Prepared
 from ditnas.latency_models.backends.executorch_xnnpack import COMPUTE_OPS, parse_etdump
 from ditnas.supernet.model import ElasticDiT
 
@@ -153,12 +154,22 @@ def test_an_interrupted_profile_reuses_what_was_lowered(lowered, supernet: Elast
 
 
 def test_measure_interleaves_programs_on_xnnpack(lowered) -> None:
-    backend = lowered[0]
     items = [_sa(lowered, "0.5"), _sa(lowered, "1")]
-    rows = backend.measure(items, warmup=1, iters=7)
-    assert sorted({r["key"] for r in rows}) == sorted(i.key() for i in items)
-    assert all(sorted(r["iteration"] for r in rows if r["key"] == i.key()) == list(range(7)) for i in items)
-    assert all(r["latency_ms"] > 0 for r in rows)
+    for isolate in (True, False):  # in a fresh interpreter (the default) and in this process
+        backend = get_backend("executorch-xnnpack", isolate=isolate, etdump=False)
+        rows = backend.measure(items, warmup=1, iters=7)
+        assert sorted({r["key"] for r in rows}) == sorted(i.key() for i in items)
+        assert all(sorted(r["iteration"] for r in rows if r["key"] == i.key()) == list(range(7)) for i in items)
+        assert all(r["latency_ms"] > 0 for r in rows)
+
+
+def test_a_damaged_pte_fails_the_timing_process_with_a_clear_error(lowered, tmp_path) -> None:
+    item = _sa(lowered, "0.5")
+    bad = tmp_path / item.artifacts["pte"].name
+    bad.write_bytes(item.artifacts["pte"].read_bytes()[:200])  # cut short, as by a full disk
+    damaged = Prepared(item.program, artifacts={"pte": bad})
+    with pytest.raises(DitnasError, match=r"block:sa:w0.5.*not a loadable \.pte.*lowers it again"):
+        get_backend("executorch-xnnpack", etdump=False).measure([damaged], warmup=0, iters=2)
 
 
 def test_executorch_session_writes_artifacts(supernet: ElasticDiT, tmp_path) -> None:

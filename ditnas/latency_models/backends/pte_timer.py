@@ -36,7 +36,14 @@ def time_here(jobs: list[Job], threads: int, warmup: int, iters: int) -> list[di
     )
 
     set_et_threads(threads)
-    methods = [load_method(ExecuTorchXnnpackBackend.load(pte), key, pte) for key, pte, _ in jobs]
+    methods = []
+    for key, pte, _ in jobs:
+        try:
+            program = ExecuTorchXnnpackBackend.load(pte)
+        except RuntimeError as exc:
+            raise DitnasError(f"program {key}: {pte} is not a loadable .pte ({exc}); delete it and its "
+                              ".delegation.json so the next run lowers it again") from None
+        methods.append(load_method(program, key, pte))
     calls = [(key, partial(method.execute, inputs)) for (key, _, inputs), method in zip(jobs, methods)]
     rows = interleaved_rounds(calls, warmup, iters)
     del calls, methods  # release the XNNPACK runtimes before anything else touches the pool
