@@ -4,6 +4,7 @@ tiny programs; no test asserts on absolute times: the machine is shared)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from ditnas.latency_models import (
 )
 from ditnas.latency_models.backends.base import interleaved_rounds
 from ditnas.latency_models.backends.host_torch import HostTorchBackend
+from ditnas.latency_models.profile import profile_space
 from ditnas.latency_models.programs import Cell
 from ditnas.latency_models.session import HISTORY, SAMPLES, read_samples, write_samples
 from ditnas.supernet.model import ElasticDiT
@@ -277,6 +279,18 @@ def test_a_later_pass_retimes_the_whole_session_so_rows_share_one_machine_state(
     session.run([other], backend)
     p50 = session.summary().set_index("key")["p50"]
     assert p50[other.key()] == 3.0 * (1 + len(other.key()) % 7) and p50[four[0].key()] == 2.0 * (1 + len(four[0].key()) % 7)
+
+
+def test_profiling_another_model_into_a_session_is_refused(tmp_path, space) -> None:
+    root = tmp_path / "s"
+    profile_space(_supernet(space), "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+    before = (root / SAMPLES).read_bytes()
+    wider = ElasticDiT(space, replace(CFG, head_dim=16)).eval()
+    with pytest.raises(DitnasError, match=r"profiled another model \(head_dim 8 -> 16\).*new --out"):
+        profile_space(wider, "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+    assert (root / SAMPLES).read_bytes() == before  # nothing overwritten
+    again = profile_space(_supernet(space), "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+    assert again.samples().equals(ProfilingSession.load(root).samples())  # same model: resumes
 
 
 def test_cells_round_trip_through_sample_rows(supernet) -> None:

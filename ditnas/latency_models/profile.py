@@ -9,12 +9,15 @@ rerunning the same command builds only what is missing, then times the session i
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.config import load_config
+from ditnas.errors import DitnasError
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.programs import (
     KINDS,
@@ -81,8 +84,16 @@ def profile_space(
 ) -> ProfilingSession:
     """Measure the space's cells and `n_models` whole models into the session folder `out`."""
     backend = get_backend(backend_name, threads=threads, **(backend_options or {}))
+    model = json.loads(json.dumps(asdict(supernet.cfg)))  # as the manifest stores it (tuples -> lists)
     session = ProfilingSession.open(out, backend, warmup=warmup, iters=iters,
-                                    notes={"space": str(supernet.space.max_arch()), "n_models": n_models, "seed": seed})
+                                    notes={"space": str(supernet.space.max_arch()), "model": model, "n_models": n_models, "seed": seed})
+    # cell keys name op/width/ratio/tokens/stage, not the model's dimensions: a session of another
+    # model would pass its cells (and reuse its .pte files) off as this one's
+    was = session.manifest.get("notes", {}).get("model")
+    if was is not None and was != model:
+        changed = ", ".join(f"{k} {was.get(k)!r} -> {v!r}" for k, v in model.items() if was.get(k) != v)
+        raise DitnasError(f"session {out} profiled another model ({changed}); its cells do not price this one -- "
+                          "choose a new --out folder")
     cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
     cells += [model_cell(supernet, arch) for arch in sample_archs(supernet.space, n_models, seed)]
     if {c.key() for c in cells} <= session.measured_keys():

@@ -121,7 +121,7 @@ class ExecuTorchXnnpackBackend(Backend):
         isolate: bool = True,
     ) -> None:
         super().__init__(threads)
-        self.isolate = isolate  # time in a spawned process that never lowered anything (see measure)
+        self.isolate = isolate  # time in a fresh interpreter that never lowered anything (pte_timer.py)
         self.strict = strict  # raise when attention/matmul/linear/conv fall back to portable kernels
         self.parity_atol = parity_atol  # None skips the .pte-vs-eager check
         self.etdump = etdump
