@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--trials", type=int, default=60, help="trials per run")
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds (each: one seeded and one cold run)")
-    parser.add_argument("--dp-seeds", type=int, default=8, help="DP layouts enqueued in the seeded runs")
+    parser.add_argument("--dp-seeds", type=int, default=16, help="DP layouts enqueued in the seeded runs")
     parser.add_argument("--population", type=int, default=24, help="NSGA-II population size")
     parser.add_argument("--work", type=Path, default=None, help="keep the studies here (default: a temporary folder)")
     args = parser.parse_args()

@@ -280,7 +280,7 @@ def search(
     out: Annotated[Path, typer.Option(help="results folder (rerun continues the study)")] = Path("runs/search"),
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL, e.g. postgresql://user@host:5432/db (default: a journal file in --out)")] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | gp")] = "nsga2",
-    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued as the first trials")] = 8,
+    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued as the first trials")] = 16,
     memory_mb: Annotated[Optional[float], typer.Option(help="peak-memory limit (constraint), MB")] = None,
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,

@@ -95,7 +95,7 @@ def run_search(
     storage: str | None = None,
     sampler: str = "nsga2",
     seed: int = 0,
-    n_seeds: int = 8,
+    n_seeds: int = 16,
     progress: Progress | None = None,
     *,
     memory_limit_mb: float | None = None,
