@@ -317,10 +317,12 @@ def sweep(
     ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="attach to a running cluster (ray start --head ...); default: a local one")] = None,
     max_in_flight: Annotated[Optional[int], typer.Option(min=1, help="evaluations running at once")] = None,
     retries: Annotated[int, typer.Option(min=0, help="retries of a task whose worker died")] = 2,
+    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued first in each study")] = 16,
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair."""
+    """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair, each
+    seeded with exact-DP layouts under its budget."""
     from ditnas.latency_models.stage import table_dir
     from ditnas.search.distributed import sweep as run_sweep
 
@@ -337,7 +339,7 @@ def sweep(
         task = bar.add_task("sweep", total=len(budget_list) * len(table_list) * trials, phase="sweep", info="")
         manifest = run_sweep(
             budget_list, table_list, checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"),
-            sampler=sampler, storage=storage, max_in_flight=max_in_flight, retries=retries, seed=seed,
+            sampler=sampler, storage=storage, max_in_flight=max_in_flight, retries=retries, seed=seed, n_seeds=seeds,
             on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
         )
     typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")

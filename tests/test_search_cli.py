@@ -47,11 +47,22 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
     """Two budgets x one device table, evaluations as Ray tasks; results per study + combined front."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
-    code, out, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", "1e6,2e6", "--tables",
-                          str(env["table_dir"]), "--trials", "3", "--steps", "4", "--out", str(tmp_path / "sw"), "--no-progress"], capsys)
+    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", "1e6,2e6", "--tables",
+                          str(env["table_dir"]), "--trials", "3", "--steps", "4", "--seeds", "2", "--out", str(tmp_path / "sw"),
+                          "--no-progress"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert len(manifest["studies"]) == 2
+    # every study starts from exact-DP layouts under its own budget, as `ditnas search` does
+    assert sorted(len(v) for v in manifest["dp_seeds"].values()) == [2, 2]
+    import optuna
+
+    from ditnas.search.optuna_search import open_storage
+
+    store, _ = open_storage(str(tmp_path / "sw" / "sweep.journal"), tmp_path / "sw")
+    for name in optuna.get_all_study_names(store):
+        trials = sorted(optuna.load_study(study_name=name, storage=store).trials, key=lambda t: t.number)
+        assert [t.user_attrs.get("source") for t in trials[:2]] == ["dp", "dp"] and len(trials) == 3
     front = pd.read_csv(tmp_path / "sw" / "front.csv")
     assert set(front["budget_ms"]) == {1e6, 2e6}
     import ray

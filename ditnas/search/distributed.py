@@ -500,20 +500,26 @@ def sweep(
     resources: Mapping[str, float] | None = None,
     num_cpus: float = 1.0,
     prefix: str = "sweep",
+    n_seeds: int = 16,
     on_result: Callable[[str, int, Result | None], None] | None = None,
 ) -> dict[str, Any]:
     """(budget × device table) searches over a Ray cluster: one study per pair in one storage (the
     journal `out/sweep.journal` by default), results in `out/<table>/<budget>ms/`, plus `out/front.csv`
-    and `out/sweep.json`. Rerunning the same command tops each study up to `trials` finished trials."""
+    and `out/sweep.json`. Each study first gets up to `n_seeds` exact-DP layouts under its budget on
+    its table (as `ditnas search` does), priced in the driver. Rerunning the same command tops each
+    study up to `trials` finished trials."""
     import optuna
     from optuna.trial import TrialState
 
     # lazy: these are the single-machine search's helpers (same encoding, sampler and storage)
+    from ditnas.latency_models.stage import load_predictor, table_dir
     from ditnas.search import objectives as obj
     from ditnas.search import optuna_search as osr
+    from ditnas.search.problem import check_coverage, min_reachable_ms
+    from ditnas.search.sensitivity import slot_sensitivity
     from ditnas.search.space import SearchChoices
+    from ditnas.search.stage import check_space_match, dp_seeds
     from ditnas.supernet.run import VAL_BATCH
-    from ditnas.supernet.train import load_supernet
 
     budgets = [float(b) for b in budgets]
     tables = [Path(t) for t in tables]
@@ -532,12 +538,17 @@ def sweep(
     if len(set(names)) != len(names):
         raise DitnasError(f"device tables must have distinct file names (they name the result folders): {names}")
     conn = connect(ray_address)
-    supernet, _, _ = load_supernet(checkpoint)  # the driver only needs the space to sample candidates
-    choices = SearchChoices.from_space(supernet.space)
-    base = supernet.space.max_arch()
-    del supernet
     n_eval = int(n if n is not None else VAL_BATCH)  # the same fixed batch as `ditnas search`
     e_seed = int(eval_seed if eval_seed is not None else obj.EVAL_SEED)
+    # the driver prices DP seeds: the supernet's replacement sensitivity (cached beside the checkpoint,
+    # shared with `ditnas search`) and each table's predictor; candidates are evaluated on the workers
+    ctx = obj.EvalContext.from_paths(checkpoint, None, n_eval, e_seed, steps)
+    space = ctx.space
+    choices = SearchChoices.from_space(space)
+    base = space.max_arch()
+    sens = slot_sensitivity(ctx.supernet, ctx.objectives.batch, checkpoint_sha256=ctx.checkpoint_sha256, n=ctx.n,
+                            seed=ctx.seed, cache_dir=checkpoint.parent / "search_cache", choices=choices) if n_seeds else None
+    del ctx
     store, storage_desc = osr.open_storage(storage or str(out / "sweep.journal"), out)
     dists = osr.distributions(choices, steps)
 
@@ -548,13 +559,23 @@ def sweep(
         return str(arch), s
 
     cells = []
+    seeded: dict[str, list[dict[str, Any]]] = {}
     for table, tname in zip(tables, names):
+        table_obj, predictor = load_predictor(table_dir(table))
+        check_space_match(space, table_obj)
+        check_coverage(table_obj, space)
+        minimum = min_reachable_ms(choices, predictor, sens) if n_seeds else 0.0
         for b in budgets:
             name = study_name(prefix, tname, b)
             study = optuna.create_study(storage=store, study_name=name, load_if_exists=True,
                                         directions=list(osr.DIRECTIONS), sampler=osr.make_sampler(sampler, seed, constant_liar=True))
             study.set_user_attr("budget_ms", b)
             study.set_user_attr("table", str(table))
+            reachable = [s for s in steps if b / s >= minimum]
+            seeds = dp_seeds(choices, predictor, sens, b, reachable, n_seeds) if n_seeds and reachable else []
+            for arch, s in seeds:
+                study.enqueue_trial(osr.encode(choices, arch, s, steps), user_attrs={"source": "dp"}, skip_if_exists=True)
+            seeded[f"{tname}/{budget_dir(b)}"] = [{"arch": str(a), "steps": s} for a, s in seeds]
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
 
             def constraints(result: Result, b: float = b) -> dict[str, float]:
@@ -569,6 +590,7 @@ def sweep(
             cells.append(SweepStudy(tname, b, job, out / tname / budget_dir(b)))
     extra = {"checkpoint": str(checkpoint), "tables": [str(t) for t in tables], "budgets_ms": budgets,
              "steps": steps, "trials": int(trials), "sampler": sampler, "seed": seed, "eval": {"n": n_eval, "seed": e_seed},
+             "dp_seeds": seeded,
              "ray": {"address": conn.address, "token_auth": conn.token_auth}}
     return run_sweep(cells, out, storage_desc=storage_desc, max_in_flight=max_in_flight, retries=retries,
                      resources=resources, num_cpus=num_cpus, extra_manifest=extra, on_result=on_result)

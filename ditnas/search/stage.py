@@ -85,6 +85,45 @@ def study_name_for(checkpoint_sha: str, table_id: str, budget_ms_total: float, s
     return f"ditnas-search-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def dp_seeds(choices: SearchChoices, predictor, sens, budget_ms_total: float, steps: Sequence[int], n_seeds: int,
+             *, buckets: int = 2000) -> list[tuple[Arch, int]]:
+    """Up to `n_seeds` distinct (arch, steps) the exact DP finds under `budget_ms_total`: for each steps
+    value and stream width the best layouts (and points along the DP's own front), best summed
+    sensitivity score first, round-robin over steps values. Steps values the budget cannot reach
+    give none."""
+    space = choices.space
+    pooled: list[tuple[float, Arch, int]] = []
+    for s in steps:
+        for w in space.widths:
+            try:
+                problem = build_problem(choices, predictor, sens, budget_ms_total / s, buckets=buckets, stream_width=w)
+                results = dp_results(problem, n_seeds)
+            except DitnasError:
+                continue  # this stream width (or steps value) cannot fit the budget
+            base = replace(space.max_arch(), steps=s)
+            for r in results:
+                arch = to_arch(r, choices, base)
+                # a layout narrower than w was priced with the stream at w: exact only when latency grows
+                # with width, so keep the seed only if the predictor agrees it fits (noisy tables)
+                if predictor.predict(arch) <= budget_ms_total / s * (1 + 1e-9):
+                    pooled.append((r.score, arch, s))
+    pooled.sort(key=lambda item: -item[0])
+    seeds: list[tuple[Arch, int]] = []
+    seen: set[tuple[Arch, int]] = set()
+    by_steps = {s: [(a, st) for _, a, st in pooled if st == s] for s in steps}
+    while len(seeds) < n_seeds and any(by_steps.values()):
+        for s in steps:
+            while by_steps[s]:
+                item = by_steps[s].pop(0)
+                if item not in seen:
+                    seen.add(item)
+                    seeds.append(item)
+                    break
+            if len(seeds) >= n_seeds:
+                break
+    return seeds
+
+
 def run_search(
     checkpoint: Path,
     table: Path,
@@ -153,37 +192,7 @@ def run_search(
             f"({_fmt_ms(minimum)} ms per step on {ctx.table.describe()}); raise the budget or use fewer --steps"
         )
 
-    # DP seeds: for each reachable steps value and stream width, the best layouts under budget/steps
-    pooled: list[tuple[float, Arch, int]] = []
-    for s in reachable:
-        for w in space.widths:
-            try:
-                problem = build_problem(choices, predictor, sens, budget_ms_total / s, buckets=buckets, stream_width=w)
-                results = dp_results(problem, n_seeds)
-            except DitnasError:
-                continue  # this stream width cannot fit the budget
-            base = replace(space.max_arch(), steps=s)
-            for r in results:
-                arch = to_arch(r, choices, base)
-                # a layout narrower than w was priced with the stream at w: exact only when latency grows
-                # with width, so keep the seed only if the predictor agrees it fits (noisy tables)
-                if predictor.predict(arch) <= budget_ms_total / s * (1 + 1e-9):
-                    pooled.append((r.score, arch, s))
-    pooled.sort(key=lambda item: -item[0])
-    seeds: list[tuple[Arch, int]] = []
-    seen: set[tuple[Arch, int]] = set()
-    # round-robin over steps values so every step count gets seeds
-    by_steps = {s: [(a, st) for _, a, st in pooled if st == s] for s in reachable}
-    while len(seeds) < n_seeds and any(by_steps.values()):
-        for s in reachable:
-            while by_steps[s]:
-                item = by_steps[s].pop(0)
-                if item not in seen:
-                    seen.add(item)
-                    seeds.append(item)
-                    break
-            if len(seeds) >= n_seeds:
-                break
+    seeds = dp_seeds(choices, predictor, sens, budget_ms_total, reachable, n_seeds, buckets=buckets)
 
     name = study_name or study_name_for(ctx.checkpoint_sha256, ctx.table_id, budget_ms_total, steps, memory_limit_mb)
     memory_limit = None if memory_limit_mb is None else float(memory_limit_mb) * 2**20
