@@ -321,11 +321,13 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
         p90=lambda s: s.quantile(0.90),
         mean="mean",
         std=lambda s: s.std(ddof=1) if len(s) > 1 else 0.0,
+        mad=lambda s: (s - s.median()).abs().median(),
     ).reset_index()
     out["cv"] = out["std"] / out["mean"]
-    # standard error of the median relative to it (normal approximation, 1.2533 = sqrt(pi/2)): how
-    # well the p50 a table uses is pinned down, unlike cv, which tiny programs have high by nature
-    out["p50_rel_se"] = 1.2533 * out["std"] / out["n"].pow(0.5) / out["p50"]
+    # standard error of the median relative to it: sqrt(pi/2)·sigma/sqrt(n) with sigma from the MAD
+    # (1.4826·MAD), robust to the rare slow run that inflates std and cv of tiny programs. It says how
+    # well the p50 a table uses is pinned down
+    out["p50_rel_se"] = 1.2533 * 1.4826 * out.pop("mad") / out["n"].pow(0.5) / out["p50"]
     return out
 
 
