@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 from ditnas.io import write_json
 from ditnas.latency_models.backends import get_backend
@@ -33,11 +32,6 @@ from ditnas.latency_models.predictor import LatencyPredictor
 from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 from ditnas.latency_models.programs import model_program
 from ditnas.latency_models.stage import build_table
-
-
-def machine(threads: int) -> dict:
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def interleaved_speedup(supernet, backend, work: Path, archs, iters: int) -> list[dict]:
@@ -143,7 +137,7 @@ def main() -> None:
         "cells_measured": int((table.rows["kind"] != "model").sum()),
         "profile_seconds_this_run": profile_seconds,
         "validation_rows": validation["rows"],
-        "machine": machine(args.threads),
+        "machine": machine("torch", "executorch", threads=args.threads),
     }
     print()
     print(f"{'held-out archs':<28}{validation['n']}")

@@ -36,8 +36,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,16 +46,16 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-import numpy as np
 import optuna
 import pandas as pd
 import torch
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
+from common import machine, report
+
 from ditnas.arch import Arch, Slot
 from ditnas.errors import DitnasError
-from ditnas.io import write_json
 from ditnas.latency_models.stage import table_dir
 from ditnas.search.objectives import EVAL_SEED, EvalContext
 from ditnas.search.problem import min_reachable_ms
@@ -74,12 +72,6 @@ HV_FRACTION = 0.95
 REF_MARGIN = 1.1
 
 
-def machine() -> dict:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "optuna": optuna.__version__, "numpy": np.__version__,
-            "pandas": pd.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": None if load is None else [round(x, 2) for x in load]}
 
 
 # ----- DP figures: bench/search_dp.py through its module ---------------------------------------------
@@ -189,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     torch.set_num_threads(1)
-    info = machine()
+    info = machine("torch", "optuna", "numpy", "pandas", torch_threads=torch.get_num_threads())
 
     troot = table_dir(args.table)
     if not (troot / "table.json").exists():
@@ -377,12 +369,7 @@ def main() -> None:
     rows += [("max arch (unconstrained)", fmt_arch(reference_max)),
              ("archs evaluated", str(len(obj._quality))),
              ("seconds", f"{result['seconds']['total']:.0f} (search {search_seconds:.0f})")]
-    width = max(len(name) for name, _ in rows)
-    print()
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    report(rows, result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import networkx
 import numpy as np
+from common import machine, report
 
-from ditnas.io import write_json
 from ditnas.search.dp import brute_force, k_best, random_problem, solve, solve_two_phase
-
-
-def machine() -> dict:
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "networkx": networkx.__version__, "platform": platform.platform()}
 
 
 def instances(rng: np.random.Generator, count: int, *, integer: bool = False):
@@ -97,7 +89,7 @@ def main() -> None:
         "two_phase_fallback_n28": two.fallback,
         "k_best_seconds_small": kb_seconds,
         "k_best_small": {"slots": 6, "choices": 3, "buckets": 100, "k": 10},
-        "machine": machine(),
+        "machine": machine("numpy", "networkx"),
     }
     rows = [
         ("dp == brute force (bucketed)", f"{result['dp_matches_bruteforce']:.0%} of {args.instances}, N <= {max(sizes)}"),
@@ -108,11 +100,7 @@ def main() -> None:
         ("two-phase seconds, N=28", f"{two_seconds:.4f} (score gap {result['two_phase_score_gap_n28']:.3g})"),
         ("k_best(10) seconds, N=6", f"{kb_seconds:.4f}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    report(rows, result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 from ditnas.config import load_config
 from ditnas.data import load_dataset
@@ -30,11 +29,6 @@ from ditnas.supernet.flow import eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import evaluate_quality, velocity_fn
 from ditnas.supernet.run import VAL_BATCH
 from ditnas.supernet.train import build_space, train_standalone, train_supernet
-
-
-def machine() -> dict:
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
 def interleaved_step_seconds(cfg, split, archs: dict, rounds: int = 5, burst: int = 10) -> dict[str, float]:
@@ -133,7 +127,7 @@ def main() -> None:
         "supernet_seconds": supernet_seconds,
         "subnets": rows,
         "config": cfg.to_dict(),
-        "machine": machine(),
+        "machine": machine("torch", torch_threads=torch.get_num_threads()),
     }
     print()
     print(f"{'subnet':<6} {'supernet loss':>14} {'standalone loss':>16} {'gap %':>8}  arch")
