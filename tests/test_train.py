@@ -41,42 +41,98 @@ def test_resumed_run_equals_uninterrupted(tmp_path, split):
     assert [h["loss_max"] for h in straight.history] == [h["loss_max"] for h in resumed.history]
 
 
-def test_sandwich_trains_max_and_min_every_step_with_detached_teacher(tmp_path, split):
+def test_sandwich_trains_max_and_min_every_step(tmp_path, split):
     cfg = load_config(None, TINY + ["train.num_random=1"])
     trainer = Trainer(cfg, tmp_path, split)
     seen = []
     original = trainer.model.run
 
     def spy(arch, x, t, y):
-        out = original(arch, x, t, y)
-        seen.append((arch, out))
-        return out
+        seen.append(arch)
+        return original(arch, x, t, y)
 
     trainer.model.run = spy
+    randoms = set()
     for _ in range(3):
         seen.clear()
-        trainer.train_step()
-        archs = [a for a, _ in seen]
-        assert archs[0] == trainer.space.max_arch() and archs[-1] == trainer.space.min_arch()
-        assert len(archs) == 3
+        stats = trainer.train_step()
+        assert seen[0] == trainer.space.max_arch() and seen[-1] == trainer.space.min_arch()
+        assert len(seen) == 3 and stats.archs == [a.layout() for a in seen[1:]]
+        randoms.add(seen[1])
+    assert len(randoms) > 1  # the middle subnet is drawn afresh each step
 
 
-def test_distillation_target_carries_no_gradient(tmp_path, split):
-    """With lambda_d only (no flow loss on subnets), the max-only parameters get no gradient from it."""
-    cfg = load_config(None, TINY)
-    trainer = Trainer(cfg, tmp_path, split)
-    model = trainer.model
-    x0, y = trainer.batches.next()
-    t = torch.full((x0.shape[0],), 0.5)
-    x_t = interpolate(x0, torch.randn_like(x0), t)
-    teacher = model.run(trainer.space.max_arch(), x_t, t, y).detach()
-    model.zero_grad()
-    sub = trainer.space.min_arch()
-    (model.run(sub, x_t, t, y) - teacher).pow(2).mean().backward()
-    full_width_mod = model.blocks[0].mod["h2"]  # only the max (2-head) width uses this modulation
-    assert full_width_mod.weight.grad is None
-    assert model.blocks[0].mixers["sa"].q.weight.grad is None  # the min arch does not use slot 0's SA
-    assert model.blocks[0].mixers["ssa"].q.weight.grad is not None
+def _perturbed_trainer(cfg, out, split) -> Trainer:
+    """A Trainer whose supernet is off the adaLN-Zero init, so every subnet computes something different."""
+    trainer = Trainer(cfg, out, split)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return trainer
+
+
+def _reference_grads(model, archs, x_t, t, y, target, weight: float, *, detach: bool) -> dict:
+    """Gradients of SnapGen++ Eqs. 4-5 computed independently of the trainer, with or without sg()."""
+    model.zero_grad(set_to_none=True)
+    v_max = model.run(archs[0], x_t, t, y)
+    teacher = v_max.detach() if detach else v_max
+    loss = (v_max - target).pow(2).mean()
+    for arch in archs[1:]:
+        v = model.run(arch, x_t, t, y)
+        loss = loss + (v - target).pow(2).mean() + weight * (v - teacher).pow(2).mean()
+    loss.backward()
+    return {k: p.grad for k, p in model.named_parameters()}
+
+
+def test_distillation_target_carries_no_gradient(tmp_path, split, monkeypatch):
+    """The real train_step: its gradients equal those of L_max + sum_s L_s + lambda*||v_s - sg(v_max)||^2,
+    and not those of the same loss without the stop-gradient (the teacher path would then learn from
+    every subnet's distillation term)."""
+    import copy
+
+    import ditnas.supernet.train as train_module
+
+    weight = 4.0
+    cfg = load_config(None, TINY + ["train.grad_clip=0", f"train.distill_weight={weight}", "train.class_dropout=0"])
+    trainer = _perturbed_trainer(cfg, tmp_path, split)
+    before = copy.deepcopy(trainer.model)  # the weights the step starts from
+    runs, losses = [], []
+    original_run, original_mse = trainer.model.run, train_module.mse
+
+    def run_spy(arch, x, t, y):
+        runs.append((arch, x, t, y))
+        return original_run(arch, x, t, y)
+
+    def mse_spy(a, b):
+        losses.append((a, b))
+        return original_mse(a, b)
+
+    trainer.model.run = run_spy
+    monkeypatch.setattr(train_module, "mse", mse_spy)
+    trainer.train_step()
+
+    archs = [a for a, *_ in runs]
+    _, x_t, t, y = runs[0]
+    assert archs[0] == trainer.space.max_arch() and len(archs) == 3  # max, one random, min
+    target = losses[0][1]
+    teachers = [b for _, b in losses[1:] if b is not target]
+    assert len(teachers) == len(archs) - 1  # one distillation term per subnet ...
+    for teacher in teachers:  # ... against the max arch's output with no autograd history
+        assert not teacher.requires_grad and teacher.grad_fn is None
+
+    got = {k: p.grad for k, p in trainer.model.named_parameters()}
+    want = _reference_grads(before, archs, x_t, t, y, target, weight, detach=True)
+    wrong = {k: g.clone() if g is not None else None for k, g in
+             _reference_grads(before, archs, x_t, t, y, target, weight, detach=False).items()}
+    assert got.keys() == want.keys()
+    for k in got:
+        assert (got[k] is None) == (want[k] is None), k
+        if got[k] is not None:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7), k
+    # and the check can tell them apart: without sg() the gradients are visibly different
+    gap = max((got[k] - wrong[k]).abs().max().item() for k in got if got[k] is not None)
+    assert gap > 1e-3 * max(got[k].abs().max().item() for k in got if got[k] is not None)
 
 
 def test_uniform_sampler_frequencies(split):
