@@ -29,6 +29,7 @@ from common import machine
 from ditnas.io import write_json
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.predictor import LatencyPredictor
+from ditnas.config import LatencyConfig, load_config
 from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 from ditnas.latency_models.programs import model_program
 from ditnas.latency_models.stage import build_table
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--speedup-iters", type=int, default=100)
     args = parser.parse_args()
 
-    supernet = supernet_for_profiling(args.config, None, args.set)
+    supernet = supernet_for_profiling(load_config(args.config, args.set))
     n_models = args.held_out + args.calibration
     started = time.perf_counter()
 
@@ -102,8 +103,9 @@ def main() -> None:
             print(f"  [{i + 1}/{n}] {key}", flush=True)
 
     print(f"profiling the space + {n_models} whole models on executorch-xnnpack ...", flush=True)
-    session = profile_space(supernet, "executorch-xnnpack", args.work, warmup=args.warmup, iters=args.iters,
-                            threads=args.threads, n_models=n_models, seed=0, progress=show)
+    latency_cfg = LatencyConfig(backend="executorch-xnnpack", models=n_models, warmup=args.warmup, iters=args.iters,
+                                threads=args.threads, seed=0)
+    session = profile_space(supernet, latency_cfg, args.work, progress=show)
     profile_seconds = time.perf_counter() - started
     table, _ = build_table(session, supernet)
     train, held = table.split_models(args.held_out, seed=0)

@@ -25,9 +25,8 @@ from ditnas.config import load_config
 from ditnas.data import load_dataset
 from ditnas.io import write_json
 from ditnas.judge import load_or_train_judge
-from ditnas.supernet.flow import eval_flow_loss, fixed_eval_batch
+from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import evaluate_quality, velocity_fn
-from ditnas.supernet.run import VAL_BATCH
 from ditnas.supernet.train import build_space, train_standalone, train_supernet
 
 
@@ -71,7 +70,7 @@ def main() -> None:
     space = build_space(cfg, split)
     steps = cfg.train.steps
     archs = {"max": space.max_arch(), "mid": space.mid_arch(), "min": space.min_arch()}
-    batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=1234, null_label=space.num_classes)
+    batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=EVAL_SEED, null_label=space.num_classes)
 
     work = args.work
     if (work / "supernet" / "checkpoint.pt").exists():

@@ -18,11 +18,14 @@ String form (round-trips exactly, `Arch.parse(str(a)) == a`):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
 from ditnas.errors import DitnasError
 
@@ -366,3 +369,83 @@ class SearchSpace:
     def parse(self, text: str, *, source: str = "arch") -> Arch:
         """Parse an arch string with this space's globals as defaults, then validate it."""
         return self.validate(Arch.parse(text, defaults=self._base(()), source=source), source=source)
+
+    # ----- (de)serialisation: the one JSON form of a space (checkpoints, tables, predictors, caches) ----
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (lists, string keys for `stage_ops`); `from_dict(to_dict())` is the same space."""
+        d = asdict(self)
+        d["stage_ops"] = {str(k): list(v) for k, v in self.stage_ops.items()}  # JSON keys are strings
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "search space") -> SearchSpace:
+        """Inverse of `to_dict`; also reads the `dataclasses.asdict` form older checkpoints recorded."""
+        if not isinstance(d, dict):
+            raise DitnasError(f"{source}: the search space must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DitnasError(f"{source}: unknown search-space field(s) {unknown}; known: {sorted(known)}")
+        raw = dict(d)
+        try:
+            raw["stage_ops"] = {int(k): tuple(v) for k, v in dict(raw.get("stage_ops") or {}).items()}
+            for name in ("ops", "widths", "mlp_ratios", "skippable", "stage_pattern", "latent"):
+                if name in raw:
+                    raw[name] = tuple(raw[name])
+            return cls(**raw)
+        except (TypeError, ValueError) as exc:
+            raise DitnasError(f"{source}: not a valid search space ({exc}); rebuild the file that holds it") from None
+
+    def key(self) -> str:
+        """Stable short hash of `to_dict()` (sensitivity caches, table/predictor manifests)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def named_archs(self) -> dict[str, Arch]:
+        """The reference points a user can name instead of writing a layout."""
+        return {"max": self.max_arch(), "mid": self.mid_arch(), "min": self.min_arch(),
+                "narrowest": self.narrowest_arch(), "min-width": self.narrowest_arch()}
+
+
+ARCH_NAMES = ("max", "mid", "min", "narrowest", "min-width")
+
+
+def _strip_comment(line: str) -> str:
+    return line.split("#", 1)[0].strip()
+
+
+def resolve_archs(space: SearchSpace, text: str, *, source: str = "--arch") -> list[Arch]:
+    """Every arch `text` names, validated against `space`: a name (max, mid, min, narrowest/min-width),
+    a layout string, or a file holding one name or layout per line (`#` starts a comment)."""
+    text = str(text)
+    path = Path(text)
+    if len(text) < 255 and "\n" not in text and path.is_file():
+        lines = [_strip_comment(ln) for ln in path.read_text().splitlines()]
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            raise DitnasError(f"arch file {path} holds no layout (only comments or blank lines); "
+                              f"write one layout string per line, e.g. 'sa:1:4*6', or a name: {', '.join(ARCH_NAMES)}")
+        return [_resolve_one(space, line, f"{path}:{i + 1}") for i, line in enumerate(lines)]
+    line = _strip_comment(text)
+    if not line:
+        raise DitnasError(f"{source}: empty arch; give a layout such as 'sa:1:4*6', a name ({', '.join(ARCH_NAMES)}) "
+                          "or a file holding one")
+    return [_resolve_one(space, line, source)]
+
+
+def resolve_arch(space: SearchSpace, text: str, *, source: str = "--arch") -> Arch:
+    """The one arch `text` names (see `resolve_archs`); a file with several layouts is an error."""
+    archs = resolve_archs(space, text, source=source)
+    if len(archs) > 1:
+        raise DitnasError(f"arch file {text} holds {len(archs)} layouts where one is expected; "
+                          "keep one line or comment the others out with '#'")
+    return archs[0]
+
+
+def _resolve_one(space: SearchSpace, text: str, source: str) -> Arch:
+    named = space.named_archs()
+    if text in named:
+        return named[text]
+    if re.fullmatch(r"[a-z-]+", text) and text not in TOKEN_MIXERS and text != SKIP:
+        raise DitnasError(f"{source}: {text!r} is not an arch name of the space; names: {', '.join(ARCH_NAMES)}, "
+                          "or write a layout such as 'sa:1:4*6'")
+    return space.parse(text, source=source)

@@ -6,17 +6,18 @@ User errors (DitnasError) print one line to stderr and exit 2, without a traceba
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ditnas.errors import DitnasError
+from ditnas.errors import ConfigFieldError, DitnasError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hardware-aware architecture search and compression for Diffusion Transformers.")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections data/space/model/train/sample)")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections data/space/model/train/sample/latency/search/sweep)")]
 
 
 def progress_bar(enabled: bool):
@@ -34,6 +35,26 @@ def progress_bar(enabled: bool):
 
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set train.steps=500")]
+
+
+def load_run_config(config: Path | None, overrides: list[str] | None, flags: dict[str, object]):
+    """The run config: defaults, then the YAML, then `--set` overrides, then this command's own flags
+    (`{"search.trials": 8, ...}`; None = not given), so every default lives in config.py."""
+    import json
+
+    from ditnas.config import load_config
+
+    given = [f"{name}={json.dumps(value)}" for name, value in flags.items() if value is not None]
+    return load_config(config, [*(overrides or []), *given])
+
+
+@contextmanager
+def field_flags(flags: dict[str, str]):
+    """Name the flag beside the config field in a stage's error (`--budget-ms (search.budget_ms): ...`)."""
+    try:
+        yield
+    except ConfigFieldError as exc:
+        raise DitnasError(exc.with_flag(flags.get(exc.field))) from None
 
 
 @app.command()
@@ -61,7 +82,7 @@ def train(
 
 @app.command()
 def extract(
-    arch: Annotated[str, typer.Option(help="layout string, 'max', 'min', or a file holding one")],
+    arch: Annotated[str, typer.Option(help="layout string, max/mid/min/narrowest, or a file holding one ('#' comments)")],
     checkpoint: Annotated[Path, typer.Option(help="supernet checkpoint.pt")],
     out: Annotated[Path, typer.Option(help="output folder for subnet.pt + manifest.json")],
     ema: Annotated[bool, typer.Option(help="use the EMA weights")] = True,
@@ -80,7 +101,7 @@ def extract(
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="supernet checkpoint.pt, or a folder written by `ditnas extract`")],
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
-    arch: Annotated[str, typer.Option(help="layout string / max / min (supernet checkpoints only)")] = "max",
+    arch: Annotated[str, typer.Option(help="layout string, max/mid/min/narrowest, or a file holding one (supernet checkpoints only)")] = "max",
     steps: Annotated[int, typer.Option(min=1)] = 28,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance scale (1 = off)")] = 2.0,
     per_class: Annotated[int, typer.Option(min=1)] = 8,
@@ -89,7 +110,8 @@ def sample(
     """Draw a class-by-class sample grid from a supernet subnet or an extracted model."""
     import torch
 
-    from ditnas.supernet.extract import SUBNET_NAME, load_subnet, read_arch_argument
+    from ditnas.arch import resolve_arch
+    from ditnas.supernet.extract import SUBNET_NAME, load_subnet
     from ditnas.supernet.quality import generate, save_grid, velocity_fn
     from ditnas.supernet.train import load_supernet
 
@@ -98,7 +120,7 @@ def sample(
         latent, classes, fn = model.arch.latent, model.arch.num_classes, velocity_fn(model)
     else:
         supernet, _, _ = load_supernet(checkpoint)
-        chosen = read_arch_argument(arch, supernet)
+        chosen = resolve_arch(supernet.space, arch)
         latent, classes, fn = chosen.latent, chosen.num_classes, velocity_fn(supernet, chosen)
     labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
     samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
@@ -110,36 +132,42 @@ profile_app = typer.Typer(no_args_is_help=False, help="Device profiling sessions
 app.add_typer(profile_app, name="profile")
 
 
+PROFILE_FLAGS = {"latency.backend": "--backend", "latency.models": "--models", "latency.warmup": "--warmup",
+                 "latency.iters": "--iters", "latency.threads": "--threads", "latency.seed": "--seed"}
+
+
 @profile_app.callback(invoke_without_command=True)
 def profile(
     ctx: typer.Context,
-    backend: Annotated[Optional[str], typer.Option(help="host-torch | executorch-xnnpack | android-adb | ios | coreml")] = None,
-    space: Annotated[Optional[Path], typer.Option(help="run config YAML whose space/model sections define what to profile")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="host-torch | executorch-xnnpack | android-adb | ios | coreml (latency.backend)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "--space", "-c", help="run config YAML: its space/model sections define what to profile, its latency section how")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="profile a trained supernet instead of a fresh one")] = None,
     out: Annotated[Optional[Path], typer.Option(help="session folder (rerun to resume)")] = None,
     overrides: SetOpt = None,
-    models: Annotated[int, typer.Option(min=0, help="whole-model programs to measure (calibration rows)")] = 12,
-    warmup: Annotated[int, typer.Option(min=0)] = 10,
-    iters: Annotated[int, typer.Option(min=1, help="timed runs per program, interleaved across programs")] = 200,
-    threads: Annotated[int, typer.Option(min=1, help="fixed thread count for every measurement")] = 1,
-    seed: int = 0,
+    models: Annotated[Optional[int], typer.Option(help="whole-model programs to measure (calibration rows; latency.models)")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="untimed runs per program (latency.warmup)")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="timed runs per program, interleaved across programs (latency.iters)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="fixed thread count for every measurement (latency.threads)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="which random archs become whole-model programs (latency.seed)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Measure every cell of a search space (and whole models) on one backend into a session folder."""
     if ctx.invoked_subcommand is not None:
         return
-    if backend is None or out is None:
-        raise DitnasError("ditnas profile needs --backend and --out (and --space CONFIG or --checkpoint); see --help")
+    if out is None:
+        raise DitnasError("ditnas profile needs --out (and --config CONFIG or --checkpoint); see --help")
     from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 
-    supernet = supernet_for_profiling(space, checkpoint, overrides or [])
-    bar = progress_bar(progress)
-    with bar:
-        task = bar.add_task("profile", total=None, phase="profile", info="")
-        session = profile_space(
-            supernet, backend, out, warmup=warmup, iters=iters, threads=threads, n_models=models, seed=seed,
-            progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key),
-        )
+    flags = {"latency.backend": backend, "latency.models": models, "latency.warmup": warmup, "latency.iters": iters,
+             "latency.threads": threads, "latency.seed": seed}
+    with field_flags(PROFILE_FLAGS):
+        cfg = load_run_config(config, overrides, flags)
+        supernet = supernet_for_profiling(cfg, checkpoint)
+        bar = progress_bar(progress)
+        with bar:
+            task = bar.add_task("profile", total=None, phase="profile", info="")
+            session = profile_space(supernet, cfg.latency, out,
+                                    progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key))
     from ditnas.latency_models.stage import build_table
 
     table, predictor = build_table(session, supernet)
@@ -182,15 +210,16 @@ TableOpt = Annotated[Path, typer.Option(help="table folder, or the session folde
 
 @latency_app.command("predict")
 def latency_predict(
-    arch: Annotated[str, typer.Option(help="layout string, max/mid/min, or a file holding one")],
+    arch: Annotated[str, typer.Option(help="layout string, max/mid/min/narrowest, or a file holding one ('#' comments)")],
     table: TableOpt,
     detail: Annotated[bool, typer.Option(help="print the per-cell breakdown")] = True,
 ) -> None:
     """Per-step and total latency of one arch on the table's device (labelled: measured/interpolated/regressed)."""
-    from ditnas.latency_models.stage import load_predictor, parse_arch
+    from ditnas.arch import resolve_arch
+    from ditnas.latency_models.stage import load_predictor, table_space
 
     tbl, predictor = load_predictor(table)
-    chosen = parse_arch(tbl, arch)
+    chosen = resolve_arch(table_space(tbl), arch)
     per_step = predictor.predict(chosen)
     low, mid, high = (predictor.predict_range(chosen)[k] for k in ("p10", "p50", "p90"))
     ident = tbl.identity
@@ -241,26 +270,20 @@ def latency_show(table: TableOpt) -> None:
 @latency_app.command("remeasure")
 def latency_remeasure(
     session: Annotated[Path, typer.Option(help="the session folder to measure into (its device settings are reused)")],
-    archs: Annotated[list[str], typer.Option("--arch", help="layout string, max/mid/min, or a file with one per line")],
-    space: Annotated[Optional[Path], typer.Option(help="run config of the supernet (or --checkpoint)")] = None,
+    archs: Annotated[list[str], typer.Option("--arch", help="layout string, max/mid/min/narrowest, or a file with one per line ('#' comments)")],
+    config: Annotated[Optional[Path], typer.Option("--config", "--space", "-c", help="run config of the supernet (or --checkpoint)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option()] = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Closed loop: measure given archs (e.g. a search's winners) as whole models, rebuild, refit.
     On local backends the session's other programs are re-timed in the same pass."""
+    from ditnas.arch import resolve_archs
     from ditnas.latency_models.profile import supernet_for_profiling
     from ditnas.latency_models.stage import remeasure_archs
 
-    supernet = supernet_for_profiling(space, checkpoint, overrides or [])
-    chosen = []
-    for item in archs:
-        path = Path(item)
-        lines = ([ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-                 if len(item) < 255 and path.is_file() else [item])
-        for line in lines:
-            named = {"max": supernet.space.max_arch, "mid": supernet.space.mid_arch, "min": supernet.space.min_arch}
-            chosen.append(named[line]() if line in named else supernet.space.parse(line, source=str(item)))
+    supernet = supernet_for_profiling(load_run_config(config, overrides, {}), checkpoint)
+    chosen = [arch for item in archs for arch in resolve_archs(supernet.space, item)]
     bar = progress_bar(progress)
     with bar:
         task = bar.add_task("remeasure", total=None, phase="remeasure", info="")
@@ -270,33 +293,46 @@ def latency_remeasure(
                f"calibration: {predictor.calibration.method}")
 
 
+SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "search.trials": "--trials",
+                "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
+                "search.memory_mb": "--memory-mb", "search.seed": "--seed"}
+SWEEP_FLAGS = {**SEARCH_FLAGS, "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
+               "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
+
+
 @app.command()
 def search(
     checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
     table: Annotated[Path, typer.Option(help="latency table folder (or the session folder holding table/)")],
-    budget_ms: Annotated[float, typer.Option(help="latency budget for the whole generation (steps x per-step), ms")],
-    steps: Annotated[Optional[list[int]], typer.Option(help="denoising steps; repeat for a set (joint dimension)")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="Optuna trials added by this call")] = 64,
+    budget_ms: Annotated[Optional[float], typer.Option(help="latency budget for the whole generation (steps x per-step), ms (search.budget_ms)")] = None,
+    steps: Annotated[Optional[list[int]], typer.Option(help="denoising steps; repeat for a set, a joint dimension (search.steps, default 28)")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Optuna trials added by this call (search.trials, default 64)")] = None,
     out: Annotated[Path, typer.Option(help="results folder (rerun continues the study)")] = Path("runs/search"),
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL, e.g. postgresql://user@host:5432/db (default: a journal file in --out)")] = None,
-    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | gp")] = "nsga2",
-    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued as the first trials")] = 16,
-    memory_mb: Annotated[Optional[float], typer.Option(help="peak-memory limit (constraint), MB")] = None,
-    seed: int = 0,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL, e.g. postgresql://user@host:5432/db (search.storage; default: a journal file in --out)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="nsga2 | tpe | gp (search.sampler)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="DP layouts enqueued as the first trials (search.dp_seeds, default 16)")] = None,
+    memory_mb: Annotated[Optional[float], typer.Option(help="peak-memory limit (constraint), MB (search.memory_mb)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="sampler seed (search.seed)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Search layouts under a latency budget: exact DP seeds, then Optuna multi-objective (latency, quality)."""
     from ditnas.latency_models.stage import table_dir
     from ditnas.search.stage import run_search
 
-    bar = progress_bar(progress)
-    with bar:
-        task = bar.add_task("search", total=None, phase="search", info="")
-        manifest = run_search(
-            checkpoint, table_dir(table), budget_ms, list(steps or [28]), trials, out, storage=storage, sampler=sampler,
-            seed=seed, n_seeds=seeds, memory_limit_mb=memory_mb,
-            progress=lambda phase, done, total, what: bar.update(task, completed=done, total=total, phase=phase, info=what),
-        )
+    flags = {"search.budget_ms": budget_ms, "search.steps": steps or None, "search.trials": trials,
+             "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
+             "search.memory_mb": memory_mb, "search.seed": seed}
+    with field_flags(SEARCH_FLAGS):
+        cfg = load_run_config(config, overrides, flags).search
+        bar = progress_bar(progress)
+        with bar:
+            task = bar.add_task("search", total=None, phase="search", info="")
+            manifest = run_search(
+                cfg, checkpoint, table_dir(table), out,
+                progress=lambda phase, done, total, what: bar.update(task, completed=done, total=total, phase=phase, info=what),
+            )
     best = manifest.get("best") or {}
     typer.echo(f"{manifest['trials_total']} trials in the study ({manifest['trials_feasible']} feasible); feasible Pareto front: {manifest['pareto_size']} arch(s)")
     if best:
@@ -304,44 +340,54 @@ def search(
     typer.echo(f"results in {out} (trials.csv, pareto.csv, manifest.json); dashboard: {manifest.get('dashboard')}")
 
 
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DitnasError(f"{flag} {text!r} must be comma-separated numbers, e.g. 8,12,16") from None
+
+
 @app.command()
 def sweep(
     checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
-    budgets: Annotated[str, typer.Option(help="comma-separated total latency budgets, ms, e.g. 8,12,16")],
     tables: Annotated[str, typer.Option(help="comma-separated latency table folders (one per device)")],
-    trials: Annotated[int, typer.Option(min=1, help="finished trials per (budget, table) study")] = 64,
-    steps: Annotated[str, typer.Option(help="denoising steps, comma-separated for a set")] = "28",
+    budgets: Annotated[Optional[str], typer.Option(help="comma-separated total latency budgets, ms, e.g. 8,12,16 (sweep.budgets_ms)")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="finished trials per (budget, table) study (search.trials, default 64)")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="denoising steps, comma-separated for a set (search.steps, default 28)")] = None,
     out: Annotated[Path, typer.Option(help="sweep results folder (rerun tops studies up)")] = Path("runs/sweep"),
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: out/sweep.journal)")] = None,
-    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | gp")] = "nsga2",
-    ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="attach to a running cluster (ray start --head ...); default: a local one")] = None,
-    max_in_flight: Annotated[Optional[int], typer.Option(min=1, help="evaluations running at once")] = None,
-    retries: Annotated[int, typer.Option(min=0, help="retries of a task whose worker died")] = 2,
-    seeds: Annotated[int, typer.Option(min=0, help="DP layouts enqueued first in each study")] = 16,
-    seed: int = 0,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (search.storage; default: out/sweep.journal)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="nsga2 | tpe | gp (search.sampler)")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="attach to a running cluster (ray start --head ...); default: a local one (sweep.ray_address)")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(help="evaluations running at once (sweep.max_in_flight)")] = None,
+    retries: Annotated[Optional[int], typer.Option(help="retries of a task whose worker died (sweep.retries, default 2)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="DP layouts enqueued first in each study (search.dp_seeds, default 16)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="sampler seed (search.seed)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair, each
-    seeded with exact-DP layouts under its budget."""
+    checked and seeded with exact-DP layouts under its budget as `ditnas search` does."""
     from ditnas.latency_models.stage import table_dir
-    from ditnas.search.distributed import sweep as run_sweep
+    from ditnas.search.sweep import sweep as run_sweep
 
-    def numbers(text: str, kind: type, name: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise DitnasError(f"--{name} {text!r} must be comma-separated numbers, e.g. 8,12,16") from None
-
-    budget_list = numbers(budgets, float, "budgets")
+    flags = {"sweep.budgets_ms": _numbers(budgets, float, "--budgets"), "search.trials": trials,
+             "search.steps": _numbers(steps, int, "--steps"), "search.storage": storage, "search.sampler": sampler,
+             "sweep.ray_address": ray_address, "sweep.max_in_flight": max_in_flight, "sweep.retries": retries,
+             "search.dp_seeds": seeds, "search.seed": seed}
     table_list = [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()]
-    bar = progress_bar(progress)
-    with bar:
-        task = bar.add_task("sweep", total=len(budget_list) * len(table_list) * trials, phase="sweep", info="")
-        manifest = run_sweep(
-            budget_list, table_list, checkpoint, trials, out, ray_address, steps=numbers(steps, int, "steps"),
-            sampler=sampler, storage=storage, max_in_flight=max_in_flight, retries=retries, seed=seed, n_seeds=seeds,
-            on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
-        )
+    with field_flags(SWEEP_FLAGS):
+        cfg = load_run_config(config, overrides, flags)
+        total = len(cfg.sweep.budgets_ms) * len(table_list) * cfg.search.trials
+        bar = progress_bar(progress)
+        with bar:
+            task = bar.add_task("sweep", total=total, phase="sweep", info="")
+            manifest = run_sweep(
+                cfg.search, cfg.sweep, checkpoint, table_list, out,
+                on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
+            )
     typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")
 
 

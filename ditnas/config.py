@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 import yaml
 
 from ditnas.arch import SearchSpace
-from ditnas.errors import DitnasError
+from ditnas.errors import ConfigFieldError, DitnasError
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,114 @@ class SpaceConfig:
 
 
 @dataclass(frozen=True)
+class LatencyConfig:
+    """`ditnas profile`: how a session measures (what it measures comes from the space section)."""
+
+    backend: str = "executorch-xnnpack"
+    models: int = 12  # whole-model programs (the predictor's calibration rows)
+    warmup: int = 10
+    iters: int = 200  # timed runs per program, interleaved across programs
+    threads: int = 1  # a table is valid for the thread count it was measured at
+    seed: int = 0  # which random archs become whole-model programs
+
+    def check(self) -> LatencyConfig:
+        if self.models < 0:
+            raise ConfigFieldError("latency.models", f"{self.models} must be >= 0")
+        if self.warmup < 0:
+            raise ConfigFieldError("latency.warmup", f"{self.warmup} must be >= 0")
+        if self.iters < 1:
+            raise ConfigFieldError("latency.iters", f"{self.iters} must be >= 1")
+        if self.threads < 1:
+            raise ConfigFieldError("latency.threads", f"{self.threads} must be >= 1")
+        return self
+
+
+SAMPLERS = ("nsga2", "tpe", "gp")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`ditnas search` (and each study of a sweep): budget, steps, searcher and DP seeding."""
+
+    budget_ms: float | None = None  # latency budget of one whole generation (steps x per step), ms
+    steps: tuple[int, ...] = (28,)  # denoising steps; several = a joint dimension of the search
+    trials: int = 64  # Optuna trials added by one call (a sweep: finished trials per study)
+    sampler: str = "nsga2"  # nsga2 | tpe | gp
+    seed: int = 0  # sampler seed
+    dp_seeds: int = 16  # exact-DP layouts enqueued as the first trials
+    dp_buckets: int = 2000  # latency buckets of the DP (its resolution: budget / buckets)
+    population: int = 24  # NSGA-II population size
+    memory_mb: float | None = None  # peak-memory limit (a constraint), MB
+    storage: str | None = None  # Optuna storage URL; None = a journal file in the results folder
+    eval_items: int | None = None  # items of the fixed eval batch; None = the validation batch of `ditnas train`
+
+    def check(self) -> SearchConfig:
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise ConfigFieldError("search.budget_ms", f"{self.budget_ms:g}: give a positive total latency budget in ms")
+        if not self.steps or min(self.steps) < 1:
+            raise ConfigFieldError("search.steps", f"{list(self.steps)}: give one or more denoising step counts >= 1")
+        if self.trials < 0:
+            raise ConfigFieldError("search.trials", f"{self.trials} must be >= 0")
+        if self.sampler not in SAMPLERS:
+            raise ConfigFieldError("search.sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.dp_seeds < 0:
+            raise ConfigFieldError("search.dp_seeds", f"{self.dp_seeds} must be >= 0")
+        if self.dp_buckets < 1:
+            raise ConfigFieldError("search.dp_buckets", f"{self.dp_buckets} must be >= 1")
+        if self.population < 2:
+            raise ConfigFieldError("search.population", f"{self.population} must be >= 2")
+        if self.memory_mb is not None and not self.memory_mb > 0:
+            raise ConfigFieldError("search.memory_mb", f"{self.memory_mb:g} must be a positive number of MB")
+        if self.eval_items is not None and self.eval_items < 1:
+            raise ConfigFieldError("search.eval_items", f"{self.eval_items} must be >= 1")
+        return self
+
+    def needs_budget(self) -> float:
+        if self.budget_ms is None:
+            raise ConfigFieldError("search.budget_ms", "missing: give the latency budget of one whole generation in ms")
+        return float(self.budget_ms)
+
+    @property
+    def sorted_steps(self) -> list[int]:
+        return sorted({int(s) for s in self.steps})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`ditnas sweep`: a search (the search section) per (budget, device table) over a Ray cluster."""
+
+    budgets_ms: tuple[float, ...] = ()
+    ray_address: str | None = None  # an existing cluster; None = start a local one
+    max_in_flight: int | None = None  # evaluations running at once; None = the cluster's CPU slots
+    retries: int = 2  # re-runs of a task whose worker process died
+    num_cpus: float = 1.0  # CPUs one evaluation task holds
+    prefix: str = "sweep"  # study names: <prefix>-<table>-<budget>ms
+
+    def check(self) -> SweepConfig:
+        if not self.budgets_ms:
+            raise ConfigFieldError("sweep.budgets_ms", "missing: give one or more total latency budgets in ms")
+        bad = [b for b in self.budgets_ms if not (math.isfinite(b) and b > 0)]
+        if bad:
+            raise ConfigFieldError("sweep.budgets_ms", f"{list(self.budgets_ms)}: every budget must be a positive number of ms")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ConfigFieldError("sweep.max_in_flight", f"{self.max_in_flight} must be >= 1")
+        if self.retries < 0:
+            raise ConfigFieldError("sweep.retries", f"{self.retries} must be >= 0")
+        if not self.num_cpus > 0:
+            raise ConfigFieldError("sweep.num_cpus", f"{self.num_cpus:g} must be > 0")
+        return self
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -122,6 +225,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and len(args) == 2 and args[1] is Ellipsis:
+            value = [value]  # `--set search.steps=28` means (28,)
         if not isinstance(value, (list, tuple)):
             raise DitnasError(f"{where}: expected a list, got {value!r}")
         item_tp = args[0]
@@ -136,6 +241,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise DitnasError(f"{where}: expected a mapping, got {value!r}")
         return {_coerce(k_tp, k, where): _coerce(v_tp, v, where) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in typing.get_args(tp):
+                return None
+        if len(args) == 1:
+            return _coerce(args[0], value, where)
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -144,6 +255,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise DitnasError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str):
+        if tp is not str and isinstance(value, bool):
+            raise DitnasError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -185,7 +298,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         except yaml.YAMLError as exc:
             raise DitnasError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
         if not isinstance(raw, dict):
-            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample)")
+            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample, latency, search, sweep)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -76,3 +76,17 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Versions of ditnas, python and `packages` for a manifest (None where one is not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"ditnas": None, "python": platform.python_version()}
+    for name in ("ditnas", *packages):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

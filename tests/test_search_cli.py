@@ -8,31 +8,68 @@ from test_search_objectives import build_env
 
 from cli_helpers import run
 
+from ditnas.search.problem import min_reachable_ms
+from ditnas.search.space import SearchChoices
+
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return build_env(tmp_path_factory.mktemp("search_cli"))
+    e = build_env(tmp_path_factory.mktemp("search_cli"))
+    predictor = e["ctx"].objectives.predictor
+    low = min_reachable_ms(SearchChoices.from_space(e["ctx"].space), predictor)
+    high = predictor.predict(e["ctx"].space.max_arch())
+    # a total budget for 4 steps between the cheapest and the largest arch: the constraint binds
+    e["budget"] = 4 * (low + 0.35 * (high - low))
+    return e
 
 
 def test_search_writes_results_and_rerun_continues(env, tmp_path, capsys):
-    args = ["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms", "1e6",
-            "--steps", "4", "--trials", "6", "--seeds", "2", "--out", str(tmp_path / "s"), "--no-progress"]
+    args = ["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms", str(env["budget"]),
+            "--steps", "4", "--trials", "8", "--seeds", "2", "--out", str(tmp_path / "s"), "--no-progress"]
     code, out, err = run(args, capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["trials_total"] == 6 and manifest["pareto_size"] >= 1
+    assert manifest["trials_total"] == 8 and manifest["pareto_size"] >= 1
+    assert manifest["config"]["trials"] == 8 and manifest["config"]["dp_seeds"] == 2
     trials = pd.read_csv(tmp_path / "s" / "trials.csv")
-    assert trials["feasible"].all()  # a huge budget: everything fits
+    # feasible is exactly "fits the budget", and the budget binds: some trials fit, some do not
+    assert (trials["feasible"] == (trials["latency_ms"] <= env["budget"])).all()
+    assert 0 < trials["feasible"].sum() < len(trials)
+    assert manifest["best"]["latency_ms"] <= env["budget"]
     code, out, err = run(args, capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["trials_total"] == 12
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["trials_total"] == 16
+
+
+def test_search_reads_its_config_section(env, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"search:\n  budget_ms: {env['budget']}\n  steps: [4]\n  trials: 3\n  dp_seeds: 1\n")
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--config",
+                        str(config), "--trials", "4", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    # the flag wins over the file, the file over the default
+    assert manifest["trials_total"] == 4 and len(manifest["dp"]["seeds"]) == 1 and manifest["steps"] == [4]
+    config.write_text("search:\n  budget: 10\n")
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--config",
+                        str(config), "--out", str(tmp_path / "t"), "--no-progress"], capsys)
+    assert code == 2 and "search: unknown field(s) ['budget']" in err and str(config) in err
+    config.write_text("search:\n  trials: many\n")
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--config",
+                        str(config), "--budget-ms", "5", "--out", str(tmp_path / "t"), "--no-progress"], capsys)
+    assert code == 2 and "search.trials: expected int, got 'many'" in err
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]),
+                        "--out", str(tmp_path / "t"), "--no-progress"], capsys)
+    assert code == 2 and "--budget-ms (search.budget_ms): missing" in err
+    assert not (tmp_path / "t" / "trials.csv").exists()
 
 
 def test_budget_below_the_cheapest_arch(env, tmp_path, capsys):
     code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
                         "0.001", "--steps", "4", "--trials", "2", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
     assert code == 2 and "below the cheapest reachable arch" in err and "Traceback" not in err
+    assert err.startswith("error: --budget-ms (search.budget_ms): 0.001 ms")  # the flag the user typed
 
 
 def test_unreachable_storage(env, tmp_path, capsys):
@@ -47,7 +84,8 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
     """Two budgets x one device table, evaluations as Ray tasks; results per study + combined front."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
-    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", "1e6,2e6", "--tables",
+    budgets = [env["budget"], 2 * env["budget"]]
+    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", ",".join(map(repr, budgets)), "--tables",
                           str(env["table_dir"]), "--trials", "3", "--steps", "4", "--seeds", "2", "--out", str(tmp_path / "sw"),
                           "--no-progress"], capsys)
     assert code == 0, err
@@ -64,7 +102,14 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
         trials = sorted(optuna.load_study(study_name=name, storage=store).trials, key=lambda t: t.number)
         assert [t.user_attrs.get("source") for t in trials[:2]] == ["dp", "dp"] and len(trials) == 3
     front = pd.read_csv(tmp_path / "sw" / "front.csv")
-    assert set(front["budget_ms"]) == {1e6, 2e6}
+    assert set(front["budget_ms"]) == set(budgets) and (front["latency_ms"] <= front["budget_ms"]).all()
+    assert manifest["versions"]["optuna"] == optuna.__version__
+    # a budget below the cheapest arch is refused exactly as `ditnas search` refuses it, before Ray starts
+    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", f"{env['budget']},0.001", "--tables",
+                        str(env["table_dir"]), "--trials", "2", "--steps", "4", "--seeds", "0", "--out", str(tmp_path / "bad"),
+                        "--no-progress"], capsys)
+    assert code == 2 and "--budgets (sweep.budgets_ms): 0.001 ms is below the cheapest reachable arch" in err
+    assert not (tmp_path / "bad" / "sweep.journal").exists()
     import ray
 
     ray.shutdown()

@@ -23,7 +23,9 @@ import pytest
 from optuna.trial import TrialState
 
 from ditnas.errors import DitnasError
-from ditnas.search import distributed as dist
+from ditnas.config import SearchConfig, SweepConfig
+from ditnas.search import ray_cluster, ray_driver
+from ditnas.search import sweep as sweeps
 
 ray = pytest.importorskip("ray")
 BUDGET = 6.0
@@ -135,7 +137,7 @@ def cluster():
         os.environ.pop("RAY_AUTH_MODE", None)
         os.environ.pop("RAY_ADDRESS", None)
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        conn = dist.connect(address)
+        conn = ray_cluster.connect(address)
         _wait_for(lambda: ray.cluster_resources().get("phone") == 1.0 and len([n for n in ray.nodes() if n["Alive"]]) == 2,
                   60, "two alive nodes", worker_log)
         yield {"address": address, "conn": conn, "root": root}
@@ -174,7 +176,7 @@ def test_attach_sees_both_nodes_and_phone_resource(cluster):
 @pytest.mark.timeout(300)
 def test_constrained_two_objective_study_runs_on_cluster(cluster):
     study = _study("toy")
-    summary = dist.distributed_ask_tell(study, toy_eval, xy_params, n_trials=8, max_in_flight=2,
+    summary = ray_driver.distributed_ask_tell(study, toy_eval, xy_params, n_trials=8, max_in_flight=2,
                                         constraints_fn=constraints, retries=1)
     trials = study.get_trials()
     assert summary.complete == 8 and summary.failed == 0
@@ -195,7 +197,7 @@ def test_worker_killed_mid_trial_is_retried(cluster, tmp_path):
     def params(trial):
         return str(tmp_path), trial.number, trial.suggest_int("x", 0, 5)
 
-    summary = dist.distributed_ask_tell(study, crash_once, params, n_trials=3, max_in_flight=2,
+    summary = ray_driver.distributed_ask_tell(study, crash_once, params, n_trials=3, max_in_flight=2,
                                         constraints_fn=constraints, retries=2)
     trials = study.get_trials()
     assert len(trials) == 3 and summary.complete == 3
@@ -208,13 +210,13 @@ def test_worker_killed_mid_trial_is_retried(cluster, tmp_path):
 @pytest.mark.timeout(300)
 def test_failures_after_retries_are_told_fail(cluster):
     study = _study("fails")
-    dist.distributed_ask_tell(study, crash_always, lambda t: t.suggest_int("x", 0, 5), n_trials=1, retries=0)
-    dist.distributed_ask_tell(study, raise_error, lambda t: t.suggest_int("x", 0, 5), n_trials=1, retries=0)
+    ray_driver.distributed_ask_tell(study, crash_always, lambda t: t.suggest_int("x", 0, 5), n_trials=1, retries=0)
+    ray_driver.distributed_ask_tell(study, raise_error, lambda t: t.suggest_int("x", 0, 5), n_trials=1, retries=0)
 
     def bad_params(trial):
         raise DitnasError("slot 3 cannot be skip")
 
-    dist.distributed_ask_tell(study, toy_eval, bad_params, n_trials=1)
+    ray_driver.distributed_ask_tell(study, toy_eval, bad_params, n_trials=1)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     errors = [t.user_attrs["error"] for t in trials]
@@ -230,14 +232,15 @@ def test_run_sweep_layout(cluster, tmp_path):
         for budget in (4.0, 7.5):
             def cons(result, b=budget):
                 return {"latency": result["latency_ms"] - b}
-            study = _study(dist.study_name("sweep", table, budget), storage)
-            job = dist.StudyJob(study, toy_eval, xy_params, 3, constraints_fn=cons, label=f"{table}/{budget}")
-            cells.append(dist.SweepStudy(table, budget, job, tmp_path / table / dist.budget_dir(budget)))
-    manifest = dist.run_sweep(cells, tmp_path, storage_desc=str(tmp_path / "sweep.journal"), max_in_flight=2)
+            study = _study(sweeps.study_name("sweep", table, budget), storage)
+            job = ray_driver.StudyJob(study, toy_eval, xy_params, 3, constraints_fn=cons, label=f"{table}/{budget}")
+            cells.append(sweeps.SweepStudy(table, budget, job, tmp_path / table / sweeps.budget_dir(budget)))
+    manifest = sweeps.run_sweep(cells, tmp_path, storage_desc=str(tmp_path / "sweep.journal"), max_in_flight=2)
     assert sorted(optuna.get_all_study_names(storage)) == sorted(c.job.study.study_name for c in cells)
     assert len(manifest["studies"]) == 4 and manifest["cluster"]["nodes"] == 2
     for c in cells:
-        assert (c.out_dir / "trials.csv").exists() and (c.out_dir / "front.csv").exists()
+        # the same atomic parquet/CSV tables as `ditnas search` writes
+        assert all((c.out_dir / f"{name}.{ext}").exists() for name in ("trials", "pareto") for ext in ("csv", "parquet"))
         assert len(c.job.study.get_trials(states=(TrialState.COMPLETE,))) == 3
     import pandas as pd
 
@@ -245,6 +248,8 @@ def test_run_sweep_layout(cluster, tmp_path):
     assert {"table", "budget_ms", "number", "latency_ms", "quality", "feasible", "constraint_latency"} <= set(front.columns)
     assert (front["latency_ms"] <= front["budget_ms"]).all()
     assert (tmp_path / "7.5ms").exists() is False and (tmp_path / "pixel8" / "7.5ms" / "study.json").exists()
+    assert manifest["versions"]["optuna"] == optuna.__version__ and manifest["versions"]["ray"] == ray.__version__
+    assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes leave no temporary files
 
 
 @pytest.mark.timeout(300)
@@ -257,13 +262,13 @@ def test_attach_without_token_says_how_to_provide_it(cluster, tmp_path, monkeypa
     t0 = time.time()
     try:
         with pytest.raises(DitnasError) as err:
-            dist.connect(cluster["address"])
+            ray_cluster.connect(cluster["address"])
         msg = str(err.value)
         assert "\n" not in msg and cluster["address"] in msg and "RAY_AUTH_TOKEN" in msg
         assert time.time() - t0 < 60  # Ray gives up after ~20 s on an auth failure
     finally:
         monkeypatch.undo()
-        dist.connect(cluster["address"])  # later tests keep a connected driver
+        ray_cluster.connect(cluster["address"])  # later tests keep a connected driver
 
 
 @pytest.mark.timeout(60)
@@ -271,16 +276,19 @@ def test_unreachable_address_is_quick_one_line_error():
     port = _free_port()  # nothing listens here (ray.init alone would retry for minutes)
     t0 = time.time()
     with pytest.raises(DitnasError) as err:
-        dist.connect(f"127.0.0.1:{port}", probe_timeout=3)
+        ray_cluster.connect(f"127.0.0.1:{port}", probe_timeout=3)
     assert time.time() - t0 < 15
     msg = str(err.value)
     assert "\n" not in msg and f"127.0.0.1:{port}" in msg and "ray start --head" in msg
     with pytest.raises(DitnasError, match="port"):
-        dist.connect("127.0.0.1:notaport")
+        ray_cluster.connect("127.0.0.1:notaport")
 
 
 def test_sweep_rejects_missing_inputs(tmp_path):
+    search = SearchConfig(trials=4)
     with pytest.raises(DitnasError, match="does not exist"):
-        dist.sweep([10.0], [tmp_path / "pixel8.json"], tmp_path / "missing.pt", 4, tmp_path / "out")
-    with pytest.raises(DitnasError, match="positive"):
-        dist.sweep([0.0], [tmp_path], tmp_path, 4, tmp_path / "out")
+        sweeps.sweep(search, SweepConfig(budgets_ms=(10.0,)), tmp_path / "missing.pt", [tmp_path / "pixel8.json"], tmp_path / "out")
+    with pytest.raises(DitnasError, match=r"sweep.budgets_ms.*positive"):
+        sweeps.sweep(search, SweepConfig(budgets_ms=(0.0,)), tmp_path, [tmp_path], tmp_path / "out")
+    with pytest.raises(DitnasError, match=r"sweep.budgets_ms: missing"):
+        sweeps.sweep(search, SweepConfig(), tmp_path, [tmp_path], tmp_path / "out")

@@ -14,6 +14,7 @@ from ditnas.config import load_config
 from ditnas.data import load_dataset
 from ditnas.errors import DitnasError
 from ditnas.latency_models.predictor import Calibration
+from ditnas.config import LatencyConfig
 from ditnas.latency_models.profile import profile_space
 from ditnas.latency_models.stage import build_table
 from ditnas.search.dp import to_arch
@@ -23,10 +24,10 @@ from ditnas.search.problem import (
     calibration_offset,
     check_coverage,
     dp_results,
-    dp_seeds,
     min_reachable_ms,
 )
-from ditnas.search.sensitivity import slot_sensitivity
+from ditnas.search.study import check_budget, dp_seeds
+from ditnas.search.sensitivity import score_array, slot_sensitivity
 from ditnas.search.space import SearchChoices, SlotChoice
 from ditnas.search.stage import check_space_match
 from ditnas.supernet.flow import eval_flow_loss
@@ -48,7 +49,7 @@ def build_env(root: Path) -> dict:
     train_supernet(cfg, root / "run", split=load_dataset("digits"))
     ckpt = root / "run" / CHECKPOINT_NAME
     model, _, _ = load_supernet(ckpt)
-    session = profile_space(model, "host-torch", root / "profile", warmup=1, iters=3, n_models=0)
+    session = profile_space(model, LatencyConfig(backend="host-torch", warmup=1, iters=3, models=0), root / "profile")
     build_table(session, model)
     ctx = EvalContext.from_paths(ckpt, root / "profile", N_EVAL, EVAL_SEED, steps=(4, 8))
     return {"ckpt": ckpt, "table_dir": root / "profile", "ctx": ctx}
@@ -176,7 +177,29 @@ def test_dp_costs_equal_the_predictor_table_sum(env, sens):
         assert cal.layout_cost(choice, stage) + 0.2 == pytest.approx(pred.predict(arch), rel=1e-12)
 
 
+def test_dp_layout_cost_equals_the_predictors_price(env, sens):
+    """The DP prices a layout with the predictor's own additive decomposition: layout cost + fixed cost
+    is the predictor's calibrated price of the same arch (each arch in the problem of its stream width)."""
+    ctx = env["ctx"]
+    # the test table has no whole-model rows (calibration "none"): give a copy a real linear one, so a
+    # DP that dropped the per-block term or the factor would be caught
+    predictor = copy.copy(ctx.objectives.predictor)
+    predictor.calibration = Calibration("linear", 1.3, 0.05, 0.2, 9)
+    choices = SearchChoices.from_space(ctx.space)
+    problems = {w: build_problem(choices, predictor, sens, 100.0, stream_width=w) for w in ctx.space.widths}
+    for arch in _random_archs(ctx.space, 40, seed=4):
+        parts = predictor.decompose(arch)
+        assert parts.total_ms == pytest.approx(predictor.predict(arch), rel=1e-12)
+        assert parts.fixed_ms == predictor.calibration.c
+        assert all(c.ms >= 0 for c in parts.cells)  # no clipping in play: the equality below is exact
+        choice = tuple(choices.index(SlotChoice.of(s)) for s in arch.slots)
+        stage = tuple(s.stage for s in arch.slots)
+        dp_cost = problems[arch.stream_width].layout_cost(choice, stage) + calibration_offset(predictor)
+        assert dp_cost == pytest.approx(predictor.predict(arch), rel=1e-9)
+
+
 def test_dp_seeds_fit_the_budget_and_are_valid(env, sens):
+    """`study.dp_seeds`, the seeder `ditnas search` and `ditnas sweep` use."""
     ctx = env["ctx"]
     predictor = ctx.objectives.predictor
     choices = SearchChoices.from_space(ctx.space)
@@ -184,21 +207,41 @@ def test_dp_seeds_fit_the_budget_and_are_valid(env, sens):
     high = predictor.predict(ctx.space.max_arch())
     assert low < high
     assert low <= min(predictor.predict(a) for a in _random_archs(ctx.space, 30)) + 1e-9
-    budget = low + 0.4 * (high - low)
-    problem = build_problem(choices, predictor, sens, budget)
-    base = replace(ctx.space.max_arch(), steps=8)
-    seeds = dp_seeds(problem, choices, base, 5)
-    assert 1 <= len(seeds) <= 5 and len(set(seeds)) == len(seeds)
-    for arch in seeds:
+    per_step = low + 0.4 * (high - low)
+    steps = [4, 8]
+    seeds = dp_seeds(choices, predictor, sens, 8 * per_step, steps, 6, buckets=500)
+    assert 2 <= len(seeds) <= 6 and len(set(seeds)) == len(seeds)
+    for arch, s in seeds:
         ctx.space.validate(arch)
-        assert arch.steps == 8
-        if arch.stream_width == 1.0:  # priced exactly by the max-width problem (narrower: stage.py filters)
-            assert predictor.predict(arch) <= budget + 1e-9
-    results = dp_results(problem, 5)
-    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
-    assert to_arch(results[0], choices, base) == seeds[0]
-    with pytest.raises(DitnasError, match="below the cheapest"):
-        dp_seeds(build_problem(choices, predictor, sens, 0.5 * low), choices, base, 3)
+        assert arch.steps == s and s in steps
+        assert s * predictor.predict(arch) <= 8 * per_step * (1 + 1e-9)  # every seed fits, whatever its stream width
+    # round robin over steps values: 4 and 8 alternate while both have layouts
+    assert [s for _, s in seeds[:2]] == [4, 8]
+    # within one steps value, best summed sensitivity score first; the first is the exact DP optimum
+    problem = build_problem(choices, predictor, sens, per_step, buckets=500)
+    eight = [a for a, s in seeds if s == 8]
+    scores = [sum(sens_score(sens, choices, a)) for a in eight]
+    assert scores == sorted(scores, reverse=True)
+    best = max((r for w in ctx.space.widths for r in _results_at(choices, predictor, sens, per_step, w)), key=lambda r: r.score)
+    assert scores[0] == pytest.approx(best.score)
+    assert dp_results(problem, 1)[0].score <= best.score + 1e-12
+    # a budget no arch reaches gives no seeds (the search refuses it before asking: check_budget)
+    assert dp_seeds(choices, predictor, sens, 0.5 * low * 4, [4], 3, buckets=500) == []
+    with pytest.raises(DitnasError, match="search.budget_ms: .* below the cheapest"):
+        check_budget(choices, predictor, sens, 0.5 * low * 4, [4], "the test table")
+
+
+def _results_at(choices, predictor, sens, budget, width):
+    try:
+        return dp_results(build_problem(choices, predictor, sens, budget, buckets=500, stream_width=width), 1)
+    except DitnasError:
+        return []
+
+
+def sens_score(sens, choices, arch):
+    """Per-slot sensitivity scores of an arch, as the DP sums them."""
+    score = score_array(sens, choices)
+    return [score[i, choices.index(SlotChoice.of(s)), s.stage] for i, s in enumerate(arch.slots)]
 
 
 def test_table_lacking_cells_is_one_error_listing_them(env):

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from test_search_objectives import build_env
 
 from ditnas.arch import SearchSpace
+from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.search.objectives import torch_threads
 from ditnas.search.optuna_search import (
@@ -32,6 +33,7 @@ from ditnas.search.optuna_search import (
 from ditnas.search.problem import min_reachable_ms
 from ditnas.search.space import SearchChoices
 from ditnas.search.stage import run_search
+from ditnas.search.study import open_study
 
 STEPS = [4, 8]
 
@@ -59,9 +61,13 @@ def env(tmp_path_factory, one_thread):
     return e
 
 
-def _search(env, out, trials, **kw):
-    return run_search(env["ckpt"], env["table_dir"], env["budget"], STEPS, trials, out, n_seeds=3,
-                      context=env["ctx"], cache_dir=env["cache"], **kw)
+def _cfg(env, **kw) -> SearchConfig:
+    return SearchConfig(**{"budget_ms": env["budget"], "steps": tuple(STEPS), "dp_seeds": 3, **kw})
+
+
+def _search(env, out, trials, progress=None, **kw):
+    return run_search(_cfg(env, trials=trials, **kw), env["ckpt"], env["table_dir"], out, context=env["ctx"],
+                      cache_dir=env["cache"], progress=progress)
 
 
 def test_seeds_first_constraints_resume_and_pareto(env, tmp_path):
@@ -116,9 +122,10 @@ def test_seeds_first_constraints_resume_and_pareto(env, tmp_path):
 def test_budget_below_the_cheapest_arch_names_the_minimum(env, tmp_path):
     low = env["low"]
     with pytest.raises(DitnasError, match="below the cheapest reachable arch") as err:
-        run_search(env["ckpt"], env["table_dir"], 0.5 * 4 * low, STEPS, 3, tmp_path, context=env["ctx"],
-                   cache_dir=env["cache"])
+        run_search(_cfg(env, budget_ms=0.5 * 4 * low, trials=3), env["ckpt"], env["table_dir"], tmp_path,
+                   context=env["ctx"], cache_dir=env["cache"])
     text = str(err.value)
+    assert text.startswith("search.budget_ms: ") and "\n" not in text  # names the config field (the CLI: its flag)
     for steps in STEPS:  # the minimum for each steps value, never rounded below the true one
         shown = float(re.search(rf"([0-9.]+) ms at {steps} steps", text).group(1))
         assert steps * low <= shown <= steps * low * 1.001
@@ -134,7 +141,7 @@ def _free_port() -> int:
 def test_unreachable_storage_url_is_one_error(env, tmp_path):
     url = f"postgresql://nobody:secret@127.0.0.1:{_free_port()}/none"
     with pytest.raises(DitnasError, match="cannot open storage") as err:
-        run_search(env["ckpt"], env["table_dir"], env["budget"], STEPS, 3, tmp_path, storage=url,
+        run_search(_cfg(env, trials=3, storage=url), env["ckpt"], env["table_dir"], tmp_path,
                    context=env["ctx"], cache_dir=env["cache"])
     assert "\n" not in str(err.value) and "secret" not in str(err.value)
 
@@ -151,18 +158,20 @@ def test_invalid_layouts_are_failed_trials_and_samplers_build():
         return {"latency_ms": steps * arch.depth, "quality": 1.0 / arch.depth, "arch": str(arch), "memory_bytes": 0}
 
     storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage, study_name="x", directions=["minimize", "minimize"])
+    study = open_study(SearchConfig(steps=(2,)), choices, storage, "x", 6.0, seeds=())
     study.enqueue_trial(bad)
-    study = run_study(evaluate, choices, steps=[2], budget_ms=6, n_trials=6, storage=storage, study_name="x",
-                      sampler=make_sampler("nsga2", 0), memory_limit_bytes=1.0)
+    study = run_study(study, evaluate, choices, steps=[2], budget_ms=6, n_trials=6, memory_limit_bytes=1.0)
     df = trials_frame(study)
     assert df.loc[0, "state"] == "FAIL" and "not allowed at stage 1" in df.loc[0, "error"]
     done = df[df["state"] == "COMPLETE"]
     assert len(done) >= 1
     assert (done["feasible"] == (done["latency_ms"] <= 6)).all()
     assert all(t.constraints.keys() == {"latency", "memory"} for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    expected = {"nsga2": optuna.samplers.NSGAIISampler, "tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}
+    assert set(SAMPLERS) == set(expected)
     for name in SAMPLERS:
-        assert make_sampler(name, 0) is not None
+        assert isinstance(make_sampler(name, 0), expected[name])
+    assert make_sampler("nsga2", 0, population_size=7)._population_size == 7
     with pytest.raises(DitnasError, match="unknown sampler"):
         make_sampler("cmaes", 0)
 

@@ -50,12 +50,7 @@ from ditnas.latency_models.programs import (
     model_program,
 )
 from ditnas.latency_models.session import ProfilingSession
-from ditnas.latency_models.table import (
-    LatencyTable,
-    space_from_dict,
-    space_key,
-    space_to_dict,
-)
+from ditnas.latency_models.table import LatencyTable
 
 PREDICTOR = "predictor.json"
 FORMAT_VERSION = 1
@@ -168,6 +163,28 @@ class Calibration:
 
 
 # ----- the predictor -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellCost:
+    """One cell's share of a calibrated prediction: a·p50, plus b if it is a block."""
+
+    cell: Cell
+    ms: float
+    source: str  # measured | interpolated | regressed
+
+
+@dataclass(frozen=True)
+class AdditiveCost:
+    """A prediction as a sum: `fixed_ms + Σ cells[i].ms == predict(arch)`. The DP prices layouts
+    with exactly these terms (search/problem.py), so it never re-derives the calibration."""
+
+    fixed_ms: float  # the calibration intercept c (0 uncalibrated)
+    cells: tuple[CellCost, ...]
+
+    @property
+    def total_ms(self) -> float:
+        return self.fixed_ms + sum(c.ms for c in self.cells)
+
+
 @dataclass
 class Priced:
     cell: Cell
@@ -313,8 +330,26 @@ class LatencyPredictor:
         """Σ p50 over the arch's cells (the uncalibrated prediction)."""
         return float(sum(self.price(c).p50 for c in self._cells(arch)))
 
+    # ----- the additive decomposition (what the DP prices) -----------------------------------------
+    def cell_cost(self, cell: Cell, calibrated: bool = True) -> float:
+        """This cell's term of the per-step prediction: a·p50 (+ b for a block, which runs once)."""
+        p50 = self.price(cell).p50
+        if not calibrated:
+            return p50
+        cal = self.calibration
+        return cal.a * p50 + (cal.b if cell.kind == "block" else 0.0)
+
+    def fixed_cost(self, calibrated: bool = True) -> float:
+        """The term every arch pays regardless of its cells (the calibration intercept c)."""
+        return self.calibration.c if calibrated else 0.0
+
+    def decompose(self, arch: Arch, calibrated: bool = True) -> AdditiveCost:
+        """`predict(arch)` as fixed cost + one term per cell (AdditiveCost)."""
+        cells = tuple(CellCost(c, self.cell_cost(c, calibrated), self.price(c).source) for c in self._cells(arch))
+        return AdditiveCost(self.fixed_cost(calibrated), cells)
+
     def predict(self, arch: Arch, calibrated: bool = True) -> float:
-        """Latency per denoising step in ms (p50)."""
+        """Latency per denoising step in ms (p50): a·(table sum) + b·(blocks that run) + c."""
         s = self.table_sum(arch)
         return self.calibration.apply(s, arch.depth) if calibrated else s
 
@@ -382,8 +417,8 @@ class LatencyPredictor:
             "format": FORMAT_VERSION,
             "table_id": self.table.table_id,
             "identity": self.table.identity,
-            "space": space_to_dict(self.space),
-            "space_key": space_key(self.space),
+            "space": self.space.to_dict(),
+            "space_key": self.space.key(),
             "width_exponent": self.width_exponent,
             "min_rows_linear": self.min_rows_linear,
             "calibration": asdict(self.calibration),
@@ -416,7 +451,7 @@ class LatencyPredictor:
             )
         pred = cls(
             table,
-            space_from_dict(d["space"], source=str(path)),
+            SearchSpace.from_dict(d["space"], source=f"{path}: field 'space'"),
             float(d["width_exponent"]),
             int(d.get("min_rows_linear", 5)),
             {k: OpRegressor(**v) for k, v in d["regressors"].items()},

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ditnas.arch import Arch, SearchSpace
-from ditnas.config import load_config
+from ditnas.config import LatencyConfig, RunConfig
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.programs import (
@@ -31,9 +31,8 @@ from ditnas.supernet.model import ElasticDiT
 Progress = Callable[[int, int, str], None]
 
 
-def supernet_for_profiling(config: Path | None = None, checkpoint: Path | None = None,
-                           overrides: list[str] | tuple[str, ...] = ()) -> ElasticDiT:
-    """A trained supernet (checkpoint) or a freshly initialised one built from a run config.
+def supernet_for_profiling(cfg: RunConfig, checkpoint: Path | None = None) -> ElasticDiT:
+    """A trained supernet (checkpoint) or a freshly initialised one built from the run config.
 
     Latency does not depend on weight values, so a fresh supernet prices the same cells; the data
     section of the config only fixes the latent shape and the number of classes.
@@ -46,7 +45,6 @@ def supernet_for_profiling(config: Path | None = None, checkpoint: Path | None =
     from ditnas.data import load_dataset
     from ditnas.supernet.train import build_space
 
-    cfg = load_config(config, overrides)
     split = load_dataset(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
                          val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
     return ElasticDiT(build_space(cfg, split), cfg.model).eval()
@@ -70,20 +68,17 @@ def sample_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
 
 def profile_space(
     supernet: ElasticDiT,
-    backend_name: str,
+    cfg: LatencyConfig,
     out: Path,
     *,
-    warmup: int = 10,
-    iters: int = 200,
-    threads: int = 1,
-    n_models: int = 12,
-    seed: int = 0,
     kinds: tuple[str, ...] = ("block", "patch_embed", "final", "down", "up"),
     progress: Progress | None = None,
     backend_options: dict | None = None,
 ) -> ProfilingSession:
-    """Measure the space's cells and `n_models` whole models into the session folder `out`."""
-    backend = get_backend(backend_name, threads=threads, **(backend_options or {}))
+    """Measure the space's cells and `cfg.models` whole models into the session folder `out`."""
+    cfg.check()
+    warmup, iters, n_models, seed = cfg.warmup, cfg.iters, cfg.models, cfg.seed
+    backend = get_backend(cfg.backend, threads=cfg.threads, **(backend_options or {}))
     model = json.loads(json.dumps(asdict(supernet.cfg)))  # as the manifest stores it (tuples -> lists)
     session = ProfilingSession.open(out, backend, warmup=warmup, iters=iters,
                                     notes={"space": str(supernet.space.max_arch()), "model": model, "n_models": n_models, "seed": seed})

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ditnas.arch import Arch
+from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.predictor import PREDICTOR, LatencyPredictor, remeasure
@@ -50,19 +50,11 @@ def load_predictor(path: Path) -> tuple[LatencyTable, LatencyPredictor]:
     return table, predictor
 
 
-def parse_arch(table: LatencyTable, text: str) -> Arch:
-    space = table.space
-    if space is None:
+def table_space(table: LatencyTable) -> SearchSpace:
+    """The search space a table was profiled for (archs are resolved against it)."""
+    if table.space is None:
         raise DitnasError(f"{table.describe()} records no search space; rebuild it with `ditnas profile`")
-    path = Path(text)
-    if len(text) < 255 and path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        if not lines:
-            raise DitnasError(f"arch file {path} is empty; write one layout string per line")
-        text = lines[0]
-    if text in ("max", "min", "mid"):
-        return getattr(space, f"{text}_arch")()
-    return space.parse(text, source="--arch")
+    return table.space
 
 
 def validate_table(path: Path, n: int, seed: int = 0) -> dict:

@@ -76,24 +76,6 @@ def describe_identity(identity: dict[str, Any]) -> str:
     )
 
 
-# ----- search space <-> JSON ---------------------------------------------------------------------
-def space_to_dict(space: SearchSpace) -> dict[str, Any]:
-    d = asdict(space)
-    d["stage_ops"] = {str(k): list(v) for k, v in space.stage_ops.items()}  # JSON keys are strings
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def space_from_dict(d: dict[str, Any], *, source: str = "table.json") -> SearchSpace:
-    try:
-        return SearchSpace(**{**d, "stage_ops": {int(k): tuple(v) for k, v in dict(d.get("stage_ops", {})).items()}})
-    except TypeError as exc:
-        raise DitnasError(f"{source}: field 'space' is not a search space ({exc}); rebuild the table") from None
-
-
-def space_key(space: SearchSpace) -> str:
-    return hashlib.sha256(json.dumps(space_to_dict(space), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _plain_model(model: Any) -> dict[str, Any] | None:
     if model is None:
         return None
@@ -233,8 +215,8 @@ class LatencyTable:
             "backend": ident["backend"],
             "precision": ident["precision"],
             "threads": ident["threads"],
-            "space": space_to_dict(space) if space is not None else None,
-            "space_key": space_key(space) if space is not None else None,
+            "space": space.to_dict() if space is not None else None,
+            "space_key": space.key() if space is not None else None,
             "model": _plain_model(model),
             "sessions": sources,
             "created_at": _now(),
@@ -292,7 +274,7 @@ class LatencyTable:
     @property
     def space(self) -> SearchSpace | None:
         d = self.manifest.get("space")
-        return space_from_dict(d, source=str((self.root or Path(".")) / TABLE_MANIFEST)) if d else None
+        return SearchSpace.from_dict(d, source=f"{(self.root or Path('.')) / TABLE_MANIFEST}: field 'space'") if d else None
 
     def describe(self) -> str:
         return describe_identity(self.identity)

@@ -26,11 +26,8 @@ import torch
 from ditnas.arch import Arch
 from ditnas.errors import DitnasError
 from ditnas.io import file_sha256
-from ditnas.supernet.flow import EvalBatch, eval_flow_loss, fixed_eval_batch
+from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, EvalBatch, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.model import ElasticDiT
-from ditnas.supernet.run import VAL_BATCH
-
-EVAL_SEED = 1234  # the seed `ditnas train` reports its validation losses with (supernet/run.py)
 
 
 @contextmanager

@@ -44,12 +44,12 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from ditnas.arch import Arch
+from ditnas.config import SAMPLERS  # the names the search config section accepts
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, atomic_write_text
 from ditnas.search.space import SearchChoices
 
 JOURNAL = "study.journal"
-SAMPLERS = ("nsga2", "tpe", "gp")
 STEPS_PARAM = "steps"
 DIRECTIONS = ["minimize", "minimize"]  # latency_ms (total), quality (validation flow loss)
 Progress = Callable[[int, int, str], None]
@@ -160,32 +160,20 @@ def decode(choices: SearchChoices, params: dict[str, Any], base: Arch, steps_set
 
 # ----- the loop --------------------------------------------------------------------------------
 def run_study(
+    study: optuna.Study,
     evaluate: EvaluateFn,
     choices: SearchChoices,
     *,
     steps: Sequence[int],
     budget_ms: float,
     n_trials: int,
-    storage: Any,
-    study_name: str,
-    sampler: optuna.samplers.BaseSampler,
-    seeds: Sequence[tuple[Arch, int]] = (),
     memory_limit_bytes: float | None = None,
     base: Arch | None = None,
     progress: Progress | None = None,
 ) -> optuna.Study:
-    """Create or continue the study and run `n_trials` more ask/tell trials (seeds are enqueued first,
-    once per study)."""
+    """Run `n_trials` more ask/tell trials of `study` (opened by `study.open_study`, seeds enqueued)."""
     steps = [int(s) for s in steps]
     base = base or choices.space.max_arch()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name, load_if_exists=True,
-                                directions=DIRECTIONS)
-    if len(study.directions) != 2:
-        raise DitnasError(f"study {study_name!r} in this storage has {len(study.directions)} objectives; use another --out/--storage")
-    study.set_user_attr("budget_ms", float(budget_ms))
-    for arch, s in seeds:
-        study.enqueue_trial(encode(choices, arch, s, steps), user_attrs={"source": "dp"}, skip_if_exists=True)
     dists = distributions(choices, steps)
     for k in range(n_trials):
         trial = study.ask(dists)

@@ -12,11 +12,12 @@ Costs (ms per denoising step) of the DP (`dp.DPProblem`, method.md §1.4):
   at w, an upper bound when latency grows with width (true of real tables, not always of noisy
   ones: `stage.py` builds one problem per width, pools the seeds and keeps those the predictor
   confirms fit the budget).
-- calibration: the predictor maps the table sum S to a·S + b·(blocks that run) + c. That is additive,
-  so `calibrated=True` (default) prices every block cell at a·p50 + b, the fixed and transition costs
-  at a·p50, and moves c into the budget (`DPProblem.budget_ms = budget − c`); the DP's layout cost
-  plus c then equals `predictor.predict(arch)` for layouts whose stream width is w. A cell that a
-  negative b would make negative is clipped to 0 ms (over-estimates, so still never over budget).
+- calibration: the DP asks the predictor for its additive decomposition (`LatencyPredictor.cell_cost`
+  per cell, `fixed_cost` once; `decompose(arch)` sums to `predict(arch)`) and moves the fixed cost
+  into the budget (`DPProblem.budget_ms = budget − fixed`): the DP's layout cost plus the fixed cost
+  then equals `predictor.predict(arch)` for layouts whose stream width is w. A cell term that a
+  negative per-block calibration would make negative is clipped to 0 ms (an over-estimate, so still
+  never over budget).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ditnas.arch import Arch, SearchSpace
+from ditnas.arch import SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.latency_models.programs import Cell
 from ditnas.search.dp import (
@@ -36,7 +37,6 @@ from ditnas.search.dp import (
     k_best,
     solve,
     solve_two_phase,
-    to_arch,
 )
 from ditnas.search.sensitivity import score_array
 from ditnas.search.space import SearchChoices
@@ -55,8 +55,8 @@ def check_coverage(table, space: SearchSpace, *, limit: int = 20) -> None:
 
 
 def calibration_offset(predictor, calibrated: bool = True) -> float:
-    """The intercept c the DP leaves out of its costs (0 when uncalibrated)."""
-    return float(predictor.calibration.c) if calibrated else 0.0
+    """The predictor's fixed cost, which the DP leaves out of its layout costs."""
+    return float(predictor.fixed_cost(calibrated))
 
 
 def _tokens(space: SearchSpace, stage: int) -> int:
@@ -70,8 +70,6 @@ def cost_tables(choices: SearchChoices, predictor, *, stream_width: float | None
     w = float(space.widths[-1] if stream_width is None else stream_width)
     if w not in space.widths:
         raise DitnasError(f"stream width {w} is not a width of the space {list(space.widths)}")
-    cal = predictor.calibration
-    a, b = (cal.a, cal.b) if calibrated else (1.0, 0.0)
     mask = choices.mask()
     cost = np.full(mask.shape, np.inf)
     priced: dict[tuple, float] = {}
@@ -88,11 +86,11 @@ def cost_tables(choices: SearchChoices, predictor, *, stream_width: float | None
                 key = (choice.op, choice.width, choice.mlp_ratio, r)
                 if key not in priced:
                     cell = Cell("block", choice.op, choice.width, choice.mlp_ratio, _tokens(space, r), r)
-                    priced[key] = max(0.0, a * predictor.price(cell).p50 + b)
+                    priced[key] = max(0.0, predictor.cell_cost(cell, calibrated))
                 cost[i, o, r] = priced[key]
 
     def other(kind: str, stage: int) -> float:
-        return max(0.0, a * predictor.price(Cell(kind, width=w, tokens=_tokens(space, stage), stage=stage)).p50)
+        return max(0.0, predictor.cell_cost(Cell(kind, width=w, tokens=_tokens(space, stage), stage=stage), calibrated))
 
     fixed = other("patch_embed", 0) + other("final", 0)
     half = bool(mask[:, :, 1].any())
@@ -185,8 +183,3 @@ def dp_results(problem: DPProblem, k: int) -> list[DPResult]:
             continue  # within bucket rounding of the minimum
     out.sort(key=lambda r: -r.score)
     return out
-
-
-def dp_seeds(problem: DPProblem, choices: SearchChoices, base: Arch | None, k: int) -> list[Arch]:
-    """The k best DP layouts as Archs (header from `base`, e.g. with the steps of the seed)."""
-    return [to_arch(res, choices, base) for res in dp_results(problem, k)]

@@ -30,7 +30,6 @@ import pandas as pd
 from ditnas.arch import Arch
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes
-from ditnas.latency_models.table import space_key
 from ditnas.search.objectives import torch_threads
 from ditnas.search.space import SearchChoices
 from ditnas.supernet.flow import EvalBatch, eval_flow_loss
@@ -128,7 +127,7 @@ def slot_sensitivity(
     choices = choices or SearchChoices.from_space(supernet.space)
     path = None
     if cache_dir is not None:
-        path = cache_path(cache_dir, checkpoint_sha256, n, seed, space_key(supernet.space))
+        path = cache_path(cache_dir, checkpoint_sha256, n, seed, supernet.space.key())
         if path.exists():
             try:
                 df = pd.read_parquet(path)

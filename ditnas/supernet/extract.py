@@ -12,29 +12,15 @@ from pathlib import Path
 import torch
 
 import ditnas
-from ditnas.arch import Arch
+from ditnas.arch import Arch, SearchSpace, resolve_arch
 from ditnas.config import config_from_dict
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
 from ditnas.supernet.flow import interpolate
 from ditnas.supernet.model import ElasticDiT, SubDiT
-from ditnas.supernet.train import load_supernet, load_weights, space_from_record
+from ditnas.supernet.train import load_supernet, load_weights
 
 SUBNET_NAME = "subnet.pt"
-
-
-def read_arch_argument(value: str, model: ElasticDiT) -> Arch:
-    """`--arch` is a layout string, `max`/`min`, or a file holding one (first non-comment line)."""
-    if value in ("max", "min"):
-        return model.space.max_arch() if value == "max" else model.space.min_arch()
-    path = Path(value)
-    source = "--arch"
-    if len(value) < 255 and path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
-        if not lines:
-            raise DitnasError(f"arch file {path} is empty; write one layout string such as 'sa:1:4*6'")
-        value, source = lines[0], str(path)
-    return model.space.parse(value, source=source)
 
 
 @torch.no_grad()
@@ -53,7 +39,7 @@ def extract_subnet(checkpoint: Path, arch_text: str, out: Path, *, use_ema: bool
     """Extract `arch_text` from `checkpoint` into folder `out`; returns the manifest."""
     out = Path(out)
     model, cfg, state = load_supernet(checkpoint, use_ema=use_ema)
-    arch = read_arch_argument(arch_text, model)
+    arch = resolve_arch(model.space, arch_text)
     sub = model.extract(arch).eval()
     error = parity_error(model, sub, arch)
     atomic_torch_save(
@@ -86,7 +72,7 @@ def load_subnet(path: Path) -> SubDiT:
     if not isinstance(state, dict) or not {"arch", "config", "space", "weights"} <= set(state):
         raise DitnasError(f"subnet file {path} is not a ditnas subnet; pass the folder written by `ditnas extract`")
     cfg = config_from_dict(state["config"], where=f"{path}:config")
-    space = space_from_record(state["space"])
+    space = SearchSpace.from_dict(state["space"], source=f"{path}: field 'space'")
     skeleton = ElasticDiT(space, cfg.model)  # the structure only; weights are replaced below
     sub = skeleton.extract(space.parse(state["arch"], source=str(path)))
     load_weights(sub, state["weights"], path)

@@ -57,6 +57,12 @@ class EvalBatch:
         return velocity_target(self.x0, self.eps)
 
 
+# The one validation protocol: `ditnas train` reports, and the search scores, the flow-matching loss on
+# this many validation items with noise and t drawn from this seed (so their numbers are comparable).
+VAL_BATCH = 512
+EVAL_SEED = 1234
+
+
 def fixed_eval_batch(x0: Tensor, y: Tensor | None, n: int, seed: int, null_label: int) -> EvalBatch:
     """`n` validation items (cycled if needed) with noise and t drawn from `seed`; t stratified on [0,1]."""
     g = torch.Generator().manual_seed(seed)

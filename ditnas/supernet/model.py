@@ -285,8 +285,7 @@ class ElasticDiT(_Trunk):
         return SubDiT(self, arch)
 
     def config_dict(self) -> dict:
-        space = asdict(self.space)
-        return {"space": space, "model": asdict(self.cfg)}
+        return {"space": self.space.to_dict(), "model": asdict(self.cfg)}
 
 
 class SubDiT(_Trunk):

@@ -14,12 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import ditnas
 from ditnas.config import RunConfig, dump_config
 from ditnas.io import write_json
-from ditnas.supernet.flow import eval_flow_loss, fixed_eval_batch
+from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
 from ditnas.supernet.train import CHECKPOINT_NAME, Trainer, train_supernet
-
-VAL_BATCH = 512  # validation items for the flow-matching loss (fixed noise, seed 1234)
-
 
 def _ema_model(trainer: Trainer) -> torch.nn.Module:
     import copy
@@ -31,7 +28,7 @@ def _ema_model(trainer: Trainer) -> torch.nn.Module:
 
 def val_losses(trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
     split = trainer.split
-    batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=1234, null_label=trainer.null_label)
+    batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=EVAL_SEED, null_label=trainer.null_label)
     space = trainer.space
     return {name: eval_flow_loss(velocity_fn(model, arch), batch) for name, arch in reference_archs(space).items()}
 

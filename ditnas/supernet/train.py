@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -195,7 +195,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
-            "space": asdict(self.space),
+            "space": self.space.to_dict(),
             "data_fingerprint": self.split.fingerprint(),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -274,19 +274,10 @@ def load_supernet(path: Path, *, use_ema: bool = True) -> tuple[ElasticDiT, RunC
     state = torch_load(path)
     check_checkpoint(state, path)
     cfg = config_from_dict(state["config"], where=f"{path}:config")
-    model = ElasticDiT(space_from_record(state["space"]), cfg.model)
+    model = ElasticDiT(SearchSpace.from_dict(state["space"], source=f"{path}: field 'space'"), cfg.model)
     load_weights(model, state["ema"] if use_ema else state["model"], path)
     model.eval()
     return model, cfg, state
-
-
-def space_from_record(raw: dict) -> SearchSpace:
-    """The SearchSpace a checkpoint recorded with `dataclasses.asdict`."""
-    out = dict(raw)
-    out["stage_ops"] = {int(k): tuple(v) for k, v in raw.get("stage_ops", {}).items()}
-    for key in ("ops", "widths", "mlp_ratios", "skippable", "stage_pattern", "latent"):
-        out[key] = tuple(raw[key])
-    return SearchSpace(**out)
 
 
 def train_supernet(

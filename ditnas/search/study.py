@@ -1,0 +1,127 @@
+"""One budget-aware, DP-seeded Optuna study: what `ditnas search` and every study of `ditnas sweep`
+build, so the two cannot drift (same budget check, same seeds, same storage layout).
+
+    check_budget(...)   -> which steps values the budget reaches (refuses an unreachable budget)
+    dp_seeds(...)       -> up to n exact-DP layouts under the budget, best score first
+    open_study(...)     -> create or continue the study in a storage, seeds enqueued once
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+
+from ditnas.arch import Arch
+from ditnas.config import SearchConfig
+from ditnas.errors import ConfigFieldError, DitnasError
+from ditnas.search.optuna_search import DIRECTIONS, encode, make_sampler
+from ditnas.search.problem import build_problem, dp_results, min_reachable_ms
+from ditnas.search.dp import to_arch
+from ditnas.search.space import SearchChoices
+
+
+def fmt_ms(x: float) -> str:
+    """Short text for ms that is never below x (the user copies a minimum as a budget)."""
+    for digits in (4, 6, 8, 10):
+        text = f"{x:.{digits}g}"
+        if float(text) >= x:
+            return text
+    return repr(float(x))
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    budget_ms: float  # one whole generation
+    min_ms_per_step: float  # the cheapest arch of the space on this table
+    reachable: list[int]  # steps values at which the budget fits that arch
+
+    def per_step(self, steps: int) -> float:
+        return self.budget_ms / steps
+
+
+def check_budget(choices: SearchChoices, predictor, sens, budget_ms: float, steps: Sequence[int],
+                 table_desc: str) -> BudgetCheck:
+    """The steps values `budget_ms` reaches; ConfigFieldError(search.budget_ms) when none does."""
+    minimum = min_reachable_ms(choices, predictor, sens)
+    reachable = [s for s in steps if budget_ms / s >= minimum]
+    if not reachable:
+        per = ", ".join(f"{fmt_ms(s * minimum)} ms at {s} steps" for s in steps)
+        raise ConfigFieldError(
+            "search.budget_ms",
+            f"{budget_ms:g} ms is below the cheapest reachable arch on {table_desc}: {per} "
+            f"({fmt_ms(minimum)} ms per step); raise the budget or use fewer steps",
+        )
+    return BudgetCheck(float(budget_ms), minimum, reachable)
+
+
+def dp_seeds(choices: SearchChoices, predictor, sens, budget_ms_total: float, steps: Sequence[int], n_seeds: int,
+             *, buckets: int) -> list[tuple[Arch, int]]:
+    """Up to `n_seeds` distinct (arch, steps) the exact DP finds under `budget_ms_total`: for each steps
+    value and stream width the best layouts (and points along the DP's own front), best summed
+    sensitivity score first, round-robin over steps values. Steps values the budget cannot reach
+    give none."""
+    space = choices.space
+    pooled: list[tuple[float, Arch, int]] = []
+    for s in steps:
+        for w in space.widths:
+            try:
+                problem = build_problem(choices, predictor, sens, budget_ms_total / s, buckets=buckets, stream_width=w)
+                results = dp_results(problem, n_seeds)
+            except DitnasError:
+                continue  # this stream width (or steps value) cannot fit the budget
+            base = replace(space.max_arch(), steps=s)
+            for r in results:
+                arch = to_arch(r, choices, base)
+                # a layout narrower than w was priced with the stream at w: exact only when latency grows
+                # with width, so keep the seed only if the predictor agrees it fits (noisy tables)
+                if predictor.predict(arch) <= budget_ms_total / s * (1 + 1e-9):
+                    pooled.append((r.score, arch, s))
+    pooled.sort(key=lambda item: -item[0])
+    seeds: list[tuple[Arch, int]] = []
+    seen: set[tuple[Arch, int]] = set()
+    by_steps = {s: [(a, st) for _, a, st in pooled if st == s] for s in steps}
+    while len(seeds) < n_seeds and any(by_steps.values()):
+        for s in steps:
+            while by_steps[s]:
+                item = by_steps[s].pop(0)
+                if item not in seen:
+                    seen.add(item)
+                    seeds.append(item)
+                    break
+            if len(seeds) >= n_seeds:
+                break
+    return seeds
+
+
+def study_name_for(checkpoint_sha: str, table_id: str | None, budget_ms_total: float, steps: Sequence[int],
+                   memory_limit_mb: float | None) -> str:
+    """The default study name of `ditnas search`: a hash of what makes two searches the same search."""
+    text = json.dumps([checkpoint_sha, table_id, float(budget_ms_total), sorted(int(s) for s in steps), memory_limit_mb])
+    return f"ditnas-search-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def open_study(cfg: SearchConfig, choices: SearchChoices, storage: Any, name: str, budget_ms: float,
+               seeds: Sequence[tuple[Arch, int]], *, constant_liar: bool = False,
+               user_attrs: dict[str, Any] | None = None) -> optuna.Study:
+    """Create or continue study `name` (two objectives: latency, quality), enqueue the DP seeds once.
+
+    `constant_liar`: for drivers with several trials in flight (a sweep)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, directions=list(DIRECTIONS),
+                                sampler=make_sampler(cfg.sampler, cfg.seed, population_size=cfg.population,
+                                                     constant_liar=constant_liar))
+    if len(study.directions) != 2:
+        raise DitnasError(f"study {name!r} in this storage has {len(study.directions)} objectives; "
+                          "use another results folder or storage")
+    study.set_user_attr("budget_ms", float(budget_ms))
+    for key, value in (user_attrs or {}).items():
+        study.set_user_attr(key, value)
+    steps = cfg.sorted_steps
+    for arch, s in seeds:
+        study.enqueue_trial(encode(choices, arch, s, steps), user_attrs={"source": "dp"}, skip_if_exists=True)
+    return study
