@@ -1,8 +1,9 @@
 """Phone backends (android-adb, ios, coreml) and `ingest`, without a phone or a Mac.
 
-Every artifact ingested here is produced by this project: a real ETDump from the host XNNPACK
-runtime (the flatbuffer executor_runner writes on a phone), and minibench JSON, xcodebuild logs and
-Core ML benchmark JSON from `artifacts.py`. adb is a shell script that records its argv, so the
+Artifacts ingested here are produced by this project (a real ETDump from the host XNNPACK runtime,
+the flatbuffer executor_runner writes on a phone; minibench JSON, xcodebuild logs and Core ML
+benchmark JSON from the writers in each backend's file) and, in the "real formats" section, taken
+from the upstream projects (tests/fixtures/phone/, each test names its source). adb is a shell script that records its argv, so the
 exact command sequence is asserted. Cost: 3 XNNPACK lowerings and 1 coremltools conversion.
 """
 
@@ -27,27 +28,30 @@ from ditnas.latency_models import (
     get_backend,
     programs_for_cells,
 )
-from ditnas.latency_models.artifacts import (
+from ditnas.latency_models.artifacts import cell_from_name, device_model_name
+from ditnas.latency_models.backends.android_adb import (
     AndroidDeviceInfo,
-    CoreMLBenchmarkResult,
-    XCTestMeasurement,
-    cell_from_name,
-    coreml_benchmark_payload,
-    device_model_name,
-    ios_test_name,
     minibench_records,
-    write_coreml_benchmark_json,
-    write_host_etdump,
+    parse_minibench_json,
     write_minibench_json,
-    write_xcodebuild_log,
-    xcodebuild_log_text,
 )
-from ditnas.latency_models.backends.android_adb import parse_minibench_json
+from ditnas.latency_models.backends.coreml import (
+    CoreMLBenchmarkResult,
+    coreml_benchmark_payload,
+    write_coreml_benchmark_json,
+)
 from ditnas.latency_models.backends.executorch_xnnpack import (
     ExecuTorchXnnpackBackend,
     parse_etdump,
+    write_host_etdump,
 )
-from ditnas.latency_models.backends.ios_xcodebuild import parse_xcodebuild_log
+from ditnas.latency_models.backends.ios_xcodebuild import (
+    XCTestMeasurement,
+    ios_test_name,
+    parse_xcodebuild_log,
+    write_xcodebuild_log,
+    xcodebuild_log_text,
+)
 from ditnas.latency_models.ingest import detect_format, ingest, session_for_artifacts
 from ditnas.supernet.model import ElasticDiT
 
@@ -392,7 +396,7 @@ def test_unknown_format_and_truncated_json_are_clear_errors(tmp_path, android) -
     session = ProfilingSession.open(tmp_path / "s", get_backend("ios", device_info={"device_id": "u", "device_model": "iPhone17,2"}), iters=5)
     odd = tmp_path / "notes.txt"
     odd.write_text("hello phone\n")
-    with pytest.raises(DitnasError, match=r"notes.txt is in no format ditnas reads; known formats: etdump.*minibench-json.*xcodebuild-log"):
+    with pytest.raises(DitnasError, match=r"notes.txt is in no format ditnas reads; known formats: coreml-benchmark-json.*etdump.*minibench-json.*xcodebuild-log"):
         ingest([odd], session)
     # a log whose measured lines name no ditnas program
     foreign = tmp_path / "foreign.log"

@@ -1,4 +1,4 @@
-"""Device artifact names and writers of the formats the phone toolchains produce.
+"""What every phone artifact reader shares: program names on devices, one parsed-file type, a probe.
 
 Names. A program travels to a phone as `<device stem>_<backend>_<dtype>.pte`, the convention the
 ExecuTorch minibench app and the iOS Benchmark app parse (toolchain.md §2.2, §8). The device stem is
@@ -8,40 +8,26 @@ the program key with ':' -> '_' and '.' -> 'p' (`block:sa:w0.5:r4:n64:s0` ->
 app's punctuation-to-'_' test naming leaves it intact. `key_from_name` reads every form back
 (device stems, `file_stem` names with '.', raw keys, with or without the backend/dtype/extension tail).
 
-Writers. Tests and `ditnas profile ingest` demos need the device formats without a device, so this
-module writes them exactly as documented:
-- minibench `benchmark_results.json` (BenchmarkMetric.kt: a list of
-  `{benchmarkModel: {name, backend, quantization}, metric, actualValue, targetValue,
-  deviceInfo: {device, arch, os, totalMem, availMem}}`);
-- xcodebuild/XCTest stdout with `Test Case '-[GenericTests test_forward_<resource>_iOS_<ver>_<machine>]'
-  measured [Clock Monotonic Time, s] average: ..., values: [...]` lines (GenericTests.mm,
-  DynamicTestCase.m, ResourceTestCase.m naming);
-- a Core ML benchmark JSON holding coremltools `MLModelBenchmarker.Measurement`s
-  (`statistics {minimum, maximum, average, std_dev, median}`, `samples` in ms), the "your JSON" of
-  toolchain.md §2.4, in the schema `COREML_BENCHMARK_FORMAT` below.
-ETDumps are not written here: they come from the real ExecuTorch runtime (`write_host_etdump`).
+Formats. Each artifact format is read (and, for tests and demos, written) by the backend of the
+device that writes it: minibench JSON in `backends/android_adb.py`, xcodebuild logs in
+`backends/ios_xcodebuild.py`, Core ML benchmark JSON in `backends/coreml.py`, ETDumps in
+`backends/executorch_xnnpack.py`. `ingest` asks every registered backend's `sniff` with one
+`ArtifactProbe` per file and gets a `ParsedArtifact` back (`parsed_artifact` builds one).
+The writers' old names here (`minibench_records`, `write_xcodebuild_log`, ...) still resolve.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
-import shutil
-import statistics
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_write_text, write_json
 from ditnas.latency_models.programs import Cell
-
-COREML_BENCHMARK_FORMAT = "ditnas.coreml-benchmark/1"
-MINIBENCH_LATENCY_METRIC = "avg_inference_latency(ms)"
-XCTEST_CLOCK_METRIC = "Clock Monotonic Time, s"
-XCTEST_MEMORY_METRIC = "Memory Peak Physical, kB"
-IOS_TEST_CLASS = "GenericTests"  # the Benchmark app's class for plain .pte resources
 
 _NUM = r"\d+(?:[.p]\d+)?"
 # the program part of a name; the tail (backend, dtype, "pte", extension) is allowed and ignored
@@ -126,188 +112,118 @@ def load_json(path: Path, what: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# minibench benchmark_results.json
+# one parsed device file, and the probe every backend's `sniff` reads
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class AndroidDeviceInfo:
-    """minibench's DeviceInfo: `device` = Build.BRAND, `arch` = Build.MODEL, `os` = "Android <release>"."""
+class ParsedArtifact:
+    """One device file, parsed: every row it holds, and the latency samples per program key."""
 
-    device: str = "google"
-    arch: str = "Pixel 8"
-    os: str = "Android 15"
-    totalMem: int = 8 * 1024**3
-    availMem: int = 4 * 1024**3
-
-
-def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
-    """Mean of the middle 80% (minibench's trimmean_inference_latency)."""
-    ordered = sorted(values)
-    cut = int(len(ordered) * share)
-    kept = ordered[cut : len(ordered) - cut] or ordered
-    return statistics.fmean(kept)
+    path: Path
+    format: str
+    rows: list[dict[str, Any]]
+    samples: dict[str, list[float]]
+    cells: dict[str, dict[str, Any]]
+    device: dict[str, Any] = field(default_factory=dict)  # device fields the file names
+    aggregate: bool = False  # True when a "sample" is a per-run average (minibench)
+    ignored: list[str] = field(default_factory=list)  # names in the file that are no ditnas program
 
 
-def minibench_records(
-    name: str,
-    latencies_ms: Sequence[float],
+class ArtifactProbe:
+    """A device file as the sniffers see it. Each view is read at most once, however many backends
+    ask: `head` (first 4 KiB), `text` (empty for binary files), `json` (None unless the text starts
+    like JSON; a truncated JSON file is a DitnasError naming it)."""
+
+    HEAD_BYTES = 4096
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DitnasError(f"artifact {self.path} does not exist (or is a folder); pass the files the device produced")
+
+    @cached_property
+    def head(self) -> bytes:
+        try:
+            with self.path.open("rb") as f:
+                return f.read(self.HEAD_BYTES)
+        except OSError as exc:
+            raise DitnasError(f"artifact {self.path} is unreadable ({exc.strerror}); check its permissions") from None
+
+    @cached_property
+    def is_text(self) -> bool:
+        return b"\x00" not in self.head
+
+    @cached_property
+    def text(self) -> str:
+        return self.path.read_text(errors="replace") if self.is_text else ""
+
+    @cached_property
+    def json(self) -> Any:
+        if not self.is_text or not self.head.decode("utf-8", errors="replace").lstrip().startswith(("[", "{")):
+            return None
+        return load_json(self.path, "artifact")
+
+
+def plan_cells(path: Path) -> dict[str, dict[str, Any]]:
+    """Cell fields from an android_plan.json beside the file or one folder up (fills model archs)."""
+    for folder in (path.parent, path.parent.parent):
+        plan = folder / "android_plan.json"
+        if plan.is_file():
+            try:
+                return {p["key"]: {k: p[k] for k in ("key", "kind", "op", "width", "mlp_ratio", "tokens", "stage", "arch")} for p in json.loads(plan.read_text())["programs"]}
+            except (ValueError, KeyError, TypeError):
+                return {}
+    return {}
+
+
+def parsed_artifact(
+    path: Path,
+    fmt: str,
+    rows: list[dict[str, Any]],
+    samples: dict[str, list[float]],
     *,
-    load_ms: float,
-    device: AndroidDeviceInfo,
-    backend: str = "xnnpack",
-    quantization: str = "fp32",
-    pss_mb: float = 0.0,
-    load_status: int = 0,
-) -> list[dict[str, Any]]:
-    """The records minibench writes for one model: load time and status, average and trimmed-mean
-    latency over its timed iterations, PSS memory."""
-    model = {"name": name, "backend": backend, "quantization": quantization}
-
-    def rec(metric: str, value: float) -> dict[str, Any]:
-        return {"benchmarkModel": dict(model), "metric": metric, "actualValue": float(value), "targetValue": 0.0, "deviceInfo": asdict(device)}
-
-    out = [rec("model_load_time(ms)", load_ms), rec("load_status", load_status)]
-    if latencies_ms:
-        out += [
-            rec(MINIBENCH_LATENCY_METRIC, statistics.fmean(latencies_ms)),
-            rec("trimmean_inference_latency(ms)", trimmed_mean(latencies_ms)),
-        ]
-    out.append(rec("ram_pss_usage(mb)", pss_mb))
-    return out
-
-
-def write_minibench_json(path: Path, records: Sequence[dict[str, Any]]) -> Path:
-    write_json(Path(path), list(records))
-    return Path(path)
+    device: dict[str, Any] | None = None,
+    aggregate: bool = False,
+    ignored: list[str] | None = None,
+) -> ParsedArtifact:
+    """What every reader ends with: refuse a file with no sample of a ditnas program, and give
+    each program key its cell fields (from a plan file beside it, else from the key itself)."""
+    path, ignored = Path(path), list(ignored or [])
+    if not samples:
+        raise DitnasError(
+            f"artifact {path} ({fmt}) holds no latency samples of a ditnas program"
+            + (f" (names seen: {', '.join(ignored[:5])})" if ignored else "")
+            + "; check that the device ran the files `prepare` wrote"
+        )
+    plan = plan_cells(path)
+    cells = {}
+    for key in samples:
+        cell = plan.get(key) or cell_from_name(key)
+        if cell is None:
+            raise DitnasError(f"artifact {path}: program {key!r} is not a ditnas key; rename the file as `prepare` named it")
+        cells[key] = cell
+    return ParsedArtifact(path, fmt, rows, samples, cells, dict(device or {}), aggregate, ignored)
 
 
-# ----------------------------------------------------------------------------------------------
-# xcodebuild / XCTest log
-# ----------------------------------------------------------------------------------------------
-def _punct_to_underscore(text: str) -> str:
-    # NSCharacterSet.punctuationCharacterSet -> "_" (ResourceTestCase.m, DynamicTestCase.m)
-    return re.sub(r"[!-/:-@\[-^`{-~]", lambda m: m.group(0) if m.group(0) in "+$<=>^`|~" else "_", text)
+# The format writers and constants moved to the backend of the device that writes the format;
+# their old names here still resolve (imported on first use, so this module imports no backend).
+_MOVED = {
+    "ditnas.latency_models.backends.android_adb": (
+        "MINIBENCH_LATENCY_METRIC", "AndroidDeviceInfo", "trimmed_mean", "minibench_records", "write_minibench_json",
+    ),
+    "ditnas.latency_models.backends.ios_xcodebuild": (
+        "XCTEST_CLOCK_METRIC", "XCTEST_MEMORY_METRIC", "IOS_TEST_CLASS", "ios_test_name", "XCTestMeasurement",
+        "xctest_measured_line", "xcodebuild_log_text", "write_xcodebuild_log",
+    ),
+    "ditnas.latency_models.backends.coreml": (
+        "COREML_BENCHMARK_FORMAT", "measurement", "CoreMLBenchmarkResult", "coreml_benchmark_payload",
+        "write_coreml_benchmark_json",
+    ),
+    "ditnas.latency_models.backends.executorch_xnnpack": ("write_host_etdump",),
+}  # fmt: skip
 
 
-def ios_test_name(method: str, resource_file: str, *, ios_version: str = "18.1", machine: str = "iPhone17,2") -> str:
-    """`test_forward_block_sa_w0p5_r4_n64_s0_xnnpack_fp32_pte_iOS_18_1_iPhone17_2`: the Benchmark app's
-    dynamic test name for one resource on one device."""
-    resource = _punct_to_underscore(Path(resource_file).name)
-    device = _punct_to_underscore(f"iOS_{ios_version}_{machine}")
-    return f"test_{method}_{resource}_{device}"
-
-
-@dataclass
-class XCTestMeasurement:
-    """One `measured [...]` result of one test: the metric and its per-iteration values (metric units)."""
-
-    test_name: str
-    values: list[float]
-    metric: str = XCTEST_CLOCK_METRIC
-    test_class: str = IOS_TEST_CLASS
-
-
-def xctest_measured_line(m: XCTestMeasurement) -> str:
-    """The line XCTest prints for a performance metric (units are the metric's own: s, kB)."""
-    avg = statistics.fmean(m.values)
-    rsd = 100.0 * statistics.pstdev(m.values) / avg if avg else 0.0
-    metric_id = {
-        XCTEST_CLOCK_METRIC: "com.apple.dt.XCTMetric_Clock.time.monotonic",
-        XCTEST_MEMORY_METRIC: "com.apple.dt.XCTMetric_Memory.physical_peak",
-    }.get(m.metric, "com.apple.dt.XCTMetric")
-    values = ", ".join(f"{v:.6f}" for v in m.values)
-    return (
-        f"Test Case '-[{m.test_class} {m.test_name}]' measured [{m.metric}] average: {avg:.6f}, "
-        f"relative standard deviation: {rsd:.3f}%, values: [{values}], performanceMetricID:{metric_id}, "
-        'baselineName: "", baselineAverage: , polarity: prefers smaller, maxPercentRegression: 10.000%, '
-        "maxPercentRelativeStandardDeviation: 10.000%, maxRegression: 0.100, maxStandardDeviation: 0.100"
-    )
-
-
-def xcodebuild_log_text(measurements: Sequence[XCTestMeasurement]) -> str:
-    """A `xcodebuild test` stdout: suite/case start and pass lines around the measured lines."""
-    lines = ["Test Suite 'All tests' started at 2026-01-01 12:00:00.000."]
-    by_case: dict[tuple[str, str], list[XCTestMeasurement]] = {}
-    for m in measurements:
-        by_case.setdefault((m.test_class, m.test_name), []).append(m)
-    for (cls, name), ms in by_case.items():
-        lines.append(f"Test Case '-[{cls} {name}]' started.")
-        lines.extend(xctest_measured_line(m) for m in ms)
-        lines.append(f"Test Case '-[{cls} {name}]' passed (1.234 seconds).")
-    lines.append("Test Suite 'All tests' passed at 2026-01-01 12:00:10.000.")
-    lines.append("** TEST SUCCEEDED **")
-    return "\n".join(lines) + "\n"
-
-
-def write_xcodebuild_log(path: Path, measurements: Sequence[XCTestMeasurement]) -> Path:
-    atomic_write_text(Path(path), xcodebuild_log_text(measurements))
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Core ML benchmark JSON (coremltools MLModelBenchmarker measurements)
-# ----------------------------------------------------------------------------------------------
-def measurement(samples_ms: Sequence[float]) -> dict[str, Any]:
-    """`MLModelBenchmarker.Measurement` as JSON: statistics (np.std is the population std) + samples."""
-    values = [float(v) for v in samples_ms]
-    stats = None
-    if values:
-        stats = {
-            "minimum": min(values),
-            "maximum": max(values),
-            "average": statistics.fmean(values),
-            "std_dev": statistics.pstdev(values),
-            "median": statistics.median(values),
-        }
-    return {"statistics": stats, "samples": values}
-
-
-@dataclass
-class CoreMLBenchmarkResult:
-    key: str
-    model: str  # the .mlpackage file name
-    predict_ms: list[float]
-    load_ms: list[float] = field(default_factory=list)
-
-
-def coreml_benchmark_payload(
-    results: Sequence[CoreMLBenchmarkResult],
-    *,
-    device: dict[str, Any],
-    compute_units: str = "CPU_AND_NE",
-    tool: str = "coremltools.MLModelBenchmarker",
-    tool_version: str | None = None,
-    warmup: bool = True,
-) -> dict[str, Any]:
-    return {
-        "format": COREML_BENCHMARK_FORMAT,
-        "tool": tool,
-        "tool_version": tool_version,
-        "compute_units": compute_units,
-        "warmup": warmup,
-        "device": dict(device),
-        "results": [
-            {"key": r.key, "model": r.model, "load": measurement(r.load_ms), "predict": measurement(r.predict_ms)} for r in results
-        ],
-    }
-
-
-def write_coreml_benchmark_json(path: Path, payload: dict[str, Any]) -> Path:
-    write_json(Path(path), payload)
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# ETDump from the real runtime on this host (what executor_runner --etdump_path writes on a phone)
-# ----------------------------------------------------------------------------------------------
-def write_host_etdump(prepared: Any, runs: int, dest: Path) -> Path:
-    """Run a lowered program `runs` times on this host's XNNPACK runtime with the event tracer on and
-    copy the ETDump to `dest`, the same flatbuffer executor_runner writes with --num_executions."""
-    from ditnas.latency_models.backends.executorch_xnnpack import (
-        ExecuTorchXnnpackBackend,
-    )
-
-    etdp = ExecuTorchXnnpackBackend().write_etdump(prepared, runs)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(etdp, dest)
-    return dest
+def __getattr__(name: str) -> Any:
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

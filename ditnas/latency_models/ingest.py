@@ -1,31 +1,31 @@
 """Ingest files a device produced into a profiling session (`ditnas profile ingest <artifacts> --session <dir>`).
 
-Each file's format is detected from its content (not trusted from its extension):
+Formats are plug-ins: each backend lists the artifact formats its device writes (`Backend.formats`)
+and reads them itself (`sniff`, `read_artifact`, in the backend's own file). This module only loops
+over the registry (`backends.base.artifact_backends`): every registered backend's `sniff` is asked
+about each file, from its content (not its extension). A file no backend claims is a DitnasError
+naming the file and every format tried; a file two backends claim is one too, naming both.
 
-| format                  | detected by                                          | samples taken                                    |
-|-------------------------|------------------------------------------------------|--------------------------------------------------|
-| `etdump`                | flatbuffer identifier `ED00` at bytes 8..12           | `Method::execute` per run, minus warm-up runs    |
-| `minibench-json`        | JSON list of records with `benchmarkModel`, `metric`  | `avg_inference_latency(ms)`: ONE row per model   |
-| `coreml-benchmark-json` | JSON object with `format` = ditnas.coreml-benchmark/1 | `predict.samples` (ms)                           |
-| `xcodebuild-log`        | text with XCTest `measured [` lines                   | forward tests' `Clock Monotonic Time` values     |
+| format                  | backend (file)                             | samples taken                                    |
+|-------------------------|--------------------------------------------|--------------------------------------------------|
+| `etdump`                | executorch-xnnpack (executorch_xnnpack.py) | `Method::execute` per run, minus warm-up runs    |
+| `minibench-json`        | android-adb (android_adb.py)               | `avg_inference_latency(ms)`: ONE row per model   |
+| `coreml-benchmark-json` | coreml (coreml.py)                         | `predict.samples` (ms)                           |
+| `xcodebuild-log`        | ios (ios_xcodebuild.py)                    | forward tests' `Clock Monotonic Time` values     |
 
-The program key comes from the names the device formats carry (`artifacts.key_from_name`), or for
-an ETDump from its `<name>.run.json` sidecar (written by `android-adb` measure and
-`run_on_device.sh`) when present. Everything is parsed before anything is written, so a bad file
-leaves the session untouched. A key already in the session is skipped (or replaced with
-`replace=True`): a program is never stored twice. Every ingest is logged in the manifest under
-`ingested` (file, format, keys, rows, whether the rows are per-run samples or per-file averages).
+Adding a phone type: one file under `backends/` with a registered `Backend` subclass that sets
+`formats` and implements `sniff` and `read_artifact` (docs/latency.md, "Phone artifacts").
 
-# assumption: minibench reports averages only; its `avg_inference_latency(ms)` is stored as one row
-# (iteration 0) per model and flagged `aggregate` in the manifest log, because it is the metric the
-# iOS log maps to as well (ExecuTorch's extract_benchmark_results.py), keeping both phones comparable.
+Everything is parsed before anything is written, so a bad file leaves the session untouched. A key
+already in the session is skipped (or replaced with `replace=True`): a program is never stored
+twice. Every ingest is logged in the manifest under `ingested` (file, format, keys, rows, whether the
+rows are per-run samples or per-file averages).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,14 @@ from typing import Any
 import pandas as pd
 
 from ditnas.errors import DitnasError
-from ditnas.latency_models.artifacts import (
-    COREML_BENCHMARK_FORMAT,
-    MINIBENCH_LATENCY_METRIC,
-    cell_from_name,
+from ditnas.latency_models.artifacts import ArtifactProbe, ParsedArtifact
+from ditnas.latency_models.backends.base import (
+    ArtifactFormat,
+    Backend,
+    artifact_backends,
+    artifact_formats,
+    get_backend,
 )
-from ditnas.latency_models.backends.base import get_backend
-from ditnas.latency_models.backends.executorch_xnnpack import ETDUMP_MAGIC
 from ditnas.latency_models.session import (
     SAMPLES,
     ProfilingSession,
@@ -47,33 +48,7 @@ from ditnas.latency_models.session import (
     write_samples,
 )
 
-FORMATS: dict[str, str] = {
-    "etdump": "ExecuTorch ETDump (.etdp, flatbuffer identifier ED00)",
-    "minibench-json": "Android minibench benchmark_results.json (list of {benchmarkModel, metric, actualValue, targetValue, deviceInfo})",
-    "coreml-benchmark-json": f"Core ML benchmark JSON (object with format={COREML_BENCHMARK_FORMAT!r})",
-    "xcodebuild-log": "xcodebuild test stdout with XCTest `measured [...] average: ..., values: [...]` lines",
-}
-# which session backends a format may feed (an ETDump is ExecuTorch's, whichever device ran it)
-FORMAT_BACKENDS: dict[str, tuple[str, ...]] = {
-    "etdump": ("android-adb", "executorch-xnnpack", "ios"),
-    "minibench-json": ("android-adb",),
-    "coreml-benchmark-json": ("coreml",),
-    "xcodebuild-log": ("ios",),
-}
-
-
-@dataclass
-class ParsedArtifact:
-    """One device file, parsed: every row it holds, and the latency samples per program key."""
-
-    path: Path
-    format: str
-    rows: list[dict[str, Any]]
-    samples: dict[str, list[float]]
-    cells: dict[str, dict[str, Any]]
-    device: dict[str, Any] = field(default_factory=dict)  # device fields the file names
-    aggregate: bool = False  # True when a "sample" is a per-run average (minibench)
-    ignored: list[str] = field(default_factory=list)  # names in the file that are no ditnas program
+__all__ = ["IngestReport", "ParsedArtifact", "detect_format", "ingest", "known_formats", "read_artifact", "session_for_artifacts"]
 
 
 @dataclass
@@ -88,152 +63,59 @@ class IngestReport:
         return sum(self.added.values())
 
 
-def _known() -> str:
-    return "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
+def known_formats() -> dict[str, ArtifactFormat]:
+    """Every artifact format a registered backend reads, by name."""
+    return {name: fmt for name, (fmt, _) in artifact_formats().items()}
 
 
-def detect_format(path: Path) -> str:
+def _feeds(fmt: str) -> tuple[str, ...]:
+    return artifact_formats()[fmt][0].feeds
+
+
+def _claim(path: Path) -> tuple[str, type[Backend]]:
+    """(format, backend class) of the one registered backend whose `sniff` recognises the file."""
+    probe = ArtifactProbe(path)  # a missing file is refused here, naming it
+    claims: list[tuple[str, type[Backend]]] = []
+    for cls in artifact_backends():
+        fmt = cls.sniff(probe)
+        if fmt is None:
+            continue
+        if fmt not in {f.name for f in cls.formats}:
+            raise DitnasError(f"backend {cls.name!r} sniffed {path} as {fmt!r}, a format it does not list in `formats`; fix its sniff")
+        claims.append((fmt, cls))
+    if not claims:
+        tried = "; ".join(f"{name}: {f.description}" for name, f in known_formats().items())
+        raise DitnasError(f"artifact {path} is in no format ditnas reads; known formats: {tried}")
+    if len(claims) > 1:
+        who = ", ".join(f"{fmt} ({cls.name}, {cls.__module__})" for fmt, cls in claims)
+        raise DitnasError(f"artifact {path} is claimed by several formats: {who}; make those backends' sniff stricter")
+    return claims[0]
+
+
+def detect_format(path: Path | str) -> str:
     """The format of a device file, from its content. Unknown or unreadable: DitnasError."""
+    return _claim(Path(path))[0]
+
+
+def read_artifact(path: Path | str, *, etdump_warmup: int | None = None) -> ParsedArtifact:
+    """Detect and parse one device file into rows and per-key samples (by the backend that reads it).
+
+    etdump_warmup: leading runs of an ETDump to drop when no `.run.json` sidecar says (readers of
+    other formats ignore it)."""
     path = Path(path)
-    if not path.is_file():
-        raise DitnasError(f"artifact {path} does not exist (or is a folder); pass the files the device produced")
-    head = path.read_bytes()[:4096]
-    if head[8:12] == ETDUMP_MAGIC:
-        return "etdump"
-    text = head.decode("utf-8", errors="replace").lstrip()
-    if text.startswith(("[", "{")):
-        from ditnas.latency_models.artifacts import load_json
-
-        data = load_json(path, "artifact")  # a truncated JSON is refused here, naming the file
-        if isinstance(data, list) and data and isinstance(data[0], dict) and "benchmarkModel" in data[0]:
-            return "minibench-json"
-        if isinstance(data, dict) and data.get("format") == COREML_BENCHMARK_FORMAT:
-            return "coreml-benchmark-json"
-    elif "measured [" in path.read_text(errors="replace"):
-        return "xcodebuild-log"
-    raise DitnasError(f"artifact {path} is in no format ditnas reads; known formats: {_known()}")
-
-
-def _sidecar(path: Path) -> dict[str, Any]:
-    side = path.with_name(path.stem + ".run.json")
-    if not side.is_file():
-        return {}
-    try:
-        return json.loads(side.read_text())
-    except ValueError:
-        raise DitnasError(f"{side} is truncated or not JSON; delete it and pass etdump_warmup= yourself") from None
-
-
-def _plan_cells(path: Path) -> dict[str, dict[str, Any]]:
-    """Cell fields from an android_plan.json beside the file or one folder up (fills model archs)."""
-    for folder in (path.parent, path.parent.parent):
-        plan = folder / "android_plan.json"
-        if plan.is_file():
-            try:
-                return {p["key"]: {k: p[k] for k in ("key", "kind", "op", "width", "mlp_ratio", "tokens", "stage", "arch")} for p in json.loads(plan.read_text())["programs"]}
-            except (ValueError, KeyError, TypeError):
-                return {}
-    return {}
-
-
-def _cell(key: str, plan: dict[str, dict[str, Any]], path: Path) -> dict[str, Any]:
-    if key in plan:
-        return plan[key]
-    cell = cell_from_name(key)
-    if cell is None:
-        raise DitnasError(f"artifact {path}: program {key!r} is not a ditnas key; rename the file as `prepare` named it")
-    return cell
-
-
-def read_artifact(path: Path, *, etdump_warmup: int | None = None) -> ParsedArtifact:
-    """Detect and parse one device file into rows and per-key samples."""
-    path = Path(path)
-    fmt = detect_format(path)
-    plan = _plan_cells(path)
-    samples: dict[str, list[float]] = {}
-    device: dict[str, Any] = {}
-    ignored: list[str] = []
-    aggregate = False
-    if fmt == "etdump":
-        from ditnas.latency_models.backends.android_adb import execute_times
-        from ditnas.latency_models.backends.executorch_xnnpack import parse_etdump
-
-        side = _sidecar(path)
-        key = side.get("key") or (cell_from_name(path.name) or {}).get("key")
-        if not key:
-            raise DitnasError(f"ETDump {path}: its name names no ditnas program and no {path.stem}.run.json says which; rename it <device stem>.etdp")
-        rows = parse_etdump(path)
-        times = execute_times(rows, path)
-        warmup = int(side.get("warmup", 0) if etdump_warmup is None else etdump_warmup)
-        if warmup >= len(times):
-            raise DitnasError(f"ETDump {path} holds {len(times)} runs, not more than the {warmup} warm-up runs to drop; pass a smaller etdump_warmup")
-        samples[key] = times[warmup:]
-        device = dict(side.get("device") or {})
-    elif fmt == "minibench-json":
-        from ditnas.latency_models.backends.android_adb import parse_minibench_json
-
-        rows = parse_minibench_json(path)
-        aggregate = True
-        for r in rows:
-            if r["key"] is None:
-                if r["name"] not in ignored:
-                    ignored.append(r["name"])
-            elif r["metric"] == MINIBENCH_LATENCY_METRIC:
-                if r["key"] in samples:
-                    raise DitnasError(f"minibench results {path}: model {r['name']!r} has two {MINIBENCH_LATENCY_METRIC} records; keep one run per file")
-                samples[r["key"]] = [r["value"]]
-            elif r["metric"] == "load_status" and r["value"] != 0:
-                ignored.append(f"{r['name']} (load_status {r['value']:g})")
-        if rows:
-            device = {"device_model": rows[0]["arch"], "device_brand": rows[0]["device"], "os": rows[0]["os"]}
-    elif fmt == "coreml-benchmark-json":
-        from ditnas.latency_models.backends.coreml import parse_coreml_benchmark_json
-
-        rows = parse_coreml_benchmark_json(path)
-        for r in rows:
-            if r["phase"] == "predict":
-                samples.setdefault(r["key"], []).append(r["latency_ms"])
-        dev = json.loads(path.read_text()).get("device") or {}
-        device = {k: v for k, v in dev.items() if k in ("device_id", "device_model", "os")}
-    else:  # xcodebuild-log
-        from ditnas.latency_models.backends.ios_xcodebuild import (
-            is_forward_time,
-            parse_xcodebuild_log,
-        )
-
-        rows = parse_xcodebuild_log(path)
-        lines: dict[str, int] = {}
-        for r in rows:
-            if r["key"] is None:
-                if r["test_name"] not in ignored:
-                    ignored.append(r["test_name"])
-                continue
-            if not is_forward_time(r):
-                continue
-            if lines.setdefault(r["key"], r["line"]) != r["line"]:
-                raise DitnasError(
-                    f"xcodebuild log {path}: {r['key']} is measured on lines {lines[r['key']]} and {r['line']}; "
-                    "ingest one run per log (split the log)"
-                )
-            samples.setdefault(r["key"], []).append(r["latency_ms"])
-        timed = [r for r in rows if r["key"] is not None and r["device_model"]]
-        if timed:
-            device = {"device_model": timed[0]["device_model"], "os": timed[0]["os"]}
-    if not samples:
-        raise DitnasError(
-            f"artifact {path} ({fmt}) holds no latency samples of a ditnas program"
-            + (f" (names seen: {', '.join(ignored[:5])})" if ignored else "")
-            + "; check that the device ran the files `prepare` wrote"
-        )
-    cells = {key: _cell(key, plan, path) for key in samples}
-    return ParsedArtifact(path, fmt, rows, samples, cells, device, aggregate, ignored)
+    fmt, cls = _claim(path)
+    parsed = cls.read_artifact(path, fmt, etdump_warmup=etdump_warmup)
+    if not isinstance(parsed, ParsedArtifact) or parsed.format != fmt:
+        raise DitnasError(f"backend {cls.name!r} read {path} but returned no ParsedArtifact of format {fmt!r}; fix its read_artifact")
+    return parsed
 
 
 def _check_session(parsed: ParsedArtifact, session: ProfilingSession) -> None:
     backend = session.device.get("backend")
-    if backend not in FORMAT_BACKENDS[parsed.format]:
+    feeds = _feeds(parsed.format)
+    if backend not in feeds:
         raise DitnasError(
-            f"artifact {parsed.path} ({parsed.format}) comes from {'/'.join(FORMAT_BACKENDS[parsed.format])}, "
+            f"artifact {parsed.path} ({parsed.format}) comes from {'/'.join(feeds)}, "
             f"but session {session.root} is a {backend} session; ingest it into a session of that backend"
         )
     have, got = session.device.get("device_model"), parsed.device.get("device_model")
@@ -329,6 +211,9 @@ def session_for_artifacts(
 ) -> ProfilingSession:
     """The session at `root`, or a new one whose device comes from the artifacts themselves.
 
+    The backend is the first of the first artifact's `ArtifactFormat.feeds` that every artifact may
+    feed; it is built with `get_backend(name, threads=..., device_info=...)`.
+
     # assumption: an artifact-made session's device_id is the device model the files name (minibench
     # and the iOS log carry no serial/UDID), and `threads` is what the caller says the app used.
     """
@@ -336,16 +221,17 @@ def session_for_artifacts(
     if (root / "manifest.json").exists():
         return ProfilingSession.load(root)
     parsed = [read_artifact(Path(p), etdump_warmup=etdump_warmup) for p in artifact_paths]
-    backends = {b for a in parsed for b in FORMAT_BACKENDS[a.format]}
+    backends = set(_feeds(parsed[0].format)) if parsed else set()
     for a in parsed:
-        backends &= set(FORMAT_BACKENDS[a.format])
+        backends &= set(_feeds(a.format))
     device = next((a.device for a in parsed if a.device.get("device_model")), None)
     if not backends or device is None:
         raise DitnasError(
             f"ingest: cannot tell one device from {[str(a.path) for a in parsed]} (formats "
             f"{sorted({a.format for a in parsed})}); create the session with `ditnas profile --backend ...` first, or pass --session of one"
         )
-    backend_name = next(b for b in ("android-adb", "ios", "coreml", "executorch-xnnpack") if b in backends)
+    # the first artifact's preferred backend that every artifact may feed (ArtifactFormat.feeds order)
+    backend_name = next(b for b in _feeds(parsed[0].format) if b in backends)
     info = {"device_id": device.get("device_id") or device["device_model"], **device}
     backend = get_backend(backend_name, threads=threads, device_info=info)
     if iters == 0:  # the files' own count when every program has the same number of samples

@@ -15,6 +15,16 @@ minibench:`run_minibench` pushes the .pte files to the minibench app's folder, s
           per-run samples, so it is ingested (`ditnas profile ingest`), not returned by `measure`.
 parse:    minibench `benchmark_results.json` -> one row per record, with device info; an ETDump ->
           the xnnpack backend's rows.
+ingest:   format `minibench-json` (a JSON list of `{benchmarkModel, metric, actualValue,
+          targetValue, deviceInfo}` records, BenchmarkMetric.kt): `avg_inference_latency(ms)` is
+          ONE row per model, flagged `aggregate`. Pulled ETDumps are read by executorch-xnnpack's
+          `etdump` format (they may feed an android-adb session).
+writers:  `minibench_records` / `write_minibench_json` write the file exactly as ModelRunner.kt and
+          Gson do, for tests and demos without a phone.
+
+# assumption: minibench reports averages only; its `avg_inference_latency(ms)` is stored as one row
+# (iteration 0) per model and flagged `aggregate` in the manifest log, because it is the metric the
+# iOS log maps to as well (ExecuTorch's extract_benchmark_results.py), keeping both phones comparable.
 """
 
 from __future__ import annotations
@@ -23,26 +33,34 @@ import json
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_text, write_json
 from ditnas.latency_models.artifacts import (
-    MINIBENCH_LATENCY_METRIC,
+    ArtifactProbe,
+    ParsedArtifact,
     cell_from_name,
     device_model_name,
     load_json,
+    parsed_artifact,
 )
 from ditnas.latency_models.backends.base import (
+    ArtifactFormat,
     Backend,
     Prepared,
     check_counts,
     package_version,
+    register_backend,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import (
     ExecuTorchXnnpackBackend,
+    execute_times,
     parse_etdump,
 )
 from ditnas.latency_models.programs import Program
@@ -54,13 +72,22 @@ MINIBENCH_ACTIVITY = f"{MINIBENCH_PACKAGE}/{MINIBENCH_PACKAGE}.BenchmarkActivity
 MINIBENCH_DIR = "/data/local/tmp/minibench"
 INSTALL_ADB = "install Android platform-tools (`apt install adb`, or `sdkmanager platform-tools`) or pass adb=<path to adb>"
 MINIBENCH_FIELDS = ("benchmarkModel", "metric", "actualValue", "targetValue", "deviceInfo")
+MINIBENCH_LATENCY_METRIC = "avg_inference_latency(ms)"
+MINIBENCH_JSON = ArtifactFormat(
+    "minibench-json",
+    "Android minibench benchmark_results.json (list of {benchmarkModel, metric, actualValue, targetValue, deviceInfo})",
+    feeds=("android-adb",),
+)
 
 
+@register_backend
 class AndroidAdbBackend(Backend):
     name = "android-adb"
     requires = ("executorch",)
+    install = "executorch==1.5.1 (with torch==2.13.0)"
     precision = "fp32"
     compute_unit = "cpu"
+    formats = (MINIBENCH_JSON,)
 
     def __init__(
         self,
@@ -326,6 +353,35 @@ class AndroidAdbBackend(Backend):
             return parse_minibench_json(artifact)
         return parse_etdump(artifact)
 
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        data = probe.json
+        if isinstance(data, list) and data and isinstance(data[0], dict) and "benchmarkModel" in data[0]:
+            return MINIBENCH_JSON.name
+        return None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str = MINIBENCH_JSON.name, **opts: Any) -> ParsedArtifact:
+        """One sample per ditnas model: its `avg_inference_latency(ms)` (an average: `aggregate`).
+        Models that are no ditnas program, and failed loads, are listed in `ignored`."""
+        path = Path(path)
+        rows = parse_minibench_json(path)
+        samples: dict[str, list[float]] = {}
+        ignored: list[str] = []
+        for r in rows:
+            if r["key"] is None:
+                if r["name"] not in ignored:
+                    ignored.append(r["name"])
+            elif r["metric"] == MINIBENCH_LATENCY_METRIC:
+                if r["key"] in samples:
+                    raise DitnasError(f"minibench results {path}: model {r['name']!r} has two {MINIBENCH_LATENCY_METRIC} records; keep one run per file")
+                samples[r["key"]] = [r["value"]]
+            elif r["metric"] == "load_status" and r["value"] != 0:
+                ignored.append(f"{r['name']} (load_status {r['value']:g})")
+        # deviceInfo: device = Build.BRAND, arch = Build.MODEL (BenchmarkMetric.kt)
+        device = {"device_model": rows[0]["arch"], "device_brand": rows[0]["device"], "os": rows[0]["os"]} if rows else {}
+        return parsed_artifact(path, fmt, rows, samples, device=device, aggregate=True, ignored=ignored)
+
 
 class _PlanItem:
     """Just enough of a Prepared to render the script from the plan file."""
@@ -343,14 +399,6 @@ def _relative(path: str, base: Path) -> str:
         return str(Path(path).relative_to(base))
     except ValueError:
         return path
-
-
-def execute_times(rows: list[dict[str, Any]], source: Path) -> list[float]:
-    """Per-run `Method::execute` times (ms) of parsed ETDump rows, in run order."""
-    runs = sorted((r["run"], r["latency_ms"]) for r in rows if r["event"] == "Method::execute" and r["event_block"] != "Default")
-    if not runs:
-        raise DitnasError(f"ETDump {source} has no Method::execute events; run the program with the event tracer on and re-pull it")
-    return [t for _, t in runs]
 
 
 def parse_minibench_json(path: Path) -> list[dict[str, Any]]:
@@ -392,3 +440,64 @@ def parse_minibench_json(path: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# writing benchmark_results.json as minibench does (tests and demos without a phone)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class AndroidDeviceInfo:
+    """minibench's DeviceInfo: `device` = Build.BRAND, `arch` = Build.MODEL, `os` = "Android <release>"."""
+
+    device: str = "google"
+    arch: str = "Pixel 8"
+    os: str = "Android 15"
+    # the app reads a fresh ActivityManager.MemoryInfo() without getMemoryInfo(), so it writes 0
+    totalMem: int = 0
+    availMem: int = 0
+
+
+def trimmed_mean(values: Sequence[float]) -> float:
+    """minibench's trimmean_inference_latency: the mean of the sorted latencies
+    `subList(size / 10, size * 9 / 10)` (ModelRunner.kt; integer division, so 5 runs keep the 4
+    fastest). An empty slice (a single run) falls back to all runs."""
+    ordered = sorted(values)
+    n = len(ordered)
+    kept = ordered[n // 10 : n * 9 // 10] or ordered
+    return statistics.fmean(kept)
+
+
+def minibench_records(
+    name: str,
+    latencies_ms: Sequence[float],
+    *,
+    load_ms: float,
+    device: AndroidDeviceInfo,
+    backend: str = "xnnpack",
+    quantization: str = "fp32",
+    pss_mb: float = 0.0,
+    load_status: int = 0,
+) -> list[dict[str, Any]]:
+    """The records minibench writes for one model, in ModelRunner.kt's order: average and
+    trimmed-mean latency over its timed iterations, load time, load status, PSS memory. A failed
+    load (load_status != 0) writes only load time and status, as the app does."""
+    model = {"name": name, "backend": backend, "quantization": quantization}
+
+    def rec(metric: str, value: float) -> dict[str, Any]:
+        # Gson writes the fields in declaration order (BenchmarkMetric.kt)
+        return {"benchmarkModel": dict(model), "metric": metric, "actualValue": float(value), "targetValue": 0.0, "deviceInfo": asdict(device)}
+
+    if load_status != 0 or not latencies_ms:
+        return [rec("model_load_time(ms)", load_ms), rec("load_status", load_status)]
+    return [
+        rec(MINIBENCH_LATENCY_METRIC, statistics.fmean(latencies_ms)),
+        rec("trimmean_inference_latency(ms)", trimmed_mean(latencies_ms)),
+        rec("model_load_time(ms)", load_ms),
+        rec("load_status", load_status),
+        rec("ram_pss_usage(mb)", pss_mb),
+    ]
+
+
+def write_minibench_json(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    write_json(Path(path), list(records))
+    return Path(path)

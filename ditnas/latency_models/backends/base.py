@@ -1,19 +1,29 @@
 """The one interface every device backend implements (design.md §2, after nn-Meter's
-Backend / Profiler / Parser split):
+Backend / Profiler / Parser split), and the one registry of backends:
 
     prepare(programs, workdir) -> list[Prepared]   build what the device runs (.pte, a module, ...)
     measure(prepared, warmup, iters) -> rows       one row per timed sample: key, iteration, latency_ms
     reuse(program, workdir) -> Prepared | None     what an earlier (interrupted) run already built
-    parse(artifact) -> rows                        ingest a file the device produced (ETDump, JSON, log)
+    parse(artifact) -> rows                        rows of a file the device produced (ETDump, JSON, log)
     info() -> dict                                 who measured: device, OS, backend, precision, threads, versions
 
-Adding a phone type means adding one file that subclasses `Backend` and one line in `_REGISTRY`.
+and, for `ditnas profile ingest`, per artifact format the backend's device writes (`formats`):
+
+    sniff(probe) -> format name | None             is this file one of my formats? (content, not extension)
+    read_artifact(path, fmt, **opts) -> ParsedArtifact   per-program latency samples + device fields
+
+Adding a phone type means adding one file under `backends/` whose `Backend` subclass is decorated
+with `@register_backend`: the package's modules are imported on the first registry query, so no
+list elsewhere names it. A backend defined outside this package calls `register_backend(cls)`.
+Backend modules import their runtimes (executorch, coremltools) only inside methods, so asking the
+registry never imports them.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import platform
 import random
 import socket
@@ -26,6 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ditnas.errors import DitnasError
+from ditnas.latency_models.artifacts import ArtifactProbe, ParsedArtifact
 from ditnas.latency_models.programs import Program
 
 # Columns every measured sample row carries (the session adds cell fields and device columns).
@@ -43,6 +54,17 @@ class Prepared:
 
     def key(self) -> str:
         return self.program.key()
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """A file format a device writes, read by the backend that lists it in `formats`."""
+
+    name: str  # e.g. "minibench-json": logged in the session manifest, named in errors
+    description: str  # one line: what the file is and how it is recognised
+    # session backends whose sessions may take its samples; the first is the one a new session is
+    # made for when the artifact alone must say (`ingest.session_for_artifacts`)
+    feeds: tuple[str, ...]
 
 
 def check_counts(warmup: int, iters: int) -> None:
@@ -118,6 +140,8 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()  # Python packages the runtime needs (import names)
+    install: ClassVar[str] = ""  # the pip line a missing `requires` error names
+    formats: ClassVar[tuple[ArtifactFormat, ...]] = ()  # artifact formats `read_artifact` reads
     precision: ClassVar[str] = "fp32"
     compute_unit: ClassVar[str] = "cpu"
     # True when timing is local and cheap next to building: then every timing pass of a session
@@ -147,6 +171,18 @@ class Backend(ABC):
         """Rows from a file the device produced. Backends without an artifact format refuse."""
         raise DitnasError(f"backend {self.name} reads no artifact files ({artifact}); ingest it with the backend that made it")
 
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        """The name of the format in `formats` that `probe`'s file is in, else None. Decide from the
+        content (the probe reads and parses the file once for every backend asked)."""
+        return None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str, **opts: Any) -> ParsedArtifact:
+        """Parse one file of format `fmt` (one of `formats`) into per-program samples. Options a
+        reader does not know (e.g. etdump_warmup for a JSON reader) are ignored."""
+        raise DitnasError(f"backend {cls.name} reads no artifact files ({path}); ingest it with the backend that made it")
+
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch")}
 
@@ -170,36 +206,109 @@ class Backend(ABC):
         return [pkg for pkg in cls.requires if importlib.util.find_spec(pkg) is None]
 
 
-# name -> (module, class, pip requirement to name in the error)
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "host-torch": ("ditnas.latency_models.backends.host_torch", "HostTorchBackend", "torch"),
-    "executorch-xnnpack": (
-        "ditnas.latency_models.backends.executorch_xnnpack",
-        "ExecuTorchXnnpackBackend",
-        "executorch==1.5.1 (with torch==2.13.0)",
-    ),
-}
+# ----------------------------------------------------------------------------------------------
+# The registry: backend name -> class. Filled by `@register_backend` in each backend's own file;
+# the modules of this package are imported on the first query (`_discover`).
+# ----------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Backend]] = {}
+_LAZY: dict[str, tuple[str, str, str]] = {}  # name -> (module, class, pip line): imported on use
+_BROKEN: dict[str, str] = {}  # backend module -> why it did not import
+_discovered = False
+
+
+def _check_formats(cls: type[Backend]) -> None:
+    for fmt in cls.formats:
+        for other in _REGISTRY.values():
+            if other is not cls and other.name != cls.name and fmt.name in {f.name for f in other.formats}:
+                raise DitnasError(
+                    f"backend {cls.name!r} ({cls.__module__}) declares artifact format {fmt.name!r}, which backend "
+                    f"{other.name!r} ({other.__module__}) already reads; give the new format another name"
+                )
+
+
+def register_backend(
+    backend: type[Backend] | str, module: str | None = None, cls: str | None = None, install: str = ""
+) -> Any:
+    """Make `get_backend` and `ingest` find a backend.
+
+    `@register_backend` on a `Backend` subclass (in its own file) registers it at import. The
+    string form `register_backend(name, module, cls, install)` registers a class that is imported
+    only when first asked for (for a backend whose module imports a heavy SDK at top level).
+    """
+    if isinstance(backend, str):
+        if module is None or cls is None:
+            raise DitnasError(f"register_backend({backend!r}, ...): give the module and class name of the backend")
+        _LAZY[backend] = (module, cls, install)
+        return None
+    if not (isinstance(backend, type) and issubclass(backend, Backend)) or not backend.name:
+        raise DitnasError(f"register_backend: {backend!r} is not a Backend subclass with a `name`; subclass Backend and set name")
+    known = _REGISTRY.get(backend.name)
+    if known is not None and known is not backend and known.__qualname__ != backend.__qualname__:
+        raise DitnasError(
+            f"backend name {backend.name!r} is taken by {known.__module__}.{known.__qualname__}; "
+            f"give {backend.__module__}.{backend.__qualname__} another name"
+        )
+    _check_formats(backend)
+    _REGISTRY[backend.name] = backend
+    _LAZY.pop(backend.name, None)
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a registered backend (tests register throw-away backends)."""
+    _REGISTRY.pop(name, None)
+    _LAZY.pop(name, None)
+
+
+def _discover() -> None:
+    """Import every module of this package once, so each registers the backends it defines."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name in ("base", "pte_timer") or info.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{package}.{info.name}")
+        except ImportError as exc:  # one broken plug-in must not hide the others
+            _BROKEN[f"{package}.{info.name}"] = f"{type(exc).__name__}: {exc}"
+
+
+def _resolve_lazy() -> None:
+    for name, (module, cls_name, install) in list(_LAZY.items()):
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError) as exc:
+            _BROKEN[module] = f"{type(exc).__name__}: {exc}"
+            continue
+        if install and not cls.install:
+            cls.install = install
+        register_backend(cls)
 
 
 def backend_names() -> list[str]:
-    return sorted(_REGISTRY)
+    _discover()
+    return sorted({*_REGISTRY, *_LAZY})
 
 
-def register_backend(name: str, module: str, cls: str, install: str) -> None:
-    """Make `get_backend(name)` find a backend class defined outside this package."""
-    _REGISTRY[name] = (module, cls, install)
+def _broken_note() -> str:
+    return "; modules that did not import: " + ", ".join(f"{m} ({why})" for m, why in _BROKEN.items()) if _BROKEN else ""
 
 
 def backend_class(name: str) -> type[Backend]:
+    _discover()
+    if name in _LAZY:
+        _resolve_lazy()
     if name not in _REGISTRY:
-        raise DitnasError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
-    module, cls_name, install = _REGISTRY[name]
-    cls = getattr(importlib.import_module(module), cls_name)
+        raise DitnasError(f"unknown backend {name!r}; available: {', '.join(backend_names())}{_broken_note()}")
+    cls = _REGISTRY[name]
     missing = cls.missing_requirements()
     if missing:
         raise DitnasError(
             f"backend {name!r} needs the Python package(s) {', '.join(missing)} which are not installed; "
-            f"pip install {install}"
+            f"pip install {cls.install or ' '.join(missing)}"
         )
     return cls
 
@@ -207,3 +316,17 @@ def backend_class(name: str) -> type[Backend]:
 def get_backend(name: str, **kwargs: Any) -> Backend:
     """A backend by registry name, e.g. get_backend('executorch-xnnpack', threads=1)."""
     return backend_class(name)(**kwargs)
+
+
+def artifact_backends() -> list[type[Backend]]:
+    """Every registered backend that reads artifact formats, by name (the order `ingest` asks them).
+    Reading needs no runtime package: a Core ML JSON is read without coremltools."""
+    _discover()
+    _resolve_lazy()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY) if _REGISTRY[n].formats]
+
+
+def artifact_formats() -> dict[str, tuple[ArtifactFormat, type[Backend]]]:
+    """Format name -> (format, the backend that reads it), sorted by name."""
+    found = {f.name: (f, cls) for cls in artifact_backends() for f in cls.formats}
+    return dict(sorted(found.items()))

@@ -12,6 +12,11 @@ parse:    the Core ML benchmark JSON (`COREML_BENCHMARK_FORMAT`: coremltools
           `MLModelBenchmarker.Measurement`s, `statistics {minimum, maximum, average, std_dev,
           median}` and `samples` in ms, for `load` and `predict`) -> one row per sample.
 
+ingest:   format `coreml-benchmark-json` (an object with `format` = COREML_BENCHMARK_FORMAT):
+          `predict.samples` per program. No upstream tool writes a Core ML benchmark report file
+          (MLModelBenchmarker returns dataclasses; the ExecuTorch Benchmark app's CoreMLTests print
+          XCTest lines), so the schema is ours, shaped after `MLModelBenchmarker.Measurement`.
+
 Only whole-program Core ML times are measurements; per-op Core ML times are estimates
 (toolchain.md TL;DR 4), so none are produced here.
 """
@@ -21,41 +26,55 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ditnas.errors import DitnasError
+from ditnas.io import write_json
 from ditnas.latency_models.artifacts import (
-    COREML_BENCHMARK_FORMAT,
-    CoreMLBenchmarkResult,
+    ArtifactProbe,
+    ParsedArtifact,
     cell_from_name,
-    coreml_benchmark_payload,
     load_json,
-    write_coreml_benchmark_json,
+    parsed_artifact,
 )
 from ditnas.latency_models.backends.base import (
+    ArtifactFormat,
     Backend,
     Prepared,
     check_counts,
     host_info,
     package_version,
+    register_backend,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import file_stem
 from ditnas.latency_models.programs import Program
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
 PRECISIONS = {"fp16": "FLOAT16", "fp32": "FLOAT32"}
+COREML_BENCHMARK_FORMAT = "ditnas.coreml-benchmark/1"
+COREML_BENCHMARK_JSON = ArtifactFormat(
+    "coreml-benchmark-json",
+    f"Core ML benchmark JSON (object with format={COREML_BENCHMARK_FORMAT!r})",
+    feeds=("coreml",),
+)
 
 
+@register_backend
 class CoreMLBackend(Backend):
     name = "coreml"
     requires = ("coremltools",)
+    install = "coremltools==9.0"
     precision = "fp16"
     compute_unit = "cpu_and_ne"
+    formats = (COREML_BENCHMARK_JSON,)
 
     def __init__(
         self,
@@ -176,6 +195,24 @@ class CoreMLBackend(Backend):
     def parse(self, artifact: Path) -> list[dict[str, Any]]:
         return parse_coreml_benchmark_json(Path(artifact))
 
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        data = probe.json
+        return COREML_BENCHMARK_JSON.name if isinstance(data, dict) and data.get("format") == COREML_BENCHMARK_FORMAT else None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str = COREML_BENCHMARK_JSON.name, **opts: Any) -> ParsedArtifact:
+        """`predict.samples` (ms) per program; the file's device fields (device_id, device_model, os)."""
+        path = Path(path)
+        rows = parse_coreml_benchmark_json(path)
+        samples: dict[str, list[float]] = {}
+        for r in rows:
+            if r["phase"] == "predict":
+                samples.setdefault(r["key"], []).append(r["latency_ms"])
+        dev = load_json(path, "Core ML benchmark").get("device") or {}
+        device = {k: v for k, v in dev.items() if k in ("device_id", "device_model", "os")}
+        return parsed_artifact(path, fmt, rows, samples, device=device)
+
 
 def parse_coreml_benchmark_json(path: Path) -> list[dict[str, Any]]:
     """One row per sample: key, model, phase (load | predict), iteration, latency_ms, compute_units,
@@ -183,7 +220,7 @@ def parse_coreml_benchmark_json(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     data = load_json(path, "Core ML benchmark")
     if not isinstance(data, dict) or data.get("format") != COREML_BENCHMARK_FORMAT:
-        raise DitnasError(f"Core ML benchmark {path}: field 'format' is not {COREML_BENCHMARK_FORMAT!r}; write it with artifacts.coreml_benchmark_payload")
+        raise DitnasError(f"Core ML benchmark {path}: field 'format' is not {COREML_BENCHMARK_FORMAT!r}; write it with coreml.coreml_benchmark_payload")
     device = data.get("device") or {}
     rows = []
     for index, res in enumerate(data.get("results") or []):
@@ -213,3 +250,56 @@ def parse_coreml_benchmark_json(path: Path) -> list[dict[str, Any]]:
     if not any(r["phase"] == "predict" for r in rows):
         raise DitnasError(f"Core ML benchmark {path} holds no predict samples; re-run the benchmark")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# writing the Core ML benchmark JSON (coremltools MLModelBenchmarker measurements)
+# ----------------------------------------------------------------------------------------------
+def measurement(samples_ms: Sequence[float]) -> dict[str, Any]:
+    """`MLModelBenchmarker.Measurement` as JSON: statistics (np.std is the population std) + samples."""
+    values = [float(v) for v in samples_ms]
+    stats = None
+    if values:
+        stats = {
+            "minimum": min(values),
+            "maximum": max(values),
+            "average": statistics.fmean(values),
+            "std_dev": statistics.pstdev(values),
+            "median": statistics.median(values),
+        }
+    return {"statistics": stats, "samples": values}
+
+
+@dataclass
+class CoreMLBenchmarkResult:
+    key: str
+    model: str  # the .mlpackage file name
+    predict_ms: list[float]
+    load_ms: list[float] = field(default_factory=list)
+
+
+def coreml_benchmark_payload(
+    results: Sequence[CoreMLBenchmarkResult],
+    *,
+    device: dict[str, Any],
+    compute_units: str = "CPU_AND_NE",
+    tool: str = "coremltools.MLModelBenchmarker",
+    tool_version: str | None = None,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    return {
+        "format": COREML_BENCHMARK_FORMAT,
+        "tool": tool,
+        "tool_version": tool_version,
+        "compute_units": compute_units,
+        "warmup": warmup,
+        "device": dict(device),
+        "results": [
+            {"key": r.key, "model": r.model, "load": measurement(r.load_ms), "predict": measurement(r.predict_ms)} for r in results
+        ],
+    }
+
+
+def write_coreml_benchmark_json(path: Path, payload: dict[str, Any]) -> Path:
+    write_json(Path(path), payload)
+    return Path(path)

@@ -10,6 +10,10 @@ measure:  executorch.runtime loads every .pte; each timed sample is one `Method.
           separate run with the event tracer on writes <name>.etdp (per-op events) for programs
           without one, so tracing overhead never enters the timed samples.
 parse:    an .etdp (+ the .etrecord beside it) -> one row per event per run via the Inspector.
+ingest:   format `etdump` (flatbuffer identifier `ED00` at bytes 8..12), whichever device wrote it
+          (this host, executor_runner on a phone): the per-run `Method::execute` times, minus the
+          warm-up runs its `<name>.run.json` sidecar names, are the samples of the program that
+          sidecar (or the file name) names.
 
 Every API here was checked against the installed executorch 1.5.1 (toolchain.md §1.1, §2.1).
 executorch is imported lazily so `get_backend` can report it missing with an install hint.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,11 +33,19 @@ import torch
 
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, write_json
+from ditnas.latency_models.artifacts import (
+    ArtifactProbe,
+    ParsedArtifact,
+    cell_from_name,
+    parsed_artifact,
+)
 from ditnas.latency_models.backends.base import (
+    ArtifactFormat,
     Backend,
     Prepared,
     check_counts,
     package_version,
+    register_backend,
 )
 from ditnas.latency_models.programs import Program
 
@@ -41,6 +54,12 @@ from ditnas.latency_models.programs import Program
 COMPUTE_OPS = re.compile(r"^aten_(_?softmax|_?log_softmax|mm|bmm|addmm|baddbmm|matmul|linear|convolution)(_|$)")
 ETDUMP_MAGIC = b"ED00"  # flatbuffer file identifier at bytes 8..12 of a size-prefixed ETDump
 PTE_MAGIC = b"ET12"
+ETDUMP = ArtifactFormat(
+    "etdump",
+    "ExecuTorch ETDump (.etdp, flatbuffer identifier ED00)",
+    # an ETDump is ExecuTorch's, whichever device ran it; a new session from one is an Android one
+    feeds=("android-adb", "executorch-xnnpack", "ios"),
+)
 
 
 def file_stem(key: str) -> str:
@@ -105,10 +124,13 @@ def set_et_threads(threads: int) -> int:
     return portable_lib._threadpool_get_thread_count()
 
 
+@register_backend
 class ExecuTorchXnnpackBackend(Backend):
     name = "executorch-xnnpack"
     requires = ("executorch",)
+    install = "executorch==1.5.1 (with torch==2.13.0)"
     retimes_session = True
+    formats = (ETDUMP,)
 
     def __init__(
         self,
@@ -251,6 +273,26 @@ class ExecuTorchXnnpackBackend(Backend):
     def parse(self, artifact: Path) -> list[dict[str, Any]]:
         return parse_etdump(artifact)
 
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        return ETDUMP.name if probe.head[8:12] == ETDUMP_MAGIC else None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str = ETDUMP.name, *, etdump_warmup: int | None = None, **opts: Any) -> ParsedArtifact:
+        """The dump's per-run `Method::execute` times after the warm-up runs (the sidecar's
+        `warmup`, else `etdump_warmup`, else 0) as the samples of the program it names."""
+        path = Path(path)
+        side = read_sidecar(path)
+        key = side.get("key") or (cell_from_name(path.name) or {}).get("key")
+        if not key:
+            raise DitnasError(f"ETDump {path}: its name names no ditnas program and no {path.stem}.run.json says which; rename it <device stem>.etdp")
+        rows = parse_etdump(path)
+        times = execute_times(rows, path)
+        warmup = int(side.get("warmup", 0) if etdump_warmup is None else etdump_warmup)
+        if warmup >= len(times):
+            raise DitnasError(f"ETDump {path} holds {len(times)} runs, not more than the {warmup} warm-up runs to drop; pass a smaller etdump_warmup")
+        return parsed_artifact(path, fmt, rows, {key: times[warmup:]}, device=side.get("device") or {})
+
 
 def load_method(program: Any, key: str, pte: Path) -> Any:
     try:
@@ -304,6 +346,35 @@ def parse_etdump(artifact: Path, etrecord: Path | None = None) -> list[dict[str,
             "the method never ran -- use executorch>=1.5 wheels and execute before writing the dump"
         )
     return rows
+
+
+def execute_times(rows: list[dict[str, Any]], source: Path) -> list[float]:
+    """Per-run `Method::execute` times (ms) of parsed ETDump rows, in run order."""
+    runs = sorted((r["run"], r["latency_ms"]) for r in rows if r["event"] == "Method::execute" and r["event_block"] != "Default")
+    if not runs:
+        raise DitnasError(f"ETDump {source} has no Method::execute events; run the program with the event tracer on and re-pull it")
+    return [t for _, t in runs]
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """The `<name>.run.json` beside an ETDump (key, warmup, iters, device), or {} when absent."""
+    side = path.with_name(path.stem + ".run.json")
+    if not side.is_file():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except ValueError:
+        raise DitnasError(f"{side} is truncated or not JSON; delete it and pass etdump_warmup= yourself") from None
+
+
+def write_host_etdump(prepared: Prepared, runs: int, dest: Path) -> Path:
+    """Run a lowered program `runs` times on this host's XNNPACK runtime with the event tracer on and
+    copy the ETDump to `dest`, the same flatbuffer executor_runner writes with --num_executions."""
+    etdp = ExecuTorchXnnpackBackend().write_etdump(prepared, runs)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(etdp, dest)
+    return dest
 
 
 def load_delegation_report(path: Path) -> dict[str, Any]:

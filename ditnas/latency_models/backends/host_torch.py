@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 
-from ditnas.latency_models.backends.base import Backend, Prepared, interleaved_rounds
+from ditnas.latency_models.backends.base import (
+    Backend,
+    Prepared,
+    interleaved_rounds,
+    register_backend,
+)
 from ditnas.latency_models.programs import Program
 
 
@@ -33,9 +38,11 @@ class fixed_torch_threads:
         torch.set_num_threads(self.previous)
 
 
+@register_backend
 class HostTorchBackend(Backend):
     name = "host-torch"
     requires = ("torch",)
+    install = "torch"
     retimes_session = True
 
     def prepare(self, programs: list[Program], workdir: Path) -> list[Prepared]:

@@ -12,6 +12,11 @@ parse:    xcodebuild stdout -> one row per value of every
           CI scrapes in .github/scripts/extract_benchmark_results.py). The test name
           `test_<method>_<resource>_<OS>_<version>_<machine>` gives program key, method, OS and model.
 
+ingest:   format `xcodebuild-log` (text with XCTest `measured [` lines): forward tests' `Clock
+          Monotonic Time` values are the samples, one run of each program per log.
+writers:  `ios_test_name`, `xctest_measured_line`, `write_xcodebuild_log` write the log as XCTest and
+          the Benchmark app do, for tests and demos without a Mac.
+
 # assumption: a forward test's values are its per-iteration wall times (XCTClockMetric over
 # XCTMeasureOptions.iterationCount = 20 in GenericTests.mm; XCTest runs one extra, unreported,
 # first iteration), so they are the samples; load tests are kept as rows but are not samples.
@@ -23,22 +28,29 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_text, write_json
 from ditnas.latency_models.artifacts import (
-    XCTEST_CLOCK_METRIC,
+    ArtifactProbe,
+    ParsedArtifact,
     cell_from_name,
     device_model_name,
+    parsed_artifact,
 )
 from ditnas.latency_models.backends.base import (
+    ArtifactFormat,
     Backend,
     Prepared,
     check_counts,
     package_version,
+    register_backend,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import ExecuTorchXnnpackBackend
 from ditnas.latency_models.programs import Program
@@ -47,24 +59,38 @@ PLAN_FILE = "ios_plan.json"
 SCRIPT_FILE = "run_xcodebuild.sh"
 LOG_FILE = "xcodebuild.log"
 GENERIC_TESTS_ITERATIONS = 20  # XCTMeasureOptions.iterationCount in GenericTests.mm (forward)
+XCTEST_CLOCK_METRIC = "Clock Monotonic Time, s"
+XCTEST_MEMORY_METRIC = "Memory Peak Physical, kB"
+IOS_TEST_CLASS = "GenericTests"  # the Benchmark app's class for plain .pte resources
+XCODEBUILD_LOG = ArtifactFormat(
+    "xcodebuild-log",
+    "xcodebuild test stdout with XCTest `measured [...] average: ..., values: [...]` lines",
+    feeds=("ios",),
+)
 
-# the measured line; `values` is what makes one row per iteration possible
+# the measured line; `values` is what makes one row per iteration possible. The test name is
+# anything up to `]`: the Benchmark app's names once held ',' and '.' (pytorch/executorch#5410:
+# `test_forward_models_llama2_iPhone_iPhone14,2_iOS_17.6.1`), which `[\w+]+` refused
 MEASURED = re.compile(
-    r"Test Case\s+'-\[(?P<cls>[\w.]+)\s+(?P<test>[\w+]+)\]'\s+measured\s+\[(?P<metric>[^\]]+)\]\s+"
+    r"Test Case\s+'-\[(?P<cls>[\w.]+)\s+(?P<test>[^\]\s]+)\]'\s+measured\s+\[(?P<metric>[^\]]+)\]\s+"
     r"average:\s+(?P<avg>[-+\d.eE]+),\s+relative standard deviation:\s+(?P<rsd>[-+\d.eE]+)%,\s+"
     r"values:\s+\[(?P<values>[^\]]*)\]"
 )
+# the resource may hold '+' (a backend such as `xnnpack+custom+qe`, extract_benchmark_results.py)
 TEST_NAME = re.compile(
-    r"^test_(?P<method>[A-Za-z]+)_(?P<resource>\w+?)_(?P<os>iOS|iPadOS|macOS|visionOS|tvOS)_(?P<ver>\d+(?:_\d+)*)_(?P<machine>[A-Za-z]\w*)$"
+    r"^test_(?P<method>[A-Za-z]+)_(?P<resource>[\w+]+?)_(?P<os>iOS|iPadOS|macOS|visionOS|tvOS)_(?P<ver>\d+(?:_\d+)*)_(?P<machine>[A-Za-z]\w*)$"
 )
-UNIT_SCALE_MS = {"s": 1e3, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+UNIT_SCALE_MS = {"s": 1e3, "seconds": 1e3, "ms": 1.0, "us": 1e-3, "ns": 1e-6}  # "seconds": pre-Xcode 11 `[Time, seconds]`
 
 
+@register_backend
 class IosBackend(Backend):
     name = "ios"
     requires = ("executorch",)
+    install = "executorch==1.5.1 (with torch==2.13.0)"
     precision = "fp32"
     compute_unit = "cpu"
+    formats = (XCODEBUILD_LOG,)
 
     def __init__(
         self,
@@ -195,6 +221,35 @@ class IosBackend(Backend):
     def parse(self, artifact: Path) -> list[dict[str, Any]]:
         return parse_xcodebuild_log(Path(artifact))
 
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        return XCODEBUILD_LOG.name if probe.json is None and "measured [" in probe.text else None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str = XCODEBUILD_LOG.name, **opts: Any) -> ParsedArtifact:
+        """Forward tests' clock values (ms) per program; other tests' names are listed in `ignored`."""
+        path = Path(path)
+        rows = parse_xcodebuild_log(path)
+        samples: dict[str, list[float]] = {}
+        ignored: list[str] = []
+        lines: dict[str, int] = {}
+        for r in rows:
+            if r["key"] is None:
+                if r["test_name"] not in ignored:
+                    ignored.append(r["test_name"])
+                continue
+            if not is_forward_time(r):
+                continue
+            if lines.setdefault(r["key"], r["line"]) != r["line"]:
+                raise DitnasError(
+                    f"xcodebuild log {path}: {r['key']} is measured on lines {lines[r['key']]} and {r['line']}; "
+                    "ingest one run per log (split the log)"
+                )
+            samples.setdefault(r["key"], []).append(r["latency_ms"])
+        timed = [r for r in rows if r["key"] is not None and r["device_model"]]
+        device = {"device_model": timed[0]["device_model"], "os": timed[0]["os"]} if timed else {}
+        return parsed_artifact(path, fmt, rows, samples, device=device, ignored=ignored)
+
 
 def _machine_id(text: str) -> str:
     # iPhone17_2 -> iPhone17,2 (the app replaced the ',' of the hardware identifier by '_')
@@ -273,3 +328,66 @@ def parse_xcodebuild_log(path: Path) -> list[dict[str, Any]]:
 
 def is_forward_time(row: dict[str, Any]) -> bool:
     return row["method"] == "forward" and row["metric"] == XCTEST_CLOCK_METRIC.rpartition(", ")[0] and row["latency_ms"] is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# writing an xcodebuild log as XCTest and the Benchmark app do (tests and demos without a Mac)
+# ----------------------------------------------------------------------------------------------
+def _punct_to_underscore(text: str) -> str:
+    # NSCharacterSet.punctuationCharacterSet -> "_" (ResourceTestCase.m, DynamicTestCase.m)
+    return re.sub(r"[!-/:-@\[-^`{-~]", lambda m: m.group(0) if m.group(0) in "+$<=>^`|~" else "_", text)
+
+
+def ios_test_name(method: str, resource_file: str, *, ios_version: str = "18.1", machine: str = "iPhone17,2") -> str:
+    """`test_forward_block_sa_w0p5_r4_n64_s0_xnnpack_fp32_pte_iOS_18_1_iPhone17_2`: the Benchmark app's
+    dynamic test name for one resource on one device."""
+    resource = _punct_to_underscore(Path(resource_file).name)
+    device = _punct_to_underscore(f"iOS_{ios_version}_{machine}")
+    return f"test_{method}_{resource}_{device}"
+
+
+@dataclass
+class XCTestMeasurement:
+    """One `measured [...]` result of one test: the metric and its per-iteration values (metric units)."""
+
+    test_name: str
+    values: list[float]
+    metric: str = XCTEST_CLOCK_METRIC
+    test_class: str = IOS_TEST_CLASS
+
+
+def xctest_measured_line(m: XCTestMeasurement) -> str:
+    """The line XCTest prints for a performance metric (units are the metric's own: s, kB)."""
+    avg = statistics.fmean(m.values)
+    rsd = 100.0 * statistics.pstdev(m.values) / avg if avg else 0.0
+    metric_id = {
+        XCTEST_CLOCK_METRIC: "com.apple.dt.XCTMetric_Clock.time.monotonic",
+        XCTEST_MEMORY_METRIC: "com.apple.dt.XCTMetric_Memory.physical_peak",
+    }.get(m.metric, "com.apple.dt.XCTMetric")
+    values = ", ".join(f"{v:.6f}" for v in m.values)
+    return (
+        f"Test Case '-[{m.test_class} {m.test_name}]' measured [{m.metric}] average: {avg:.6f}, "
+        f"relative standard deviation: {rsd:.3f}%, values: [{values}], performanceMetricID:{metric_id}, "
+        'baselineName: "", baselineAverage: , polarity: prefers smaller, maxPercentRegression: 10.000%, '
+        "maxPercentRelativeStandardDeviation: 10.000%, maxRegression: 0.100, maxStandardDeviation: 0.100"
+    )
+
+
+def xcodebuild_log_text(measurements: Sequence[XCTestMeasurement]) -> str:
+    """A `xcodebuild test` stdout: suite/case start and pass lines around the measured lines."""
+    lines = ["Test Suite 'All tests' started at 2026-01-01 12:00:00.000."]
+    by_case: dict[tuple[str, str], list[XCTestMeasurement]] = {}
+    for m in measurements:
+        by_case.setdefault((m.test_class, m.test_name), []).append(m)
+    for (cls, name), ms in by_case.items():
+        lines.append(f"Test Case '-[{cls} {name}]' started.")
+        lines.extend(xctest_measured_line(m) for m in ms)
+        lines.append(f"Test Case '-[{cls} {name}]' passed (1.234 seconds).")
+    lines.append("Test Suite 'All tests' passed at 2026-01-01 12:00:10.000.")
+    lines.append("** TEST SUCCEEDED **")
+    return "\n".join(lines) + "\n"
+
+
+def write_xcodebuild_log(path: Path, measurements: Sequence[XCTestMeasurement]) -> Path:
+    atomic_write_text(Path(path), xcodebuild_log_text(measurements))
+    return Path(path)
