@@ -6,7 +6,7 @@ import torch
 from ditnas.arch import SearchSpace, Slot
 from ditnas.config import ModelConfig
 from ditnas.errors import DitnasError
-from ditnas.supernet.model import ElasticDiT, SubDiT, merge_2x2, patchify, split_2x2, unpatchify
+from ditnas.supernet.model import Block, ElasticDiT, SubDiT, merge_2x2, patchify, split_2x2, unpatchify
 
 SPACE = SearchSpace(depth=6, stage_pattern=(0, 0, 1, 1, 0, 0), skippable=(1, 4), free_stages=True)
 CFG = ModelConfig(max_heads=4, head_dim=8, cond_dim=32, cond_tokens=2)
@@ -57,9 +57,14 @@ def test_extracted_model_owns_only_its_weights():
     # one standalone block: qkv+out of its single mixer, cross-attn, FFN of ratio 2, modulation for width d
     assert isinstance(sub, SubDiT)
     assert sub.stream == d
-    assert sub.blocks[0].ffn.sliced(d, 2 * d) is not None
+    assert list(sub.blocks[0].mixers) == ["sa"] and not isinstance(sub.blocks[1], Block)  # one op; skip holds nothing
+    mixer = sum(p.numel() for p in sub.blocks[0].mixers["sa"].parameters())
+    assert mixer == 4 * (d * d + d) + 2 * 2 * hd  # q, k, v, o at width d; q/k norms over one head
     ffn = sum(p.numel() for p in sub.blocks[0].ffn.parameters())
     assert ffn == d * 2 * d + 2 * d + 2 * d * d + d
+    # the copies are the leading slices of the supernet's weights
+    assert torch.equal(sub.blocks[0].ffn.fc1.weight, model.blocks[0].ffn.fc1.weight[: 2 * d, :d])
+    assert torch.equal(sub.blocks[0].ffn.fc2.weight, model.blocks[0].ffn.fc2.weight[:d, : 2 * d])
     mod = sum(p.numel() for p in sub.blocks[0].mod.parameters())
     assert mod == dc * 6 * d + 6 * d
     assert sub.num_params() < sum(p.numel() for p in model.parameters()) / 5
@@ -70,7 +75,6 @@ def test_extracted_model_owns_only_its_weights():
         for p in model.parameters():
             p.add_(1.0)
     assert torch.equal(before, sub(x, t, y))
-    assert hd == CFG.head_dim
 
 
 def test_widths_use_private_modulation():
@@ -89,8 +93,22 @@ def test_widths_use_private_modulation():
 def test_narrow_block_only_updates_leading_features_of_the_stream():
     model = _supernet()
     x, t, y = _inputs()
-    wide = model.run(SPACE.parse("sa:1:4 sa:0.5:4*5"), x, t, y)
-    sub = model.extract(SPACE.parse("sa:1:4 sa:0.5:4*5"))
+    arch = SPACE.parse("sa:1:4 sa:0.5:4*4 sa:1:4")
+    seen = {}
+    hooks = [
+        model.blocks[0].register_forward_hook(lambda m, inp, out: seen.update(after_first=out)),
+        model.blocks[1].register_forward_pre_hook(lambda m, inp: seen.update(narrow_in=inp[0])),
+        model.blocks[5].register_forward_pre_hook(lambda m, inp: seen.update(before_last=inp[0])),
+    ]
+    wide = model.run(arch, x, t, y)
+    for hook in hooks:
+        hook.remove()
+    assert seen["narrow_in"].shape[-1] == 16 and seen["before_last"].shape[-1] == 32
+    # four half-width blocks in between: the trailing 16 features pass through untouched ...
+    assert torch.equal(seen["before_last"][..., 16:], seen["after_first"][..., 16:])
+    # ... while the leading 16 were updated
+    assert (seen["before_last"][..., :16] - seen["after_first"][..., :16]).abs().max() > 1e-3
+    sub = model.extract(arch)
     assert sub.stream == 32
     assert (wide - sub(x, t, y)).abs().max() <= 1e-5
 
@@ -104,6 +122,7 @@ def test_gradients_reach_only_the_active_subnet():
     assert model.blocks[0].mixers["lcha"].o.weight.grad is not None
     assert all(p.grad is None for p in model.blocks[0].mixers["sa"].parameters())
     assert all(p.grad is None for p in model.blocks[1].parameters())
+    assert model.blocks[0].mod["h4"].weight.grad is None and model.blocks[2].mod["h2"].weight.grad is None  # other widths
     grads = [p.grad for p in model.blocks[0].mixers["lcha"].parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
