@@ -84,7 +84,7 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
     """Two budgets x one device table, evaluations as Ray tasks; results per study + combined front."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
-    budgets = [env["budget"], 2 * env["budget"]]
+    budgets = [float(env["budget"]), 2 * float(env["budget"])]
     code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", ",".join(map(repr, budgets)), "--tables",
                           str(env["table_dir"]), "--trials", "3", "--steps", "4", "--seeds", "2", "--out", str(tmp_path / "sw"),
                           "--no-progress"], capsys)
