@@ -27,6 +27,7 @@ from ditnas.latency_models import (
 )
 from ditnas.latency_models.backends.base import interleaved_rounds
 from ditnas.latency_models.backends.host_torch import HostTorchBackend
+from ditnas.config import LatencyConfig
 from ditnas.latency_models.profile import profile_space
 from ditnas.latency_models.programs import Cell
 from ditnas.latency_models.session import HISTORY, SAMPLES, read_samples, write_samples
@@ -34,6 +35,9 @@ from ditnas.supernet.model import ElasticDiT
 
 WARMUP, ITERS = 2, 5
 CFG = ModelConfig(max_heads=2, head_dim=8, cond_dim=16, cond_tokens=1)
+
+
+TINY_PROFILE = LatencyConfig(backend="host-torch", warmup=0, iters=2, models=0)
 
 
 def _space(**kw) -> SearchSpace:
@@ -283,13 +287,13 @@ def test_a_later_pass_retimes_the_whole_session_so_rows_share_one_machine_state(
 
 def test_profiling_another_model_into_a_session_is_refused(tmp_path, space) -> None:
     root = tmp_path / "s"
-    profile_space(_supernet(space), "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+    profile_space(_supernet(space), TINY_PROFILE, root, kinds=("final",))
     before = (root / SAMPLES).read_bytes()
     wider = ElasticDiT(space, replace(CFG, head_dim=16)).eval()
     with pytest.raises(DitnasError, match=r"profiled another model \(head_dim 8 -> 16\).*new --out"):
-        profile_space(wider, "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+        profile_space(wider, TINY_PROFILE, root, kinds=("final",))
     assert (root / SAMPLES).read_bytes() == before  # nothing overwritten
-    again = profile_space(_supernet(space), "host-torch", root, warmup=0, iters=2, n_models=0, kinds=("final",))
+    again = profile_space(_supernet(space), TINY_PROFILE, root, kinds=("final",))
     assert again.samples().equals(ProfilingSession.load(root).samples())  # same model: resumes
 
 
