@@ -14,6 +14,7 @@ import os
 import platform
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,20 @@ from ditnas.latency_models import (
     get_backend,
     programs_for_cells,
 )
-from ditnas.latency_models.artifacts import cell_from_name, device_model_name
+from ditnas.latency_models.artifacts import (
+    ArtifactProbe,
+    ParsedArtifact,
+    cell_from_name,
+    device_model_name,
+    parsed_artifact,
+)
+from ditnas.latency_models.backends import (
+    ArtifactFormat,
+    Backend,
+    backend_names,
+    register_backend,
+    unregister_backend,
+)
 from ditnas.latency_models.backends.android_adb import (
     AndroidDeviceInfo,
     minibench_records,
@@ -38,6 +52,7 @@ from ditnas.latency_models.backends.android_adb import (
 from ditnas.latency_models.backends.coreml import (
     CoreMLBenchmarkResult,
     coreml_benchmark_payload,
+    measurement,
     write_coreml_benchmark_json,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import (
@@ -52,7 +67,12 @@ from ditnas.latency_models.backends.ios_xcodebuild import (
     write_xcodebuild_log,
     xcodebuild_log_text,
 )
-from ditnas.latency_models.ingest import detect_format, ingest, session_for_artifacts
+from ditnas.latency_models.ingest import (
+    detect_format,
+    ingest,
+    read_artifact,
+    session_for_artifacts,
+)
 from ditnas.supernet.model import ElasticDiT
 
 pytest.importorskip("executorch")
@@ -427,3 +447,255 @@ def test_etdump_without_events_is_refused(android, tmp_path) -> None:
     with pytest.raises(DitnasError, match="has no execution events"):
         ingest([empty], session)
     assert session.samples().empty
+
+
+# ----------------------------------------------------------------------------------------------
+# real formats: fixtures taken from the upstream projects (tests/fixtures/phone/)
+# ----------------------------------------------------------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "phone"
+SSA_Q = "block:ssa:w0.5:r2:n16:s1"
+# the timed runs behind minibench_benchmark_results.json (its avg and trimmean are computed from them)
+MINIBENCH_RUNS = [0.412917, 0.398125, 0.401302, 0.395834, 0.447760, 0.399271, 0.396562, 0.403125, 0.394948, 0.41026]
+# the forward test's 20 Clock Monotonic Time values (s) in xcodebuild_benchmark.log
+IOS_FORWARD_S = [0.000861, 0.000652, 0.000641, 0.000639, 0.000655, 0.000644, 0.000640, 0.000648, 0.000637, 0.000642,
+                 0.000651, 0.000639, 0.000644, 0.000650, 0.000638, 0.000646, 0.000641, 0.000649, 0.000643, 0.000640]  # fmt: skip
+
+
+def test_minibench_upstream_test_data_parses() -> None:
+    # Fixture: verbatim get_mock_extract_result() of pytorch/executorch
+    # .github/scripts/test_extract_benchmark_results.py -- the records extract_benchmark_results.py
+    # takes from an Android benchmark_results.json (note the extra "method" field and the integer
+    # "quantization", which the app itself never writes).
+    path = FIXTURES / "minibench_upstream_test_data.json"
+    assert detect_format(path) == "minibench-json"
+    rows = parse_minibench_json(path)
+    assert [(r["name"], r["backend"], r["quantization"], r["metric"], r["value"], r["target"]) for r in rows] == [
+        ("ic4", "q1", 0, "metric1", 100.0, 100.0),
+        ("ic4", "q2", 0, "metric2", 200.0, 200.0),
+    ]
+    assert {(r["key"], r["arch"], r["device"], r["os"], r["totalMem"]) for r in rows} == {(None, "extract arch", "extract device", "extract os", 0)}
+    with pytest.raises(DitnasError, match=r"minibench_upstream_test_data.json \(minibench-json\) holds no latency samples of a ditnas program \(names seen: ic4\)"):
+        read_artifact(path)
+
+
+def test_minibench_app_output_ingests_and_our_writer_matches_it(tmp_path) -> None:
+    # Fixture: one run of the minibench app, laid out as the app writes it -- records in the order
+    # of pytorch/executorch extension/benchmark/android/benchmark/app/src/main/java/org/pytorch/
+    # minibench/ModelRunner.kt (avg, trimmean, load time, load_status, PSS), fields in
+    # BenchmarkMetric.kt's declaration order as Gson().toJson(results) writes them in one line
+    # (BenchmarkActivity.kt), deviceInfo {device=Build.BRAND, arch=Build.MODEL, os, totalMem=0,
+    # availMem=0: MemoryInfo is never filled}; the name is the .pte stem extractBackendAndQuantization
+    # splits. The model and the numbers are ours (no device ran a ditnas program upstream).
+    path = FIXTURES / "minibench_benchmark_results.json"
+    raw = json.loads(path.read_text())
+    ours = minibench_records("block_sa_w0p5_r2_n64_s0", MINIBENCH_RUNS, load_ms=18.213541, pss_mb=1.2353515625,
+                             device=AndroidDeviceInfo(device="samsung", arch="SM-S911U1", os="Android 14"))  # fmt: skip
+    assert [{k: v for k, v in r.items() if k != "actualValue"} for r in ours] == [{k: v for k, v in r.items() if k != "actualValue"} for r in raw]
+    assert [list(r) for r in ours] == [list(r) for r in raw]  # Gson's field order
+    assert [r["actualValue"] for r in ours] == pytest.approx([r["actualValue"] for r in raw], rel=1e-12)
+    # ModelRunner.kt: trimmed = sorted.subList(size / 10, size * 9 / 10): 5 runs keep the 4 fastest
+    five = [4.0, 9.0, 3.0, 5.0, 6.0]
+    assert next(r["actualValue"] for r in minibench_records("m", five, load_ms=1.0, device=AndroidDeviceInfo())
+                if r["metric"] == "trimmean_inference_latency(ms)") == pytest.approx((3 + 4 + 5 + 6) / 4)  # fmt: skip
+
+    assert detect_format(path) == "minibench-json"
+    session = session_for_artifacts(tmp_path / "pixel", [path])
+    assert session.device["backend"] == "android-adb" and session.device["device_model"] == "SM-S911U1"
+    assert ingest([path], session).added == {SA_HALF: 1}
+    assert session.samples()["latency_ms"].tolist() == [pytest.approx(sum(MINIBENCH_RUNS) / len(MINIBENCH_RUNS))]
+    assert session.manifest["ingested"][-1]["aggregate"] is True
+
+
+def test_minibench_failed_load_is_named_not_ingested() -> None:
+    # Fixture: what ModelRunner.kt (pytorch/executorch, see above) writes when Module.loadMethod
+    # fails: only model_load_time(ms) and load_status (the ExecutorchRuntimeException error code).
+    path = FIXTURES / "minibench_load_failed.json"
+    with pytest.raises(DitnasError, match=r"holds no latency samples of a ditnas program \(names seen: block_sa_w1_r2_n64_s0 \(load_status 34\)\)"):
+        read_artifact(path)
+
+
+def test_xcodebuild_log_from_upstream_lines_ingests(tmp_path) -> None:
+    # Fixture lines, in order:
+    # - verbatim from pytorch/executorch PR #8461 (Device Farm stdout of the iOS Benchmark app):
+    #   suite starts and a GenericTests `test_forward_<model>_pte_iOS_18_0_iPhone15_4` start line;
+    # - verbatim from pytorch/executorch PR #5410: a measured line of the app's earlier test naming
+    #   (`test_forward_models_llama2_iPhone_iPhone14,2_iOS_17.6.1`, with ',' and '.'; the excerpt was
+    #   cut after "maxStandardDeviatio", completed as XCTest prints it);
+    # - ditnas programs in that layout: a `<source>:<line>: ` prefix, 3-decimal averages, load and
+    #   forward tests each measured with XCTClockMetric + XCTMemoryMetric (extension/benchmark/apple/
+    #   Benchmark/Tests/GenericTests.mm: 20 forward iterations; names from TestUtils/DynamicTestCase.m),
+    #   one with a '+' backend (`xnnpack+custom`, as extract_benchmark_results.py allows);
+    # - verbatim from SoundBlaster/SpecificationKit AGENTS_DOCS/markdown/3.0.0/agent_logs/
+    #   02_CachedSatisfies.md lines 15049-15058: a real xcodebuild run of other tests (Clock, Memory
+    #   Physical, Memory Peak Physical lines).
+    path = FIXTURES / "xcodebuild_benchmark.log"
+    assert detect_format(path) == "xcodebuild-log"
+    rows = parse_xcodebuild_log(path)
+    old = [r for r in rows if r["test_name"] == "test_forward_models_llama2_iPhone_iPhone14,2_iOS_17.6.1"]
+    assert [r["value"] for r in old] == [125158.624, 125175.008, 125175.008, 125158.624, 125191.392] and {r["key"] for r in old} == {None}
+    foreign = {(r["test_class"], r["metric"], r["unit"]) for r in rows if r["test_class"].startswith("SpecificationKitTests")}
+    assert foreign == {("SpecificationKitTests.PerformanceBenchmarks", m, u) for m, u in
+                       (("Clock Monotonic Time", "s"), ("Memory Physical", "kB"), ("Memory Peak Physical", "kB"))}  # fmt: skip
+
+    parsed = read_artifact(path)
+    assert parsed.format == "xcodebuild-log" and set(parsed.samples) == {SA_HALF, SSA_Q}
+    assert parsed.samples[SA_HALF] == pytest.approx([v * 1e3 for v in IOS_FORWARD_S])  # forward clock only, in ms
+    assert parsed.samples[SSA_Q] == pytest.approx([float(f"{v / 2:.6f}") * 1e3 for v in IOS_FORWARD_S])  # printed %.6f
+    assert parsed.device == {"device_model": "iPhone15,4", "os": "iOS 18.0"}
+    assert {"test_forward_models_llama2_iPhone_iPhone14,2_iOS_17.6.1", "testAnySpecificationPerformance"} <= set(parsed.ignored)
+
+    session = session_for_artifacts(tmp_path / "iphone", [path])
+    assert session.device["backend"] == "ios" and session.manifest["iters"] == 20
+    assert ingest([path], session).added == {SA_HALF: 20, SSA_Q: 20}
+
+
+def test_coreml_benchmark_json_is_mlmodelbenchmarker_measurements(tmp_path) -> None:
+    # No upstream project writes a Core ML benchmark report file: coremltools' MLModelBenchmarker
+    # (coremltools/models/ml_program/experimental/perf_utils.py, apple/coremltools) returns
+    # dataclasses, and the ExecuTorch Benchmark app's CoreMLTests.mm (pytorch/executorch
+    # extension/benchmark/apple/Benchmark/Tests) prints XCTest lines. So the project's documented
+    # format is kept; its `load`/`predict` objects in the fixture are
+    # dataclasses.asdict(MLModelBenchmarker.Measurement.from_samples(...)) written by coremltools 9.0.
+    path = FIXTURES / "coreml_benchmark.json"
+    data = json.loads(path.read_text())
+    (res,) = data["results"]
+    for phase in ("load", "predict"):
+        got = measurement(res[phase]["samples"])  # our writer gives the upstream shape and numbers
+        assert list(got) == list(res[phase]) and list(got["statistics"]) == list(res[phase]["statistics"])
+        assert got["statistics"] == pytest.approx(res[phase]["statistics"], rel=1e-12)
+    try:
+        from coremltools.models.ml_program.experimental.perf_utils import MLModelBenchmarker
+    except ImportError:
+        MLModelBenchmarker = None  # the committed fixture still pins the shape
+    if MLModelBenchmarker is not None:
+        import dataclasses
+
+        live = dataclasses.asdict(MLModelBenchmarker.Measurement.from_samples(samples=res["predict"]["samples"]))
+        assert live == res["predict"]
+    assert detect_format(path) == "coreml-benchmark-json"
+    session = session_for_artifacts(tmp_path / "coreml", [path])
+    assert session.device["backend"] == "coreml" and session.device["device_model"] == "iPhone16,1"
+    assert ingest([path], session).added == {SA_HALF: 6}
+    assert session.samples()["latency_ms"].tolist() == res["predict"]["samples"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a phone type is one file: a backend registered here reads its own format through `ingest`
+# ----------------------------------------------------------------------------------------------
+TOY = ArtifactFormat("toyphone-csv", "toyphone results (text starting '# toyphone v1', then key,ms lines)", feeds=("toyphone",))
+
+
+class ToyPhoneBackend(Backend):
+    """Everything a new phone type needs, in one class (here in the test instead of backends/)."""
+
+    name = "toyphone"
+    formats = (TOY,)
+
+    def __init__(self, threads: int = 1, *, device_info: dict | None = None) -> None:
+        super().__init__(threads)
+        self._device = dict(device_info or {})
+
+    def prepare(self, programs, workdir):
+        raise DitnasError("toyphone: copy the programs to the phone by hand")
+
+    def measure(self, prepared, warmup, iters):
+        raise DitnasError("toyphone: run the phone app, then ditnas profile ingest its results")
+
+    def device(self) -> dict:
+        return self._device
+
+    @classmethod
+    def sniff(cls, probe: ArtifactProbe) -> str | None:
+        return TOY.name if probe.head.startswith(b"# toyphone v1") else None
+
+    @classmethod
+    def read_artifact(cls, path: Path, fmt: str, **opts) -> ParsedArtifact:
+        lines = Path(path).read_text().splitlines()
+        rows = [{"name": n, "latency_ms": float(ms)} for n, ms in (x.split(",") for x in lines[2:])]
+        samples: dict[str, list[float]] = {}
+        for r in rows:
+            samples.setdefault(cell_from_name(r["name"])["key"], []).append(r["latency_ms"])
+        return parsed_artifact(path, fmt, rows, samples, device={"device_model": lines[1].removeprefix("# model ")})
+
+
+@pytest.fixture()
+def toyphone():
+    register_backend(ToyPhoneBackend)
+    yield ToyPhoneBackend
+    unregister_backend(ToyPhoneBackend.name)
+
+
+def _toy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "results.txt"
+    path.write_text("# toyphone v1\n# model Toy 3\nblock_sa_w1_r2_n64_s0_xnnpack_fp32,2.5\nblock_sa_w1_r2_n64_s0_xnnpack_fp32,2.7\n")
+    return path
+
+
+def test_a_new_phone_type_is_one_backend_class(tmp_path) -> None:
+    path = _toy_file(tmp_path)
+    with pytest.raises(DitnasError, match=r"results.txt is in no format ditnas reads; known formats: (?!.*toyphone)"):
+        detect_format(path)
+    register_backend(ToyPhoneBackend)
+    try:
+        assert "toyphone" in backend_names() and detect_format(path) == "toyphone-csv"
+        session = session_for_artifacts(tmp_path / "toy", [path])  # the device comes from the file
+        assert session.device["backend"] == "toyphone" and session.device["device_model"] == "Toy 3"
+        report = ingest([path], session)
+        assert report.added == {SA_FULL: 2} and report.files == [{"file": str(path), "format": "toyphone-csv"}]
+        assert session.samples()["latency_ms"].tolist() == [2.5, 2.7]
+        # the other formats still go to their own backends, and a toyphone session refuses them
+        with pytest.raises(DitnasError, match=r"\(minibench-json\) comes from android-adb, but session .* is a toyphone session"):
+            ingest([FIXTURES / "minibench_benchmark_results.json"], session)
+        bad = tmp_path / "notes.txt"
+        bad.write_text("hello\n")
+        with pytest.raises(DitnasError, match=r"known formats: .*toyphone-csv: toyphone results"):
+            detect_format(bad)
+    finally:
+        unregister_backend("toyphone")
+    with pytest.raises(DitnasError, match="in no format ditnas reads"):
+        detect_format(path)
+
+
+def test_registry_refuses_clashes_and_ambiguous_files(toyphone, tmp_path) -> None:
+    class Greedy(ToyPhoneBackend):
+        name = "greedy"
+        formats = (ArtifactFormat("any-json", "any JSON", feeds=("greedy",)),)
+
+        @classmethod
+        def sniff(cls, probe):
+            return "any-json" if probe.json is not None else None
+
+    register_backend(Greedy)
+    try:
+        with pytest.raises(DitnasError, match=r"claimed by several formats: .*minibench-json \(android-adb.*any-json \(greedy"):
+            detect_format(FIXTURES / "minibench_benchmark_results.json")
+    finally:
+        unregister_backend("greedy")
+    assert detect_format(FIXTURES / "minibench_benchmark_results.json") == "minibench-json"
+
+    class Copycat(ToyPhoneBackend):
+        name = "copycat"  # another backend claiming the toyphone format name
+
+    with pytest.raises(DitnasError, match=r"declares artifact format 'toyphone-csv', which backend 'toyphone'"):
+        register_backend(Copycat)
+
+    class SameName(ToyPhoneBackend):
+        name = "ios"
+        formats = ()
+
+    with pytest.raises(DitnasError, match=r"backend name 'ios' is taken by ditnas.latency_models.backends.ios_xcodebuild.IosBackend"):
+        register_backend(SameName)
+
+
+def test_registry_lists_every_backend_without_importing_runtimes() -> None:
+    # a fresh interpreter: asking the registry (all backends, all formats) imports no runtime
+    code = (
+        "import json, sys; from ditnas.latency_models.backends import backend_names, artifact_formats; "
+        "print(json.dumps([backend_names(), [[n, c.name] for n, (f, c) in artifact_formats().items()], "
+        "'executorch' in sys.modules, 'coremltools' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    names, formats, executorch_imported, coremltools_imported = json.loads(out.strip().splitlines()[-1])
+    assert names == ["android-adb", "coreml", "executorch-xnnpack", "host-torch", "ios"]
+    assert formats == [["coreml-benchmark-json", "coreml"], ["etdump", "executorch-xnnpack"], ["minibench-json", "android-adb"], ["xcodebuild-log", "ios"]]
+    assert not executorch_imported and not coremltools_imported
