@@ -39,6 +39,7 @@ from ditnas.latency_models.artifacts import (
 from ditnas.latency_models.backends import (
     ArtifactFormat,
     Backend,
+    Prepared,
     backend_names,
     register_backend,
     unregister_backend,
@@ -96,8 +97,11 @@ case "$1" in
     case "$2" in
       getprop) printf '[ro.product.brand]: [google]\n[ro.product.model]: [Pixel 8]\n'
                printf '[ro.build.version.release]: [15]\n[ro.product.cpu.abi]: [arm64-v8a]\n[ro.soc.model]: [Tensor G3]\n' ;;
-      run-as) cat "$FAKE_MINIBENCH" ;;
-      am) echo "Status: ok" ;;
+      run-as) if [ "$4" = "cat" ]; then
+                if [ -n "${FAKE_MINIBENCH_DIR:-}" ]; then cat "$FAKE_MINIBENCH_DIR/$(cat "$FAKE_ADB_LOG.model")"; else cat "$FAKE_MINIBENCH"; fi
+              fi ;;
+      am) prev=""; for a in "$@"; do [ "$prev" = "model_dir" ] && basename "$a" > "$FAKE_ADB_LOG.model"; prev="$a"; done
+          echo "Status: ok" ;;
     esac ;;
   *) exit 1 ;;
 esac
@@ -262,12 +266,13 @@ def test_minibench_run_parse_and_ingest(android, fake_adb, monkeypatch, tmp_path
     source = write_minibench_json(tmp_path / "device_results.json", records)
     monkeypatch.setenv("FAKE_MINIBENCH", str(source))
     out = get_backend("android-adb").run_minibench(prepared, WARMUP, ITERS, tmp_path / "benchmark_results.json")
-    name = "block_sa_w0p5_r2_n64_s0_xnnpack_fp32.pte"
+    name, folder = "block_sa_w0p5_r2_n64_s0_xnnpack_fp32", "/data/local/tmp/minibench/block_sa_w0p5_r2_n64_s0_xnnpack_fp32"
     assert [c[2:] for c in fake_adb()[1:]] == [
-        ["shell", "mkdir", "-p", "/data/local/tmp/minibench"],
-        ["push", str(prepared[0].artifacts["pte"]), f"/data/local/tmp/minibench/{name}"],
+        ["shell", "mkdir", "-p", folder],
+        ["push", str(prepared[0].artifacts["pte"]), f"{folder}/{name}.pte"],
+        ["shell", "run-as", "org.pytorch.minibench", "rm", "-f", "files/benchmark_results.json"],
         ["shell", "am", "start", "-W", "-S", "-n", "org.pytorch.minibench/org.pytorch.minibench.BenchmarkActivity",
-         "--es", "model_dir", "/data/local/tmp/minibench", "--ei", "num_iter", str(ITERS), "--ei", "num_warm_up_iter", str(WARMUP)],
+         "--es", "model_dir", folder, "--ei", "num_iter", str(ITERS), "--ei", "num_warm_up_iter", str(WARMUP)],
         ["shell", "run-as", "org.pytorch.minibench", "cat", "files/benchmark_results.json"],
     ]  # fmt: skip
     assert detect_format(out) == "minibench-json"
@@ -291,6 +296,25 @@ def test_minibench_run_parse_and_ingest(android, fake_adb, monkeypatch, tmp_path
     other = write_minibench_json(tmp_path / "other.json", minibench_records("block_sa_w1_r2_n64_s0", lat, load_ms=1.0, device=AndroidDeviceInfo(arch="SM-S921B")))
     with pytest.raises(DitnasError, match="SM-S921B.*Pixel 8"):
         ingest([other], session)
+
+
+def test_minibench_runs_one_program_per_launch(android, programs, fake_adb, monkeypatch, tmp_path) -> None:
+    """BenchmarkActivity.kt (pytorch/executorch extension/benchmark/android/benchmark) benchmarks only
+    the first .pte of `model_dir` and overwrites its results file: two programs need two launches."""
+    _, prepared, _, _ = android
+    second = Prepared(programs[SA_FULL], artifacts={"pte": prepared[0].artifacts["pte"]})  # any file to push
+    results = tmp_path / "per_model"
+    results.mkdir()
+    dev = AndroidDeviceInfo()
+    for item, ms in ((prepared[0], 1.0), (second, 2.0)):
+        name = device_model_name(item.key())
+        write_minibench_json(results / name, minibench_records(name.removesuffix("_xnnpack_fp32"), [ms] * 3, load_ms=1.0, device=dev))
+    monkeypatch.setenv("FAKE_MINIBENCH_DIR", str(results))
+    out = get_backend("android-adb").run_minibench([prepared[0], second], WARMUP, ITERS, tmp_path / "benchmark_results.json", poll_s=0)
+    starts = [c for c in fake_adb() if "am" in c]
+    assert [c[c.index("model_dir") + 1] for c in starts] == [f"/data/local/tmp/minibench/{device_model_name(k)}" for k in (SA_HALF, SA_FULL)]
+    assert sum(c[2:6] == ["shell", "run-as", "org.pytorch.minibench", "rm"] for c in fake_adb()) == 2  # stale results deleted each time
+    assert {k: v for k, v in read_artifact(out).samples.items()} == {SA_HALF: [1.0], SA_FULL: [2.0]}
 
 
 def test_android_missing_adb_and_no_device_are_clear_errors(android, fake_adb, monkeypatch, tmp_path) -> None:

@@ -10,9 +10,11 @@ measure:  `adb push` the runner (optional) and each .pte, `adb shell executor_ru
           each pulled dump records key, warm-up, iterations and device, so the dump can be re-ingested.
           The runner must be built with the event tracer (EXECUTORCH_BUILD_DEVTOOLS=ON,
           EXECUTORCH_ENABLE_EVENT_TRACER=ON); each sample is therefore a traced run.
-minibench:`run_minibench` pushes the .pte files to the minibench app's folder, starts
-          BenchmarkActivity and pulls `benchmark_results.json`; that file holds averages, not
-          per-run samples, so it is ingested (`ditnas profile ingest`), not returned by `measure`.
+minibench:`run_minibench` runs the minibench app once per program (it benchmarks one .pte per
+          launch): push the .pte to its own folder, delete the old results, start
+          BenchmarkActivity, poll `benchmark_results.json`; all records go into one file. It holds
+          averages, not per-run samples, so it is ingested (`ditnas profile ingest`), not returned
+          by `measure`.
 parse:    minibench `benchmark_results.json` -> one row per record, with device info; an ETDump ->
           the xnnpack backend's rows.
 ingest:   format `minibench-json` (a JSON list of `{benchmarkModel, metric, actualValue,
@@ -35,6 +37,7 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +73,7 @@ SCRIPT_FILE = "run_on_device.sh"
 MINIBENCH_PACKAGE = "org.pytorch.minibench"
 MINIBENCH_ACTIVITY = f"{MINIBENCH_PACKAGE}/{MINIBENCH_PACKAGE}.BenchmarkActivity"
 MINIBENCH_DIR = "/data/local/tmp/minibench"
+MINIBENCH_RESULTS = "files/benchmark_results.json"  # in the app's data folder (BenchmarkActivity.kt)
 INSTALL_ADB = "install Android platform-tools (`apt install adb`, or `sdkmanager platform-tools`) or pass adb=<path to adb>"
 MINIBENCH_FIELDS = ("benchmarkModel", "metric", "actualValue", "targetValue", "deviceInfo")
 MINIBENCH_LATENCY_METRIC = "avg_inference_latency(ms)"
@@ -325,24 +329,50 @@ class AndroidAdbBackend(Backend):
         return rows
 
     # ----- minibench ---------------------------------------------------------------------------
-    def minibench_commands(self, prepared: list[Prepared], warmup: int, iters: int) -> list[list[str]]:
-        plan = [["shell", "mkdir", "-p", MINIBENCH_DIR]]
-        plan += [["push", str(p.artifacts["pte"]), f"{MINIBENCH_DIR}/{self.remote_names(p)['name']}.pte"] for p in prepared]
-        plan.append(
-            ["shell", "am", "start", "-W", "-S", "-n", MINIBENCH_ACTIVITY, "--es", "model_dir", MINIBENCH_DIR,
-             "--ei", "num_iter", str(iters), "--ei", "num_warm_up_iter", str(warmup)]
-        )  # fmt: skip
-        plan.append(["shell", "run-as", MINIBENCH_PACKAGE, "cat", "files/benchmark_results.json"])
-        return plan
+    def minibench_commands(self, item: Prepared, warmup: int, iters: int) -> list[list[str]]:
+        """The adb sequence that benchmarks ONE program with the minibench app.
 
-    def run_minibench(self, prepared: list[Prepared], warmup: int, iters: int, out: Path) -> Path:
-        """Run the minibench app on the prepared programs and save its benchmark_results.json to `out`."""
+        One program per launch: BenchmarkActivity.kt benchmarks only the first .pte it finds in
+        `model_dir` and overwrites files/benchmark_results.json, so each program gets its own folder
+        and the previous results are deleted first (as android-llm-device-farm-test-spec.yml.j2 does
+        with `run-as ... rm -rf files`), so a stale file is never read as this program's."""
+        name = self.remote_names(item)["name"]
+        folder = f"{MINIBENCH_DIR}/{name}"
+        return [
+            ["shell", "mkdir", "-p", folder],
+            ["push", str(item.artifacts["pte"]), f"{folder}/{name}.pte"],
+            ["shell", "run-as", MINIBENCH_PACKAGE, "rm", "-f", MINIBENCH_RESULTS],
+            ["shell", "am", "start", "-W", "-S", "-n", MINIBENCH_ACTIVITY, "--es", "model_dir", folder,
+             "--ei", "num_iter", str(iters), "--ei", "num_warm_up_iter", str(warmup)],
+            ["shell", "run-as", MINIBENCH_PACKAGE, "cat", MINIBENCH_RESULTS],
+        ]  # fmt: skip
+
+    def run_minibench(self, prepared: list[Prepared], warmup: int, iters: int, out: Path, *, poll_s: float = 10.0) -> Path:
+        """Run the minibench app on each prepared program in turn and save all their records as one
+        benchmark_results.json at `out`. `am start -W` returns when the activity is shown, not when
+        the benchmark ends, so the results file is polled (every `poll_s`, up to `timeout_s`)."""
         check_counts(warmup, iters)
         self.ensure_device()
-        stdout = ""
-        for args in self.minibench_commands(prepared, warmup, iters):
-            stdout = self._run(args).stdout
-        atomic_write_text(Path(out), stdout)
+        records: list[Any] = []
+        for item in prepared:
+            *steps, fetch = self.minibench_commands(item, warmup, iters)
+            for args in steps:
+                self._run(args)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                text = self._run(fetch, check=False).stdout.strip()
+                if text or time.monotonic() > deadline:
+                    break
+                time.sleep(poll_s)
+            try:
+                got = json.loads(text)
+            except ValueError:
+                raise DitnasError(
+                    f"android-adb: minibench wrote no readable {MINIBENCH_RESULTS} for {item.key()} within {self.timeout_s:.0f} s "
+                    f"(got {text[:60]!r}); check `adb logcat` for the app, or raise timeout_s"
+                ) from None
+            records += got if isinstance(got, list) else [got]
+        write_minibench_json(Path(out), records)
         parse_minibench_json(Path(out))  # refuse now what ingest would refuse later
         return Path(out)
 
