@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import ditnas
 from ditnas.config import RunConfig, dump_config
-from ditnas.io import write_json
+from ditnas.io import atomic_write_text, write_json
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
 from ditnas.supernet.train import CHECKPOINT_NAME, Trainer, train_supernet
@@ -38,12 +38,41 @@ def reference_archs(space) -> dict:
     return {"max": space.max_arch(), "narrowest": space.narrowest_arch(), "min": space.min_arch()}
 
 
+class MetricsLog:
+    """`metrics.jsonl`, one line per step. A resumed run restarts at its checkpoint's step, so the first
+    line it appends cuts the log back to the steps before it: lines a killed run wrote after its last
+    checkpoint (and a torn last line) would otherwise be there twice and bend every curve drawn from it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._checked = False
+
+    def append(self, record: dict) -> None:
+        if not self._checked:
+            self._cut_before(int(record["step"]))
+            self._checked = True
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _cut_before(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) < step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill mid-write
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+
 def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
               stop_after: int | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    metrics_path = out / "metrics.jsonl"
+    metrics = MetricsLog(out / "metrics.jsonl")
     started = time.time()
     bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -59,9 +88,8 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         rate = len(window) / sum(window)
         bar.update(task, completed=trainer.step,
                    info=f"loss max {stats.loss_max:.4f} sub {stats.loss_subnets:.4f}  {rate:.1f} steps/s")
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps({"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets,
-                                     "distill": stats.distill, "seconds": stats.seconds}) + "\n")
+        metrics.append({"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets,
+                        "distill": stats.distill, "seconds": stats.seconds})
 
     with bar:
         task = bar.add_task("train", total=cfg.train.steps, info="starting")
