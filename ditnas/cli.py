@@ -402,10 +402,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # usage errors (missing or unknown option, a value of the wrong type) arrive here in
+        # non-standalone mode: click's ClickException, or typer >= 0.2x's vendored copy of it, which
+        # `click.ClickException` does not match; both can show themselves and carry an exit code
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise

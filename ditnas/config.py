@@ -303,7 +303,12 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise DitnasError(f"override {item!r} must look like section.field=value, e.g. train.steps=500")
-        _set_path(raw, key.strip(), yaml.safe_load(value), f"override {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise DitnasError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                              "quote it, e.g. --set 'data.source=\"my folder\"'") from None
+        _set_path(raw, key.strip(), parsed, f"override {item!r}")
     return _build(RunConfig, raw, where)
 
 
