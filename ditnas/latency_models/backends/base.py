@@ -268,7 +268,7 @@ def _discover() -> None:
     _discovered = True
     package = __name__.rpartition(".")[0]
     for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if info.name in ("base", "pte_timer") or info.name.startswith("_"):
+        if info.name in ("base", "pte_timer") or info.name.startswith("_"):  # the registry; a timing subprocess
             continue
         try:
             importlib.import_module(f"{package}.{info.name}")
