@@ -153,14 +153,74 @@ def test_an_interrupted_profile_reuses_what_was_lowered(lowered, supernet: Elast
     assert backend.reuse(item.program, tmp_path) is None
 
 
-def test_measure_interleaves_programs_on_xnnpack(lowered) -> None:
-    items = [_sa(lowered, "0.5"), _sa(lowered, "1")]
+# Logs every ExecuTorch execute() as the file name of the .pte it runs. Installed in this process with
+# monkeypatch.setattr, and in the fresh timing process as a sitecustomize on its PYTHONPATH.
+_EXECUTE_LOGGER = """
+from pathlib import Path
+
+
+def install(log, setattr=setattr):
+    from executorch.runtime import Method, Program, Runtime
+
+    load_program, load_method, execute = Runtime.load_program, Program.load_method, Method.execute
+
+    def logged_load_program(self, data, *args, **kwargs):
+        program = load_program(self, data, *args, **kwargs)
+        program._logged_source = Path(data).name
+        return program
+
+    def logged_load_method(self, name):
+        method = load_method(self, name)
+        method._logged_source = self._logged_source
+        return method
+
+    def logged_execute(self, inputs):
+        with open(log, "a") as f:
+            f.write(self._logged_source + "\\n")
+        return execute(self, inputs)
+
+    setattr(Runtime, "load_program", logged_load_program)
+    setattr(Program, "load_method", logged_load_method)
+    setattr(Method, "execute", logged_execute)
+"""
+
+
+def test_measure_interleaves_programs_on_xnnpack(lowered, tmp_path, monkeypatch) -> None:
+    """Every ExecuTorch execute() is logged, in the fresh timing process and in this one: after the
+    warm-up, each round runs every program once, in an order that changes between rounds."""
+    prepared = lowered[1]
+    items = [prepared[k] for k in ("block:sa:w0.5:r2:n64:s0", "block:sa:w1:r2:n64:s0", "block:lcha:w0.5:r2:n64:s0")]
+    by_file = {i.artifacts["pte"].name: i.key() for i in items}
+    warmup, iters, n = 1, 7, len(items)
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(
+        _EXECUTE_LOGGER + "\nimport os\nif os.environ.get('DITNAS_TEST_EXECUTE_LOG'):\n"
+        "    install(os.environ['DITNAS_TEST_EXECUTE_LOG'])\n"
+    )
+    orders = {}
     for isolate in (True, False):  # in a fresh interpreter (the default) and in this process
+        log = tmp_path / f"executed-{isolate}.txt"
+        if isolate:
+            monkeypatch.setenv("PYTHONPATH", str(hook_dir))
+            monkeypatch.setenv("DITNAS_TEST_EXECUTE_LOG", str(log))
+        else:
+            namespace: dict = {}
+            exec(_EXECUTE_LOGGER, namespace)  # noqa: S102 -- the logger above, installed here
+            namespace["install"](log, setattr=monkeypatch.setattr)
         backend = get_backend("executorch-xnnpack", isolate=isolate, etdump=False)
-        rows = backend.measure(items, warmup=1, iters=7)
+        rows = backend.measure(items, warmup=warmup, iters=iters)
         assert sorted({r["key"] for r in rows}) == sorted(i.key() for i in items)
-        assert all(sorted(r["iteration"] for r in rows if r["key"] == i.key()) == list(range(7)) for i in items)
+        assert all(sorted(r["iteration"] for r in rows if r["key"] == i.key()) == list(range(iters)) for i in items)
         assert all(r["latency_ms"] > 0 for r in rows)
+        executed = [by_file[name] for name in log.read_text().split()]
+        assert len(executed) == n * (warmup + iters), isolate
+        timed = executed[n * warmup:]
+        rounds = [tuple(timed[i:i + n]) for i in range(0, len(timed), n)]
+        assert all(sorted(r) == sorted(by_file.values()) for r in rounds), (isolate, rounds)
+        assert len(set(rounds)) > 1, (isolate, rounds)  # shuffled afresh, not one fixed order
+        orders[isolate] = rounds
+    assert orders[True] == orders[False]  # the same seeded visiting order in and out of process
 
 
 def test_a_damaged_pte_fails_the_timing_process_with_a_clear_error(lowered, tmp_path) -> None:
