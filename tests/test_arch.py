@@ -47,7 +47,7 @@ def test_max_and_min_arch():
     fixed = SearchSpace(depth=6, stage_pattern=(0, 0, 1, 1, 0, 0), skippable=(1, 4))
     assert fixed.max_arch().layout() == "sa:1:4*2 | sa:1:4*2 | sa:1:4*2"
     assert fixed.min_arch().layout() == "ssa:0.5:2 skip | ssa:0.5:2*2 | skip ssa:0.5:2"
-    assert fixed.validate(fixed.min_arch())
+    assert fixed.validate(fixed.min_arch()) == fixed.min_arch()
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_split_determinism(digits: DatasetSplit) -> None:
     assert len(digits.fingerprint()) == 64
 
 
-def test_split_is_stratified_and_disjoint(digits: DatasetSplit) -> None:
+def test_split_is_stratified(digits: DatasetSplit) -> None:
     assert digits.train_y is not None and digits.val_y is not None
     train_counts = torch.bincount(digits.train_y, minlength=10)
     val_counts = torch.bincount(digits.val_y, minlength=10)
@@ -211,10 +211,16 @@ def test_npy_garbage_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"val_fraction": 0.0}, {"val_fraction": 1.0}, {"channels": 2}, {"image_size": 0}]
+    "kwargs,fragment",
+    [
+        ({"val_fraction": 0.0}, "val_fraction=0.0 must be strictly between 0 and 1"),
+        ({"val_fraction": 1.0}, "val_fraction=1.0 must be strictly between 0 and 1"),
+        ({"channels": 2}, "channels=2 is not supported"),
+        ({"image_size": 0}, "image_size=0 must be a positive"),
+    ],
 )
-def test_bad_arguments(kwargs: dict) -> None:
-    with pytest.raises(DitnasError):
+def test_bad_arguments(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(DitnasError, match=fragment):
         load_dataset("digits", **kwargs)
 
 
@@ -300,5 +306,8 @@ def test_sampler_state_mismatch() -> None:
         BatchSampler(_indexed_split(24), 5).load_state_dict(state)
     with pytest.raises(DitnasError, match="batch_size"):
         BatchSampler(_indexed_split(23), 4).load_state_dict(state)
-    with pytest.raises(DitnasError):
+    with pytest.raises(DitnasError, match="incomplete or malformed"):
         BatchSampler(_indexed_split(23), 5).load_state_dict({"n": 23})
+    broken = dict(state, cursor=99)
+    with pytest.raises(DitnasError, match="inconsistent permutation/cursor"):
+        BatchSampler(_indexed_split(23), 5).load_state_dict(broken)

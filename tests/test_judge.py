@@ -69,7 +69,15 @@ def test_fd_handles_singular_covariances() -> None:
     a[:, :2] = rng.randn(100, 2)  # rank 2 in 8 dimensions, like dead ReLU features
     b = a + 0.0
     assert frechet_distance(a, b) == pytest.approx(0.0, abs=1e-8)
-    assert np.isfinite(frechet_distance(a, rng.randn(10, 8)))  # fewer samples than dimensions
+    # same singular covariance, shifted mean: exactly the squared shift (no epsilon offset)
+    shift = np.array([1.0, 2.0, 0, 0, 0, 0, 0, 0])
+    assert frechet_distance(a, a + shift) == pytest.approx(5.0, rel=1e-9)
+    # fewer samples than dimensions: against tr sqrt(S_a S_b) from the (real, >= 0) eigenvalues of S_a S_b
+    c = rng.randn(10, 8)
+    ca, cc = np.cov(a, rowvar=False), np.cov(c, rowvar=False)
+    eig = np.clip(np.linalg.eigvals(ca @ cc).real, 0.0, None)
+    ref = ((a.mean(0) - c.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cc) - 2 * np.sqrt(eig).sum()
+    assert frechet_distance(a, c) == pytest.approx(ref, rel=1e-6)
 
 
 def test_fd_grows_with_mean_shift() -> None:
@@ -232,4 +240,7 @@ def test_real_fd_floor(judge: Judge, digits: DatasetSplit) -> None:
     assert floor != real_fd_floor(judge, digits, n=200, seed=1)
     noise = torch.rand(200, 1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert 0 < floor < evaluate_samples(judge, noise, reference=digits.train_x[:200])["fd"] / 5
-    assert np.isfinite(real_fd_floor(judge, digits, n=10**6, seed=0))  # n is capped at half the pool
+    half = (len(digits.train_x) + len(digits.val_x)) // 2
+    capped = real_fd_floor(judge, digits, n=10**6, seed=0)
+    assert capped == real_fd_floor(judge, digits, n=half, seed=0)  # n is capped at half the pool ...
+    assert capped != real_fd_floor(judge, digits, n=half - 1, seed=0)  # ... and not below it
