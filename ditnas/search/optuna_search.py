@@ -32,6 +32,8 @@ Dashboard (optuna-dashboard 0.21; `manifest.json` field `dashboard` holds the ex
 from __future__ import annotations
 
 import math
+import os
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,6 +161,13 @@ def decode(choices: SearchChoices, params: dict[str, Any], base: Arch, steps_set
 
 
 # ----- the loop --------------------------------------------------------------------------------
+DRIVER_ATTR = "driver"  # user attr of a trial: "<host>:<pid>" of the process that asked it
+
+
+def driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_study(
     study: optuna.Study,
     evaluate: EvaluateFn,
@@ -175,8 +184,10 @@ def run_study(
     steps = [int(s) for s in steps]
     base = base or choices.space.max_arch()
     dists = distributions(choices, steps)
+    driver = driver_id()  # lets a rerun tell this process's trials (if it dies) from a live driver's
     for k in range(n_trials):
         trial = study.ask(dists)
+        trial.set_user_attr(DRIVER_ATTR, driver)
         try:
             arch, s = decode(choices, trial.params, base, steps)
         except DitnasError as exc:
@@ -225,12 +236,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "feasible": done and _feasible(t),
             "source": t.user_attrs.get("source", ""),
             "error": t.user_attrs.get("error", ""),
+            "retry_of": int(t.user_attrs.get("retry_of", -1)),
         }
         for key, value in t.constraints.items():
             row[f"constraint_{key}"] = float(value)
         rows.append(row)
     cols = ["number", "state", "arch", "arch_key", "steps", "latency_ms", "quality", "latency_ms_step",
-            "memory_bytes", "params", "feasible", "source", "error"]
+            "memory_bytes", "params", "feasible", "source", "error", "retry_of"]
     df = pd.DataFrame(rows)
     return df if len(df) else pd.DataFrame(columns=cols)
 

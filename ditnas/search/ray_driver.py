@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditnas.errors import DitnasError
+from ditnas.search.optuna_search import DRIVER_ATTR, driver_id
 from ditnas.search.ray_cluster import first_line as _first_line
+from ditnas.search.study import recover_interrupted
 
 # Result of one evaluation: a flat dict of numbers/strings (latency_ms, quality, memory_bytes, ...).
 Result = Mapping[str, Any]
@@ -150,11 +152,10 @@ def run_studies(
     limit = max_in_flight or _cluster_slots(num_cpus, resources)
     summaries = [JobSummary(j.label or j.study.study_name, j.study.study_name) for j in jobs]
     if fail_stale:
-        # assumption: one driver per study; RUNNING trials left by a killed driver will never be told
+        # trials a killed driver left RUNNING: told FAIL and queued again (study.recover_interrupted)
         for job, s in zip(jobs, summaries):
-            for t in job.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                job.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                s.stale_failed += 1
+            s.stale_failed += len(recover_interrupted(job.study))
+    driver = driver_id()
     asked = [0] * len(jobs)
     inflight: dict[Any, tuple[int, Any]] = {}  # ObjectRef -> (job index, optuna.Trial)
 
@@ -169,6 +170,7 @@ def run_studies(
     def submit_one(i: int) -> None:
         job = jobs[i]
         trial = job.study.ask()
+        trial.set_user_attr(DRIVER_ATTR, driver)
         asked[i] += 1
         try:
             extra = job.make_params(trial)

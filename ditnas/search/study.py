@@ -3,23 +3,27 @@ build, so the two cannot drift (same budget check, same seeds, same storage layo
 
     check_budget(...)   -> which steps values the budget reaches (refuses an unreachable budget)
     dp_seeds(...)       -> up to n exact-DP layouts under the budget, best score first
-    open_study(...)     -> create or continue the study in a storage, seeds enqueued once
+    open_study(...)     -> create or continue the study in a storage, seeds enqueued once, and
+                           trials a killed driver left RUNNING failed and queued again
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from ditnas.arch import Arch
 from ditnas.config import SearchConfig
 from ditnas.errors import ConfigFieldError, DitnasError
-from ditnas.search.optuna_search import DIRECTIONS, encode, make_sampler
+from ditnas.search.optuna_search import DIRECTIONS, DRIVER_ATTR, encode, make_sampler
 from ditnas.search.problem import build_problem, dp_results, min_reachable_ms
 from ditnas.search.dp import to_arch
 from ditnas.search.space import SearchChoices
@@ -118,6 +122,7 @@ def open_study(cfg: SearchConfig, choices: SearchChoices, storage: Any, name: st
     if len(study.directions) != 2:
         raise DitnasError(f"study {name!r} in this storage has {len(study.directions)} objectives; "
                           "use another results folder or storage")
+    recover_interrupted(study)
     study.set_user_attr("budget_ms", float(budget_ms))
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
@@ -125,3 +130,41 @@ def open_study(cfg: SearchConfig, choices: SearchChoices, storage: Any, name: st
     for arch, s in seeds:
         study.enqueue_trial(encode(choices, arch, s, steps), user_attrs={"source": "dp"}, skip_if_exists=True)
     return study
+
+
+# ----- trials a killed driver left behind -------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _abandoned(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose driver is gone: a process of this host that no longer exists, or no
+    driver recorded (asked by a process killed before it could tag the trial, or an older ditnas).
+    # assumption: a trial tagged by another host belongs to a live driver there (drivers on several
+    hosts share an RDB storage; their trials are not this process's to fail)."""
+    host, _, pid = str(trial.user_attrs.get(DRIVER_ATTR, "")).rpartition(":")
+    if not pid:
+        return True
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Tell FAIL every trial a dead driver left RUNNING and enqueue its parameters again (marked
+    `retry_of`), so a SIGKILLed search loses no evaluation and leaves no trial RUNNING. Returns the
+    numbers of the trials recovered."""
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _abandoned(t):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        # even with no parameters recorded yet (killed inside `ask`) the retry keeps the trial count
+        attrs = {k: v for k, v in t.user_attrs.items() if k == "source"}
+        study.enqueue_trial(dict(t.params), user_attrs={**attrs, "retry_of": t.number})
+        recovered.append(t.number)
+    return recovered
