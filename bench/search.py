@@ -22,7 +22,8 @@ Hypervolume (HV), both objectives minimised:
 - exact 2-D HV (sort by latency, sweep the running best quality, add strips); HV(run, k) is the HV of the
   feasible points among the run's first k trials (1-based, in trial-number order, every asked trial counts);
 - reported values are normalised by the area of the box between the ideal point (min reachable
-  latency × steps, the smallest feasible quality any run observed) and r. No ratio below depends on it.
+  latency × steps, the smallest feasible quality any run observed) and r; no trial count or ratio below
+  depends on the normalisation (the reference point does matter).
 
 Figures written to the JSON:
 - `dp_matches_bruteforce`, `dp_seconds_n28` (and all of `bench/search_dp.py`'s figures under `dp`): that
@@ -50,7 +51,9 @@ Figures written to the JSON:
   an all-SA arch, each at the widest width (then largest MLP ratio) whose predicted total latency fits the
   budget, all scored with the weight-sharing val loss on n=512 (seed 1234); the unconstrained max arch
   for reference.
-- `inputs` (checkpoint sha256, table id, device, calibration, budget, trials, seeds), `seconds` (wall
+- `inputs` (checkpoint sha256, table id, device, calibration, budget, trials, seeds; and, when the files
+  exist, fields of the checkpoint's `run.json` and of the profiling session's `manifest.json` next to
+  the table: steps trained, training wall time, session start/end), `seconds` (wall
   time per phase and per run), machine info with the load average at start and at end.
 
 Quality is memoised per arch across all runs (one `EvalContext`, `Objectives` caches), and the
@@ -251,6 +254,16 @@ def secondary_95(seeded_curve: list[float], cold_curve: list[float]) -> dict:
     return {"seeded": ks, "seeded_censored": not rs, "cold": kc, "cold_censored": not rc}
 
 
+# ----- provenance of the inputs (their own JSON manifests, if next to them) ---------------------------
+def manifest_fields(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """`keys` of the JSON file at `path` (e.g. the checkpoint's run.json: steps trained, wall time), or None."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return {"file": str(path), **{k: data.get(k) for k in keys}}
+
+
 # ----- the one call into the search stage ------------------------------------------------------------
 def search_once(ctx: EvalContext, checkpoint: Path, table: Path, budget_ms: float, steps: int, trials: int,
                 out: Path, *, seed: int, dp_seeds: int, population: int, name: str) -> tuple[pd.DataFrame, dict]:
@@ -443,6 +456,11 @@ def main() -> None:
             "trials_per_run": args.trials, "seeds": args.seeds, "sampler": "nsga2", "population_size": args.population,
             "dp_seeds": args.dp_seeds, "search_eval": {"n": SEARCH_N, "seed": EVAL_SEED},
             "final_eval": {"n": FINAL_N, "seed": EVAL_SEED}, "sensitivity_cells": len(sens),
+            # how the inputs were made, from their own manifests (training wall time, profiling session times)
+            "checkpoint_run": manifest_fields(Path(args.checkpoint).parent / "run.json",
+                                              ("step", "finished", "seconds_this_call", "val_flow_loss_ema")),
+            "table_session": manifest_fields(troot.parent / "manifest.json",
+                                             ("session_id", "created_at", "updated_at", "warmup", "iters")),
         },
         "archs_evaluated": len(obj._quality),
         "seconds": {"dp": round(dp_seconds, 2), "setup": round(setup_seconds, 2), "search": round(search_seconds, 2),
