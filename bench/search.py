@@ -88,9 +88,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, report
 
 from ditnas.arch import Arch, Slot
+from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.latency_models.stage import table_dir
-from ditnas.search.objectives import EVAL_SEED, EvalContext
+from ditnas.search.objectives import EvalContext
+from ditnas.supernet.flow import EVAL_SEED
 from ditnas.search.problem import min_reachable_ms
 from ditnas.search.sensitivity import slot_sensitivity
 from ditnas.search.space import SearchChoices
@@ -271,8 +273,9 @@ def search_once(ctx: EvalContext, checkpoint: Path, table: Path, budget_ms: floa
     DP layouts enqueued first (0 = cold). Returns (trials by number, manifest). The only `run_search` call."""
     if (out / "study.journal").exists():
         (out / "study.journal").unlink()  # a fresh study: run_search continues an existing journal
-    manifest = run_search(checkpoint, table, budget_ms, [steps], trials, out, sampler="nsga2", seed=seed,
-                          n_seeds=dp_seeds, context=ctx, study_name=name, population_size=population)
+    cfg = SearchConfig(budget_ms=budget_ms, steps=(steps,), trials=trials, sampler="nsga2", seed=seed,
+                       dp_seeds=dp_seeds, population=population)
+    manifest = run_search(cfg, checkpoint, table, out, context=ctx, study_name=name)
     df = pd.read_parquet(out / "trials.parquet").sort_values("number").reset_index(drop=True)
     return df, manifest
 
