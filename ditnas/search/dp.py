@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ditnas.arch import Arch
+from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.search.space import SearchChoices
 
@@ -55,7 +56,7 @@ class DPProblem:
     down_cost: float = 0.0
     up_cost: float = 0.0
     fixed_cost: float = 0.0
-    buckets: int = 2000
+    buckets: int = SearchConfig.dp_buckets  # the one default (config.py)
     stages: tuple[tuple[int, ...], ...] | None = None
     bucket_ms: float | None = None
     labels: tuple[str, ...] | None = None  # names of the choices, for printing

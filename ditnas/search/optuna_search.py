@@ -46,7 +46,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from ditnas.arch import Arch
-from ditnas.config import SAMPLERS  # the names the search config section accepts
+from ditnas.config import SAMPLERS, SearchConfig  # the names and defaults of the search config section
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, atomic_write_text
 from ditnas.search.space import SearchChoices
@@ -59,7 +59,7 @@ EvaluateFn = Callable[[Arch, int], dict]  # (arch, steps) -> {"latency_ms", "qua
 
 
 # ----- sampler and storage ---------------------------------------------------------------------
-def make_sampler(name: str, seed: int, *, population_size: int = 24, constant_liar: bool = False) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, *, population_size: int = SearchConfig.population, constant_liar: bool = False) -> optuna.samplers.BaseSampler:
     """`nsga2` (NSGAIISampler), `tpe` (multivariate TPESampler; `constant_liar` — Optuna 5 defaults it to
     True, we default to False for the sequential loop and let a parallel driver turn it on) or `gp`
     (GPSampler; multi-objective logEHVI with constraints in Optuna 5)."""

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ditnas.arch import SearchSpace
+from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.latency_models.programs import Cell
 from ditnas.search.dp import (
@@ -105,7 +106,7 @@ def build_problem(
     scores: pd.DataFrame | np.ndarray,
     budget_ms_step: float,
     *,
-    buckets: int = 2000,
+    buckets: int = SearchConfig.dp_buckets,
     stream_width: float | None = None,
     calibrated: bool = True,
 ) -> DPProblem:
