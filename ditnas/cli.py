@@ -397,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     except DitnasError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the disk refused (full, read-only, no permission) outside an atomic write
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: cannot access{where} ({exc.strerror or type(exc).__name__}); free space or choose a "
+                   "writable folder, then rerun the same command", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
         sys.exit(130)

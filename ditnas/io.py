@@ -14,18 +14,47 @@ import torch
 from ditnas.errors import DitnasError
 
 
+def write_error(path: Path, exc: BaseException) -> DitnasError:
+    """The one message for a write that the disk refused (full, read-only, no permission)."""
+    reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).splitlines()[0][:200]
+    return DitnasError(f"cannot write {path} ({reason}); free space or choose a writable output folder, then "
+                       "rerun the same command (what was written before is intact)")
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    except RuntimeError as exc:  # torch.save: a refused write surfaces as its zip writer's RuntimeError
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in_chain(exc)
+        if cause is not None or "writ" in str(exc).lower():
+            raise write_error(path, cause or exc) from None
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ditnas.arch import Arch
 from ditnas.data import DatasetSplit
+from ditnas.io import atomic_write_bytes
 from ditnas.judge import Judge, evaluate_samples, real_fd_floor
 from ditnas.supernet.flow import VelocityFn, euler_sample
 from ditnas.supernet.model import ElasticDiT
@@ -69,9 +70,16 @@ def save_grid(samples: Tensor, path: Path, nrow: int) -> Path:
     scale = max(1, 256 // max(h, w))  # upscale tiny digits so the grid is readable
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    atomic_write_bytes(path, _png(image))
     return path
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def evaluate_quality(

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import ditnas
 from ditnas.config import RunConfig, dump_config
-from ditnas.io import atomic_write_text, write_json
+from ditnas.io import atomic_write_text, write_error, write_json
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
 from ditnas.supernet.train import CHECKPOINT_NAME, Trainer, train_supernet
@@ -51,8 +51,11 @@ class MetricsLog:
         if not self._checked:
             self._cut_before(int(record["step"]))
             self._checked = True
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def _cut_before(self, step: int) -> None:
         if not self.path.exists():
