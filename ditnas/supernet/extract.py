@@ -15,7 +15,7 @@ import ditnas
 from ditnas.arch import Arch, SearchSpace, resolve_arch
 from ditnas.config import config_from_dict
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
+from ditnas.io import atomic_torch_save, file_sha256, read_json, torch_load, write_json
 from ditnas.supernet.flow import interpolate
 from ditnas.supernet.model import ElasticDiT, SubDiT
 from ditnas.supernet.train import load_supernet, load_weights
@@ -57,6 +57,7 @@ def extract_subnet(checkpoint: Path, arch_text: str, out: Path, *, use_ema: bool
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": file_sha256(Path(checkpoint)),
         "checkpoint_step": int(state["step"]),
+        "files": {SUBNET_NAME: file_sha256(out / SUBNET_NAME)},  # load_subnet checks it
         "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     write_json(out / "manifest.json", manifest)
@@ -68,6 +69,7 @@ def load_subnet(path: Path) -> SubDiT:
     path = Path(path)
     if path.is_dir():
         path = path / SUBNET_NAME
+    _check_recorded_hash(path)
     state = torch_load(path, what="subnet file")
     if not isinstance(state, dict) or not {"arch", "config", "space", "weights"} <= set(state):
         raise DitnasError(f"subnet file {path} is not a ditnas subnet; pass the folder written by `ditnas extract`")
@@ -77,3 +79,15 @@ def load_subnet(path: Path) -> SubDiT:
     sub = skeleton.extract(space.parse(state["arch"], source=str(path)))
     load_weights(sub, state["weights"], path)
     return sub.eval()
+
+
+def _check_recorded_hash(path: Path) -> None:
+    """The manifest beside a subnet records its sha256: a changed or damaged file is refused."""
+    manifest = path.parent / "manifest.json"
+    if not manifest.exists() or not path.is_file():
+        return
+    recorded = (read_json(manifest, missing="", damaged=f"re-extract the subnet into {path.parent}")
+                .get("files", {}).get(path.name))
+    if recorded is not None and recorded != file_sha256(path):
+        raise DitnasError(f"subnet file {path} does not match the sha256 {manifest} records (changed or damaged "
+                          f"since extraction); re-run `ditnas extract` into {path.parent}")
