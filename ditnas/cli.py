@@ -295,8 +295,10 @@ def latency_remeasure(
 
 SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "search.trials": "--trials",
                 "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
-                "search.memory_mb": "--memory-mb", "search.seed": "--seed"}
-SWEEP_FLAGS = {**SEARCH_FLAGS, "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
+                "search.memory_mb": "--memory-mb", "search.seed": "--seed", "search.quality": "--quality",
+                "search.quality_steps": "--quality-steps"}
+SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith("search.quality")},  # sweep has no --quality
+               "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
 
 
@@ -313,6 +315,8 @@ def search(
     seeds: Annotated[Optional[int], typer.Option(help="DP layouts enqueued as the first trials (search.dp_seeds, default 16)")] = None,
     memory_mb: Annotated[Optional[float], typer.Option(help="peak-memory limit (constraint), MB (search.memory_mb)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="sampler seed (search.seed)")] = None,
+    quality: Annotated[Optional[str], typer.Option(help="quality signal: supernet | proxy (trained from scratch) | finetune (extracted + fine-tuned) (search.quality, default supernet)")] = None,
+    quality_steps: Annotated[Optional[int], typer.Option(help="training steps per arch of the proxy / finetune signal (search.quality_steps, default 200)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -323,7 +327,8 @@ def search(
 
     flags = {"search.budget_ms": budget_ms, "search.steps": steps or None, "search.trials": trials,
              "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
-             "search.memory_mb": memory_mb, "search.seed": seed}
+             "search.memory_mb": memory_mb, "search.seed": seed, "search.quality": quality,
+             "search.quality_steps": quality_steps}
     with field_flags(SEARCH_FLAGS):
         cfg = load_run_config(config, overrides, flags).search
         bar = progress_bar(progress)

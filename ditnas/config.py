@@ -119,6 +119,7 @@ class LatencyConfig:
 
 
 SAMPLERS = ("nsga2", "tpe", "gp")
+QUALITY_SIGNALS = ("supernet", "proxy", "finetune")  # = ditnas.search.signals.SIGNALS (config is the ground floor)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class SearchConfig:
     memory_mb: float | None = None  # peak-memory limit (a constraint), MB
     storage: str | None = None  # Optuna storage URL; None = a journal file in the results folder
     eval_items: int | None = None  # items of the fixed eval batch; None = the validation batch of `ditnas train`
+    quality: str = "supernet"  # supernet | proxy | finetune: the quality signal (ditnas/search/signals.py)
+    quality_steps: int = 200  # training steps per arch of the proxy / finetune signal (ignored by supernet)
 
     def check(self) -> SearchConfig:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
@@ -156,6 +159,10 @@ class SearchConfig:
             raise ConfigFieldError("search.memory_mb", f"{self.memory_mb:g} must be a positive number of MB")
         if self.eval_items is not None and self.eval_items < 1:
             raise ConfigFieldError("search.eval_items", f"{self.eval_items} must be >= 1")
+        if self.quality not in QUALITY_SIGNALS:
+            raise ConfigFieldError("search.quality", f"unknown quality signal {self.quality!r}; choose one of {', '.join(QUALITY_SIGNALS)}")
+        if self.quality_steps < 0:
+            raise ConfigFieldError("search.quality_steps", f"{self.quality_steps} must be >= 0 training steps per arch")
         return self
 
     def needs_budget(self) -> float:

@@ -1,8 +1,10 @@
 """The search objectives of one candidate (arch, denoising steps).
 
-- **quality**: the supernet's weight-sharing validation flow-matching loss of the arch on one fixed
-  eval batch (`fixed_eval_batch`: the same (x0, ε, t, y) for every arch, so it is deterministic and
-  comparable across candidates; lower is better). It does not depend on the number of steps.
+- **quality**: a validation flow-matching loss of the arch on one fixed eval batch (`fixed_eval_batch`:
+  the same (x0, ε, t, y) for every arch, so it is deterministic and comparable across candidates; lower
+  is better), from the chosen quality signal (`ditnas/search/signals.py`): `supernet` (default: the
+  weight-sharing loss), `proxy` (trained from scratch N steps) or `finetune` (extracted, fine-tuned N
+  steps). It does not depend on the number of denoising steps.
 - **latency**: steps × the predictor's per-step latency (`LatencyPredictor.predict`, calibrated).
   Denoising steps are a joint dimension of the search: total latency = steps × per-step.
 - **memory**: `flops.peak_memory_bytes` (an estimate: weights + the largest live activations).
@@ -26,7 +28,8 @@ import torch
 from ditnas.arch import Arch
 from ditnas.errors import DitnasError
 from ditnas.io import file_sha256
-from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, EvalBatch, eval_flow_loss, fixed_eval_batch
+from ditnas.search.signals import QualitySignal
+from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, EvalBatch, fixed_eval_batch
 from ditnas.supernet.model import ElasticDiT
 
 
@@ -60,6 +63,7 @@ class Objectives:
     predictor: Any | None = None  # LatencyPredictor
     steps: tuple[int, ...] = (28,)
     threads: int | None = 1  # intra-op threads while evaluating (None/0: torch's setting)
+    signal: QualitySignal | None = None  # the quality signal; None = the supernet's weight-sharing loss
     _quality: dict[Arch, float] = field(default_factory=dict, repr=False)
     _step_ms: dict[Arch, float] = field(default_factory=dict, repr=False)
     _memory: dict[Arch, int] = field(default_factory=dict, repr=False)
@@ -70,6 +74,8 @@ class Objectives:
         if not self.steps or any(s < 1 for s in self.steps):
             raise DitnasError(f"steps {list(self.steps)}: give one or more denoising step counts >= 1")
         self.supernet.eval()
+        if self.signal is None:
+            self.signal = QualitySignal("supernet", self.supernet, self.batch, threads=self.threads)
 
     @staticmethod
     def _plain(arch: Arch) -> Arch:
@@ -77,13 +83,18 @@ class Objectives:
         return replace(arch, steps=1)
 
     def quality(self, arch: Arch) -> float:
-        """Validation flow-matching loss (lower is better) with the supernet's shared weights."""
+        """Validation flow-matching loss (lower is better) from `self.signal` (supernet, proxy, finetune)."""
         key = self._plain(arch)
         if key not in self._quality:
             self.supernet.space.validate(arch)
-            with torch_threads(self.threads):
-                self._quality[key] = eval_flow_loss(lambda x, t, y: self.supernet.run(arch, x, t, y), self.batch)
+            self._quality[key] = float(self.signal(arch))
         return self._quality[key]
+
+    def use_signal(self, signal: QualitySignal) -> None:
+        """Score quality with `signal` from now on (the memo of the previous signal is dropped)."""
+        if signal is not self.signal:
+            self.signal = signal
+            self._quality.clear()
 
     def step_ms(self, arch: Arch) -> float:
         """Predicted latency of one denoising step (ms, calibrated p50)."""
@@ -146,12 +157,15 @@ class EvalContext:
     seed: int
     table: Any | None = None  # LatencyTable
     config: Any | None = None  # RunConfig of the checkpoint
+    split: Any | None = None  # DatasetSplit of the checkpoint's data (the proxy / finetune signals train on it)
 
     @classmethod
     def from_paths(cls, checkpoint: Path | str, table: Path | str | None, n: int = VAL_BATCH, seed: int = EVAL_SEED,
-                   steps: Iterable[int] = (28,), threads: int | None = 1) -> EvalContext:
+                   steps: Iterable[int] = (28,), threads: int | None = 1, quality: str = "supernet",
+                   quality_steps: int = 200, cache_dir: Path | str | None = None) -> EvalContext:
         """Load the supernet (EMA weights), its validation split, the fixed eval batch of `n` items
-        drawn with `seed`, and the latency table + predictor at `table` (None: no latency)."""
+        drawn with `seed`, and the latency table + predictor at `table` (None: no latency).
+        `quality`/`quality_steps`: the quality signal (see `use_quality`)."""
         from ditnas.data import load_dataset
         from ditnas.supernet.train import load_supernet
 
@@ -165,8 +179,31 @@ class EvalContext:
             from ditnas.latency_models.stage import load_predictor
 
             lat_table, predictor = load_predictor(Path(table))
-        return cls(Objectives(supernet, batch, predictor, tuple(steps), threads), checkpoint, file_sha256(checkpoint),
-                   lat_table.table_id if lat_table is not None else None, int(n), int(seed), lat_table, cfg)
+        ctx = cls(Objectives(supernet, batch, predictor, tuple(steps), threads), checkpoint, file_sha256(checkpoint),
+                  lat_table.table_id if lat_table is not None else None, int(n), int(seed), lat_table, cfg, split)
+        if quality != "supernet":
+            ctx.use_quality(quality, quality_steps, cache_dir)
+        return ctx
+
+    def use_quality(self, kind: str, steps: int = 200, cache_dir: Path | str | None = None,
+                    seed: int | None = None) -> QualitySignal:
+        """Score quality with signal `kind` (supernet | proxy | finetune) trained `steps` steps per arch
+        with the checkpoint's train recipe; trained results cached in `cache_dir` (default
+        `<checkpoint folder>/search_cache`, where the sensitivity cache lives)."""
+        current = self.objectives.signal
+        if current is not None and current.kind == kind and (kind == "supernet" or current.steps == int(steps)):
+            return current
+        if kind != "supernet" and self.split is None:
+            from ditnas.data import load_dataset
+
+            d = self.config.data
+            self.split = load_dataset(d.source, image_size=d.image_size, channels=d.channels,
+                                      val_fraction=d.val_fraction, seed=d.seed)
+        cache = Path(cache_dir) if cache_dir is not None else Path(self.checkpoint).parent / "search_cache"
+        signal = QualitySignal(kind, self.supernet, self.objectives.batch, int(steps), self.config, self.split, cache,
+                               self.checkpoint_sha256, self.n, self.seed, seed, threads=self.objectives.threads)
+        self.objectives.use_signal(signal)
+        return signal
 
     @property
     def supernet(self) -> ElasticDiT:

@@ -29,6 +29,11 @@ from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, what); phases: sensitivity, search
 MANIFEST = "manifest.json"
+QUALITY_TEXT = {
+    "supernet": "weight-sharing validation flow-matching loss (lower is better)",
+    "proxy": "validation flow-matching loss after training the arch from scratch for {steps} steps (EMA weights; lower is better)",
+    "finetune": "validation flow-matching loss after fine-tuning the extracted arch for {steps} steps (EMA weights; lower is better)",
+}
 
 
 def _space_diff(a, b) -> list[str]:
@@ -84,6 +89,8 @@ def run_search(
     choices = SearchChoices.from_space(space)
 
     cache = Path(cache_dir) if cache_dir is not None else Path(ctx.checkpoint).parent / "search_cache"
+    signal = ctx.use_quality(cfg.quality, cfg.quality_steps, cache)  # quality signal (search.quality); trained ones cache here
+    trained_before = signal.trained_steps
     sens = slot_sensitivity(
         ctx.supernet, ctx.objectives.batch, checkpoint_sha256=ctx.checkpoint_sha256, n=ctx.n, seed=ctx.seed,
         cache_dir=cache, choices=choices,
@@ -93,6 +100,8 @@ def run_search(
     seeds = dp_seeds(choices, predictor, sens, budget, fit.reachable, cfg.dp_seeds, buckets=cfg.dp_buckets)
 
     name = study_name or study_name_for(ctx.checkpoint_sha256, ctx.table_id, budget, steps, cfg.memory_mb)
+    if study_name is None and cfg.quality != "supernet":  # another signal's losses must not join the same study
+        name = f"{name}-{cfg.quality}{cfg.quality_steps}"
     memory_limit = None if cfg.memory_mb is None else float(cfg.memory_mb) * 2**20
     study = open_study(cfg, choices, store, name, budget, seeds)
     run_study(
@@ -130,7 +139,8 @@ def run_search(
         "memory_limit_mb": cfg.memory_mb,
         "sampler": cfg.sampler,
         "seed": cfg.seed,
-        "eval": {"n": ctx.n, "seed": ctx.seed, "quality": "weight-sharing validation flow-matching loss (lower is better)"},
+        "eval": {"n": ctx.n, "seed": ctx.seed, "quality": QUALITY_TEXT[cfg.quality].format(steps=cfg.quality_steps)},
+        "quality": {**signal.describe(), "trained_steps_this_call": signal.trained_steps - trained_before},
         "dp": {"buckets": cfg.dp_buckets, "n_seeds": cfg.dp_seeds, "seeds": [{"arch": str(a), "steps": s} for a, s in seeds]},
         "sensitivity_cache": str(cache),
         "trials_this_run": int(cfg.trials),

@@ -13,6 +13,7 @@ state and the data sampler's position, so a resumed run equals an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable
@@ -317,13 +318,26 @@ def train_supernet(
 
 class StandaloneTrainer:
     """One arch trained alone from scratch (plain flow matching) with the supernet trainer's optimiser,
-    data order and noise stream: the baseline the supernet's subnets are compared with."""
+    data order and noise stream: the baseline the supernet's subnets are compared with.
 
-    def __init__(self, arch: Arch, cfg: RunConfig, split: DatasetSplit):
+    `init`: start from these weights instead of a fresh init (e.g. `supernet.extract(arch)` to fine-tune
+    an extracted subnet); it is copied, never changed, and training runs on its device. Optimiser, EMA,
+    data order and noise are the same as from scratch. None (default): fresh init as before."""
+
+    def __init__(self, arch: Arch, cfg: RunConfig, split: DatasetSplit, init: torch.nn.Module | None = None):
         tc = self.tc = cfg.train
         space = build_space(cfg, split)
-        torch.manual_seed(tc.seed)
-        self.model = ElasticDiT(space, cfg.model).extract(space.validate(arch))  # fresh init, adaLN-Zero kept
+        arch = space.validate(arch)
+        if init is None:
+            torch.manual_seed(tc.seed)
+            self.model = ElasticDiT(space, cfg.model).extract(arch)  # fresh init, adaLN-Zero kept
+        else:
+            init_arch = getattr(init, "arch", None)
+            if init_arch is not None and init_arch.layout() != arch.layout():
+                raise DitnasError(f"init weights are of arch {init_arch.layout()!r}, not {arch.layout()!r}; "
+                                  "pass the model extracted for this arch")
+            self.model = copy.deepcopy(init)
+        self.device = next(self.model.parameters()).device
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.ema = Ema(self.model, tc.ema_decay)
@@ -334,7 +348,7 @@ class StandaloneTrainer:
 
     def train_step(self) -> float:
         tc = self.tc
-        x_t, t, y, target = flow_batch(self.batches, self.noise, tc, self.null)
+        x_t, t, y, target = (a.to(self.device) for a in flow_batch(self.batches, self.noise, tc, self.null))
         set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = mse(self.model(x_t, t, y), target)
