@@ -17,8 +17,7 @@ function of its arguments given that context, so a Ray task can call it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,29 +26,11 @@ import torch
 
 from ditnas.arch import Arch
 from ditnas.errors import DitnasError
+from ditnas.search.threads import torch_threads  # noqa: F401  (re-exported: tests and benches use it from here)
 from ditnas.io import file_sha256
 from ditnas.search.signals import QualitySignal
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, EvalBatch, fixed_eval_batch
 from ditnas.supernet.model import ElasticDiT
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` intra-op threads (None/0: leave torch's setting), restored afterwards.
-
-    Measured here (2 shared cores, another benchmark running): one eval of the tiny test supernet on 48
-    items took ~0.013 s with 1 thread and ~1.2 s with 2 (spin-waiting threads fight for the busy cores),
-    so the search evaluates with 1 thread by default; a Ray task also holds 1 CPU.
-    """
-    if not n:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass

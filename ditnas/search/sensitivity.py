@@ -30,7 +30,7 @@ import pandas as pd
 from ditnas.arch import Arch
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes
-from ditnas.search.objectives import torch_threads
+from ditnas.search.threads import torch_threads
 from ditnas.search.space import SearchChoices
 from ditnas.supernet.flow import EvalBatch, eval_flow_loss
 from ditnas.supernet.model import ElasticDiT

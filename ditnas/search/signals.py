@@ -38,11 +38,12 @@ from typing import Any
 import torch
 
 from ditnas.arch import Arch
+from ditnas.config import QUALITY_SIGNALS as SIGNALS  # supernet | proxy | finetune
 from ditnas.errors import DitnasError
 from ditnas.io import write_json
+from ditnas.search.threads import torch_threads
 from ditnas.supernet.flow import EvalBatch, eval_flow_loss
 
-from ditnas.config import QUALITY_SIGNALS as SIGNALS  # supernet | proxy | finetune
 WEIGHTS = ("ema", "raw")
 CACHE_FORMAT = 1
 
@@ -190,7 +191,6 @@ class QualitySignal:
         return self._memo[key]
 
     def supernet_loss(self, arch: Arch) -> float:
-        from ditnas.search.objectives import torch_threads
 
         self.supernet.space.validate(arch)
         self.supernet.eval()
@@ -232,7 +232,6 @@ class QualitySignal:
         return StandaloneTrainer(arch, cfg, self.split, init=init)
 
     def _train(self, arch: Arch, at: list[int]) -> dict[int, dict[str, float]]:
-        from ditnas.search.objectives import torch_threads
 
         results: dict[int, dict[str, float]] = {}
         with torch_threads(self.threads):
