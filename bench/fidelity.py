@@ -36,7 +36,7 @@ import torch
 from common import machine, report
 
 from ditnas.config import load_config
-from ditnas.data import load_dataset
+from ditnas.data import load_split
 from ditnas.io import file_sha256, write_json
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, fixed_eval_batch
 from ditnas.supernet.train import CHECKPOINT_NAME, build_space, build_supernet, load_supernet, train_supernet
@@ -76,8 +76,7 @@ def best_at_budget(signal: list[float], truth: list[float], cost: list[float], b
 # ----- jobs (run in worker processes) ---------------------------------------------------------
 def _env(overrides: list[str]):
     cfg = load_config(None, overrides)
-    split = load_dataset(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
+    split = load_split(cfg.data)
     space = build_space(cfg, split)
     batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=EVAL_SEED, null_label=space.num_classes)
     return cfg, split, space, batch

@@ -22,7 +22,7 @@ import torch
 from common import machine
 
 from ditnas.config import load_config
-from ditnas.data import load_dataset
+from ditnas.data import load_split
 from ditnas.io import write_json
 from ditnas.judge import load_or_train_judge
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
@@ -65,8 +65,7 @@ def main() -> None:
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
     overrides += ["train.checkpoint_every=0"]
     cfg = load_config(args.config, overrides)
-    split = load_dataset(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
+    split = load_split(cfg.data)
     space = build_space(cfg, split)
     steps = cfg.train.steps
     archs = {"max": space.max_arch(), "mid": space.mid_arch(), "min": space.min_arch()}

@@ -12,13 +12,16 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ditnas.errors import DitnasError
+
+if TYPE_CHECKING:
+    from ditnas.config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DIGITS = "digits"
@@ -59,6 +62,12 @@ class DatasetSplit:
                 arr = torch.round(arr.double() / _FINGERPRINT_GRID).to(torch.int64)
             h.update(np.ascontiguousarray(arr.to(torch.int64).numpy()).astype("<i8").tobytes())
         return h.hexdigest()
+
+
+def load_split(cfg: DataConfig) -> DatasetSplit:
+    """The train/val split a run config's `data` section names (every stage loads its data this way)."""
+    return load_dataset(cfg.source, image_size=cfg.image_size, channels=cfg.channels,
+                        val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
 def load_dataset(

@@ -42,11 +42,10 @@ def supernet_for_profiling(cfg: RunConfig, checkpoint: Path | None = None) -> El
 
         model, _, _ = load_supernet(checkpoint)
         return model
-    from ditnas.data import load_dataset
+    from ditnas.data import load_split
     from ditnas.supernet.train import build_space
 
-    split = load_dataset(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                         val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
+    split = load_split(cfg.data)
     return ElasticDiT(build_space(cfg, split), cfg.model).eval()
 
 

@@ -147,13 +147,12 @@ class EvalContext:
         """Load the supernet (EMA weights), its validation split, the fixed eval batch of `n` items
         drawn with `seed`, and the latency table + predictor at `table` (None: no latency).
         `quality`/`quality_steps`: the quality signal (see `use_quality`)."""
-        from ditnas.data import load_dataset
+        from ditnas.data import load_split
         from ditnas.supernet.train import load_supernet
 
         checkpoint = Path(checkpoint)
         supernet, cfg, _ = load_supernet(checkpoint)
-        d = cfg.data
-        split = load_dataset(d.source, image_size=d.image_size, channels=d.channels, val_fraction=d.val_fraction, seed=d.seed)
+        split = load_split(cfg.data)
         batch = fixed_eval_batch(split.val_x, split.val_y, int(n), int(seed), null_label=supernet.space.num_classes)
         lat_table = predictor = None
         if table is not None:
@@ -175,11 +174,9 @@ class EvalContext:
         if current is not None and current.kind == kind and (kind == "supernet" or current.steps == int(steps)):
             return current
         if kind != "supernet" and self.split is None:
-            from ditnas.data import load_dataset
+            from ditnas.data import load_split
 
-            d = self.config.data
-            self.split = load_dataset(d.source, image_size=d.image_size, channels=d.channels,
-                                      val_fraction=d.val_fraction, seed=d.seed)
+            self.split = load_split(self.config.data)
         cache = Path(cache_dir) if cache_dir is not None else Path(self.checkpoint).parent / "search_cache"
         signal = QualitySignal(kind, self.supernet, self.objectives.batch, int(steps), self.config, self.split, cache,
                                self.checkpoint_sha256, self.n, self.seed, seed, threads=self.objectives.threads)

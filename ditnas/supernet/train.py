@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.config import RunConfig, config_from_dict
-from ditnas.data import BatchSampler, DatasetSplit, load_dataset
+from ditnas.data import BatchSampler, DatasetSplit, load_split
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, torch_load
 from ditnas.supernet.flow import interpolate, mse, sample_time, velocity_target
@@ -129,10 +129,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, split: DatasetSplit | None = None):
         self.cfg, self.out = cfg, Path(out)
         tc = cfg.train
-        self.split = split or load_dataset(
-            cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels,
-            val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
-        )
+        self.split = split or load_split(cfg.data)
         self.space = build_space(cfg, self.split)
         torch.manual_seed(tc.seed)  # weight init
         self.model = build_supernet(cfg, self.space)
