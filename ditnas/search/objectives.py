@@ -45,7 +45,6 @@ class Objectives:
     steps: tuple[int, ...] = (28,)
     threads: int | None = 1  # intra-op threads while evaluating (None/0: torch's setting)
     signal: QualitySignal | None = None  # the quality signal; None = the supernet's weight-sharing loss
-    _quality: dict[Arch, float] = field(default_factory=dict, repr=False)
     _step_ms: dict[Arch, float] = field(default_factory=dict, repr=False)
     _memory: dict[Arch, int] = field(default_factory=dict, repr=False)
     _params: dict[Arch, int] = field(default_factory=dict, repr=False)
@@ -64,18 +63,13 @@ class Objectives:
         return replace(arch, steps=1)
 
     def quality(self, arch: Arch) -> float:
-        """Validation flow-matching loss (lower is better) from `self.signal` (supernet, proxy, finetune)."""
-        key = self._plain(arch)
-        if key not in self._quality:
-            self.supernet.space.validate(arch)
-            self._quality[key] = float(self.signal(arch))
-        return self._quality[key]
+        """Validation flow-matching loss (lower is better) from `self.signal` (supernet, proxy, finetune),
+        which validates the arch and memoises its result per arch."""
+        return float(self.signal(arch))
 
     def use_signal(self, signal: QualitySignal) -> None:
-        """Score quality with `signal` from now on (the memo of the previous signal is dropped)."""
-        if signal is not self.signal:
-            self.signal = signal
-            self._quality.clear()
+        """Score quality with `signal` from now on."""
+        self.signal = signal
 
     def step_ms(self, arch: Arch) -> float:
         """Predicted latency of one denoising step (ms, calibrated p50)."""

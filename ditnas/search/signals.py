@@ -32,6 +32,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,12 @@ class QualitySignal:
 
         return build_space(self.cfg, self.split)
 
+    @cached_property
+    def source(self) -> str | None:
+        """What a trained result depends on besides the arch: the checkpoint (finetune) or the data and
+        train recipe (proxy). Hashed once: the data fingerprint reads every array."""
+        return self.checkpoint_sha256 if self.kind == "finetune" else recipe_hash(self.cfg, self.split)
+
     @property
     def train_seed(self) -> int:
         return int(self.cfg.train.seed if self.seed is None else self.seed) if self.cfg is not None else 0
@@ -191,7 +198,6 @@ class QualitySignal:
         return self._memo[key]
 
     def supernet_loss(self, arch: Arch) -> float:
-
         self.supernet.space.validate(arch)
         self.supernet.eval()
         with torch_threads(self.threads):
@@ -199,9 +205,8 @@ class QualitySignal:
             return eval_flow_loss(lambda x, t, y: self.supernet.run(arch, x, t, y), batch)
 
     def cache_key(self, arch: Arch, steps: int) -> dict[str, Any]:
-        source = self.checkpoint_sha256 if self.kind == "finetune" else recipe_hash(self.cfg, self.split)
         return {"signal": self.kind, "arch_key": replace(arch, steps=1).key(), "arch": replace(arch, steps=1).layout(),
-                "steps": int(steps), "source": source, "seed": self.train_seed,
+                "steps": int(steps), "source": self.source, "seed": self.train_seed,
                 "eval_n": int(self.eval_n), "eval_seed": self.eval_seed}
 
     def curve(self, arch: Arch, steps: Iterable[int]) -> dict[int, dict[str, float]]:
@@ -232,7 +237,6 @@ class QualitySignal:
         return StandaloneTrainer(arch, cfg, self.split, init=init)
 
     def _train(self, arch: Arch, at: list[int]) -> dict[int, dict[str, float]]:
-
         results: dict[int, dict[str, float]] = {}
         with torch_threads(self.threads):
             trainer = self._trainer(arch)
