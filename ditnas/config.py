@@ -201,6 +201,142 @@ class SweepConfig:
         return self
 
 
+PRUNE_UNITS = ("blocks", "heads", "channels")
+SENSITIVITY = ("masked", "taylor")
+DISTILL_METHODS = ("kd", "kdmd", "adversarial")
+EXPORT_BACKENDS = ("xnnpack", "coreml", "mlpackage")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """`ditnas prune`: tri-level structured pruning of an extracted subnet (compress/prune.py)."""
+
+    budget_ms: float | None = None  # per-step latency budget on the target table (predicted; the result is measured)
+    memory_mb: float | None = None  # parameter-memory budget, MB (fp32); either or both
+    units: tuple[str, ...] = PRUNE_UNITS  # which unit kinds may be removed: blocks | heads | channels
+    channel_group: int = 16  # FFN hidden channels removed together (one unit)
+    sensitivity: str = "masked"  # masked (exact change of the KD loss) | taylor (first order, one backward)
+    calib_items: int = 256  # calibration set for the sensitivity scores
+    rescore_every: int = 4  # removals between re-scoring every unit
+    recover_steps: int = 50  # KD recovery steps between rounds (0 = none)
+    final_steps: int = 300  # KD steps after the last removal
+    seed: int = 0
+
+    def check(self) -> PruneConfig:
+        for name in ("budget_ms", "memory_mb"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigFieldError(f"compress.prune.{name}", f"{value:g} must be a positive number")
+        bad = [u for u in self.units if u not in PRUNE_UNITS]
+        if bad or not self.units:
+            raise ConfigFieldError("compress.prune.units", f"{list(self.units)}: choose one or more of {', '.join(PRUNE_UNITS)}")
+        if self.sensitivity not in SENSITIVITY:
+            raise ConfigFieldError("compress.prune.sensitivity", f"unknown {self.sensitivity!r}; choose one of {', '.join(SENSITIVITY)}")
+        for name in ("channel_group", "calib_items", "rescore_every"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(f"compress.prune.{name}", f"{getattr(self, name)} must be >= 1")
+        for name in ("recover_steps", "final_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(f"compress.prune.{name}", f"{getattr(self, name)} must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Knowledge distillation (compress/kd.py): L = L_diff + lambda_out L_out + lambda_feat L_feat."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 5e-4  # assumption: half the supernet's rate, the student starts trained
+    lambda_out: float = 1.0  # SnapGen++ Eq. 8 weights are [NF]; 1 assumed
+    lambda_feat: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def check(self) -> KDConfig:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise ConfigFieldError(f"compress.kd.{name}", f"{getattr(self, name)} is out of range")
+        for name in ("lr", "lambda_out", "lambda_feat"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+                raise ConfigFieldError(f"compress.kd.{name}", f"{value:g} must be a finite number >= 0 (lr > 0)")
+        return self
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Step distillation to a few-step student (compress/dmd.py, compress/adversarial.py)."""
+
+    method: str = "kdmd"  # kd | kdmd | adversarial
+    student_steps: int = 4  # SnapGen++ / Taming: 4 steps
+    steps: int = 1000  # generator updates
+    batch_size: int = 64
+    lr: float = 1e-4
+    critic_lr: float = 2e-4
+    critic_updates: int = 5  # critic (fake score) updates per generator update (DMD2 uses 5)
+    cfg_scale: float = 2.0  # teacher guidance inside the distribution-matching gradient
+    lambda_out: float = 1.0  # few-step-teacher terms on the same x_t (SnapGen++ Eq. 10)
+    lambda_feat: float = 1.0
+    disc_blocks: int = 2  # frozen teacher blocks under the adversarial heads
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def check(self) -> DistillConfig:
+        if self.method not in DISTILL_METHODS:
+            raise ConfigFieldError("compress.distill.method", f"unknown {self.method!r}; choose one of {', '.join(DISTILL_METHODS)}")
+        for name in ("student_steps", "batch_size", "critic_updates", "disc_blocks", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name)} must be >= 1")
+        if self.steps < 0:
+            raise ConfigFieldError("compress.distill.steps", f"{self.steps} must be >= 0")
+        for name in ("lr", "critic_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be > 0")
+        return self
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`ditnas export`: the shipped artifact (compress/export.py), lowered with latency_models' recipe."""
+
+    backend: str = "xnnpack"  # xnnpack | coreml | mlpackage
+    dtype: str = "fp32"  # fp32 | fp16 (Core ML: fp16)
+    steps: int = 4  # denoising steps of the shipped sampler
+    cfg_scale: float = 0.0  # guidance of the shipped sampler; 0 = none (a distilled student needs none)
+    parity_rtol: float = 1e-3  # .pte vs eager relative error allowed
+    threads: int = 1  # runtime threads for the post-export check
+
+    def check(self) -> ExportConfig:
+        if self.backend not in EXPORT_BACKENDS:
+            raise ConfigFieldError("compress.export.backend", f"unknown {self.backend!r}; choose one of {', '.join(EXPORT_BACKENDS)}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise ConfigFieldError("compress.export.dtype", f"unknown {self.dtype!r}; choose fp32 or fp16")
+        if self.steps < 1:
+            raise ConfigFieldError("compress.export.steps", f"{self.steps} must be >= 1")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ConfigFieldError("compress.export.cfg_scale", f"{self.cfg_scale:g} must be >= 0")
+        if not self.parity_rtol > 0:
+            raise ConfigFieldError("compress.export.parity_rtol", f"{self.parity_rtol:g} must be > 0")
+        if self.threads < 1:
+            raise ConfigFieldError("compress.export.threads", f"{self.threads} must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Stage 4: prune, distill, export (ditnas/compress/)."""
+
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def check(self) -> CompressConfig:
+        self.prune.check(), self.kd.check(), self.distill.check(), self.export.check()
+        return self
+
+
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +347,7 @@ class RunConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -305,7 +442,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         except yaml.YAMLError as exc:
             raise DitnasError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
         if not isinstance(raw, dict):
-            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample, latency, search, sweep)")
+            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample, latency, search, sweep, compress)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
