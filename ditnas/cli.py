@@ -12,26 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from ditnas.console import progress_bar, quiet_third_party
 from ditnas.errors import ConfigFieldError, DitnasError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hardware-aware architecture search and compression for Diffusion Transformers.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections data/space/model/train/sample/latency/search/sweep)")]
-
-
-def progress_bar(enabled: bool):
-    """The one progress bar of every long verb: phase, bar, done/total, what runs now, time left."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled)
 
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override, e.g. --set train.steps=500")]
@@ -397,6 +384,7 @@ def sweep(
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
     try:
         app(args=argv, standalone_mode=False)
     except DitnasError as exc:

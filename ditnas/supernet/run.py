@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import ditnas
 from ditnas.config import RunConfig, dump_config
+from ditnas.console import progress_bar
 from ditnas.io import atomic_write_text, write_error, write_json
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
@@ -77,10 +77,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
     dump_config(cfg, out / "config.yaml")
     metrics = MetricsLog(out / "metrics.jsonl")
     started = time.time()
-    bar = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), disable=not progress, transient=False,
-    )
+    bar = progress_bar(progress)
     task = None
     window: list[float] = []
 
@@ -95,7 +92,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
                         "distill": stats.distill, "seconds": stats.seconds})
 
     with bar:
-        task = bar.add_task("train", total=cfg.train.steps, info="starting")
+        task = bar.add_task("train", total=cfg.train.steps, phase="train", info="starting")
         trainer = train_supernet(cfg, out, resume=resume, stop_after=stop_after, on_step=on_step)
     ema = _ema_model(trainer)
     split = trainer.split
