@@ -279,10 +279,25 @@ class DistillConfig:
     lambda_out: float = 1.0  # few-step-teacher terms on the same x_t (SnapGen++ Eq. 10)
     lambda_feat: float = 1.0
     disc_blocks: int = 2  # frozen teacher blocks under the adversarial heads
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # in generator updates
     seed: int = 0
+    ttur_mode: str = "dmd2"  # dmd2: critic on every iteration (DMD2 train_sd.py) | exclusive: only between generator steps
+    critic_init: str = "student"  # SnapGen++: critic from the student; DMD2: from the teacher
+    shift: float = 3.0  # SnapGen++ supp. H: time shift 3 (re-noising tau and the student's time grid)
+    eval_samples: int = 256  # assumption: 256 samples for the student's FD / label accuracy; 0 = skip
 
     def check(self) -> DistillConfig:
+        if self.ttur_mode not in ("dmd2", "exclusive"):
+            raise ConfigFieldError("compress.distill.ttur_mode", f"unknown {self.ttur_mode!r}; choose dmd2 or exclusive")
+        if self.critic_init not in ("student", "teacher"):
+            raise ConfigFieldError("compress.distill.critic_init", f"unknown {self.critic_init!r}; choose student or teacher")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigFieldError("compress.distill.shift", f"{self.shift:g} must be > 0")
+        if self.eval_samples < 0:
+            raise ConfigFieldError("compress.distill.eval_samples", f"{self.eval_samples} must be >= 0")
+        for name in ("cfg_scale", "lambda_out", "lambda_feat"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be a finite number >= 0")
         if self.method not in DISTILL_METHODS:
             raise ConfigFieldError("compress.distill.method", f"unknown {self.method!r}; choose one of {', '.join(DISTILL_METHODS)}")
         for name in ("student_steps", "batch_size", "critic_updates", "disc_blocks", "checkpoint_every"):

@@ -1,0 +1,358 @@
+"""K-DMD: distribution-matching step distillation of a rectified-flow teacher (SnapGen++ Eq. 10).
+
+The concept chain, one function each:
+
+1. `FewStepGenerator` — the student run as a K-step Euler sampler from noise on `time_grid(K, shift)`.
+   A generator update backpropagates through ONE student step: pick k ~ U{0..K-1}, run steps 0..k-1
+   without grad (DMD2 "backward simulation": the student's own intermediate inputs), then take step k with
+   grad and use its denoised estimate x̂0 = x_t - t·v as the generator output.
+2. `dmd_grad` — re-noise x̂0 to τ, ask the real score (teacher with CFG) and the fake score (critic) for their
+   x0-predictions, grad = (x̂0_fake - x̂0_real) / mean|x - x̂0_real| per sample (DMD2 code).
+3. `dmd_loss` — 0.5·MSE(x, sg(x - grad)), whose derivative w.r.t. x is exactly grad / numel.
+4. `critic_loss` — flow matching of the critic (fake score) on detached generator samples.
+5. `TTUR` — which iteration updates whom: the generator every `ratio`-th iteration, the critic on every
+   iteration (DMD2 convention, "dmd2") or only on the others ("exclusive").
+6. `KDMD` — one object owning student, critic, projector and both optimizers; `iteration(i)` does one
+   TTUR iteration and returns its metrics. Plus the few-step-teacher terms λ_out·L_out + λ_feat·L_feat on the
+   same x_t as the student step (compress/kd.py's `kd_terms`).
+
+The few-step teacher ξ' (`# assumption:`): SnapGen++ uses a 4-step Lightning LoRA on the teacher, which we do
+not have. ξ' here is the multi-step teacher itself, without CFG, evaluated on the student's own x_t (its
+velocity and final-block features): the knowledge terms pull every student step toward the teacher's local ODE
+direction, while the DMD term corrects the distribution. A trajectory-KD ("reflow") few-step teacher is left
+for later (see docs).
+
+Everything here works on any velocity net `f(x, t, y)`, so the tests run the same code on 2-D toys.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ditnas.supernet.flow import interpolate, shift_time, time_grid
+
+# DMD2 code: t ~ U[min_step_percent, max_step_percent] = [0.02, 0.98] for the re-noising level
+TAU_MIN, TAU_MAX = 0.02, 0.98
+
+
+def _bcast(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def x0_from_v(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """Denoised estimate of a rectified flow x_t = (1-t) x0 + t eps, v = eps - x0: x̂0 = x_t - t·v."""
+    return x_t - _bcast(t, x_t) * v
+
+
+def guided_velocity(net: nn.Module, x: Tensor, t: Tensor, y: Tensor, scale: float, null_label: int) -> Tensor:
+    """CFG in v space (equivalently in x0 space, x0 is affine in v): v_null + g (v_cond - v_null)."""
+    if scale == 1.0:
+        return net(x, t, y)
+    n = x.shape[0]
+    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+    v_cond, v_null = both[:n], both[n:]
+    return v_null + scale * (v_cond - v_null)
+
+
+def sample_tau(n: int, generator: torch.Generator, shift: float, device: torch.device | None = None) -> Tensor:
+    """Re-noising levels τ: U[0.02, 0.98] (DMD2) then the SD3 shift (SnapGen++ supp. H: shift 3)."""
+    u = TAU_MIN + (TAU_MAX - TAU_MIN) * torch.rand(n, generator=generator)
+    return shift_time(u, shift).to(device)
+
+
+@torch.no_grad()
+def dmd_grad(
+    x: Tensor,
+    tau: Tensor,
+    eps: Tensor,
+    y: Tensor,
+    real: nn.Module,
+    fake: nn.Module,
+    *,
+    cfg_scale: float,
+    null_label: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """The DMD direction at generator samples x (detached): (x̂0_fake - x̂0_real) / mean|x - x̂0_real|.
+
+    Re-noise x to τ with noise eps (x̃ = (1-τ) x + τ eps), x̂0 of the real score with CFG `cfg_scale`
+    (SnapGen++ supp. H: cfg 4 on Qwen-Image), of the fake score without CFG (DMD2: fake cfg 1).
+    """
+    x = x.detach()
+    x_tau = interpolate(x, eps, tau)
+    x0_real = x0_from_v(x_tau, tau, guided_velocity(real, x_tau, tau, y, cfg_scale, null_label))
+    x0_fake = x0_from_v(x_tau, tau, fake(x_tau, tau, y))
+    dims = tuple(range(1, x.dim()))
+    # DMD2 compute_distribution_matching_loss: normaliser mean|p_real| per sample
+    weight = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)  # assumption: floor vs /0
+    grad = (x0_fake - x0_real) / weight
+    return torch.nan_to_num(grad), {"dmd_weight": float(weight.mean())}
+
+
+def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """0.5·MSE(x, sg(x - grad)): d loss / dx = grad / x.numel() (DMD2 code)."""
+    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+
+
+def critic_loss(critic: nn.Module, x0: Tensor, y: Tensor, generator: torch.Generator, shift: float) -> Tensor:
+    """Flow matching of the fake score on detached generator samples (SnapGen++: Eq. 4 on the student's x̂0)."""
+    x0 = x0.detach()
+    n = x0.shape[0]
+    # assumption: the critic sees the same shifted τ law as the DMD term (where it is queried)
+    t = sample_tau(n, generator, shift, x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = interpolate(x0, eps, t)
+    return (critic(x_t, t, y) - (eps - x0)).pow(2).mean()
+
+
+@dataclass(frozen=True)
+class TTUR:
+    """Two-time-scale update rule. `ratio` = critic updates per generator update (DMD2: 5).
+
+    "dmd2": generator when i % ratio == 0, critic on every iteration (DMD2 train_sd.py);
+    "exclusive": critic only on the iterations without a generator step.
+    """
+
+    ratio: int
+    mode: str = "dmd2"
+
+    def generator_step(self, i: int) -> bool:
+        return i % self.ratio == 0
+
+    def critic_step(self, i: int) -> bool:
+        return self.mode == "dmd2" or not self.generator_step(i) or self.ratio == 1
+
+    def iterations(self, generator_updates: int) -> int:
+        return generator_updates * self.ratio
+
+    def counts(self, iterations: int) -> dict[str, int]:
+        return {"generator_updates": sum(self.generator_step(i) for i in range(iterations)),
+                "critic_updates": sum(self.critic_step(i) for i in range(iterations))}
+
+
+class FewStepGenerator:
+    """The student as a K-step Euler sampler on `time_grid(K, shift)` (t_0 = 1 noise, t_K = 0)."""
+
+    def __init__(self, net: nn.Module, steps: int, shift: float):
+        self.net, self.steps, self.shift = net, steps, shift
+        self.times = time_grid(steps, shift)
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, y: Tensor) -> Tensor:
+        """x after all K steps; equals flow.euler_sample(net, ..., steps=K, shift=shift, cfg_scale=1)."""
+        x = noise
+        for k in range(self.steps):
+            x = self._step(x, k, y)
+        return x
+
+    def _step(self, x: Tensor, k: int, y: Tensor) -> Tensor:
+        t, t_next = float(self.times[k]), float(self.times[k + 1])
+        v = self.net(x, torch.full((x.shape[0],), t, device=x.device), y)
+        return x + (t_next - t) * v
+
+    def train_step(self, noise: Tensor, y: Tensor, k: int, *, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_tk, t_k, x̂0): the student's own input at step k (backward simulation, no grad) and its denoised
+        output at that step, with grad through one student forward when `grad`."""
+        with torch.no_grad():
+            x = noise
+            for j in range(k):
+                x = self._step(x, j, y)
+        t = torch.full((x.shape[0],), float(self.times[k]), device=x.device)
+        with torch.set_grad_enabled(grad):
+            x0 = x0_from_v(x, t, self.net(x, t, y))
+        return x, t, x0
+
+
+# ----------------------------------------------------------------------------------------------
+# knowledge terms (compress/kd.py) — the few-step-teacher part of Eq. 10
+# ----------------------------------------------------------------------------------------------
+def _final_block(model: nn.Module) -> nn.Module | None:
+    from ditnas.supernet.model import Block
+
+    blocks = [b for b in getattr(model, "blocks", []) if isinstance(b, Block)]
+    return blocks[-1] if blocks else None
+
+
+def final_width(model: nn.Module) -> int | None:
+    """Feature width of the model's final block output (its stream slice), None for a net without blocks."""
+    block = _final_block(model)
+    if block is None:
+        return None
+    mixer = next(iter(block.mixers.values()))
+    return mixer.max_heads * model.head_dim
+
+
+def make_projector(student: nn.Module, teacher: nn.Module) -> nn.Module | None:
+    """ϕ of SnapGen++ Eq. 7 (student final-block features -> teacher's); kd.Projector when available."""
+    s, t = final_width(student), final_width(teacher)
+    if s is None or t is None:
+        return None
+    try:
+        from ditnas.compress.kd import Projector  # the KD engineer's module (same interface)
+
+        return Projector(s, t)
+    except ImportError:
+        return nn.Linear(s, t)
+
+
+def knowledge_terms(student: nn.Module, teacher: nn.Module, projector: nn.Module | None,
+                    x_t: Tensor, t: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """{"out": ‖v_T - v_S‖², "feat": ‖f_T - ϕ(f_S)‖²} on the same x_t (SnapGen++ Eqs. 6-7)."""
+    try:
+        from ditnas.compress.kd import kd_terms
+
+        return kd_terms(student, teacher, projector, x_t, t, y)
+    except ImportError:
+        return _kd_terms_local(student, teacher, projector, x_t, t, y)
+
+
+def _kd_terms_local(student, teacher, projector, x_t, t, y) -> dict[str, Tensor]:
+    # assumption: stand-in for compress/kd.py's kd_terms until it lands (same formulas, final Block output)
+    feats: dict[str, Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            feats[name] = output
+        return fn
+
+    handles = []
+    for name, model in (("s", student), ("t", teacher)):
+        block = _final_block(model)
+        if block is not None:
+            handles.append(block.register_forward_hook(hook(name)))
+    try:
+        v_s = student(x_t, t, y)
+        with torch.no_grad():
+            v_t = teacher(x_t, t, y)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {"out": (v_t - v_s).pow(2).mean()}
+    if projector is not None and "s" in feats and "t" in feats:
+        out["feat"] = (feats["t"].detach() - projector(feats["s"])).pow(2).mean()
+    else:
+        out["feat"] = v_s.new_zeros(())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the K-DMD trainer
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KDMDSettings:
+    student_steps: int = 4
+    cfg_scale: float = 2.0
+    lambda_out: float = 1.0
+    lambda_feat: float = 1.0
+    lr: float = 1e-4
+    critic_lr: float = 2e-4
+    critic_updates: int = 5
+    ttur_mode: str = "dmd2"
+    shift: float = 3.0
+    critic_init: str = "student"
+    batch_size: int = 64
+    null_label: int = 10
+    grad_clip: float = 10.0  # DMD2 SDXL: grad-norm clip 10
+
+
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    # SnapGen++ supp. H: Adam lr 1e-4, betas (0, 0.99) for K-DMD
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99))
+
+
+class KDMD:
+    """Student (generator), critic (fake score), projector and optimizers; one TTUR iteration at a time.
+
+    `labels(n, generator)` draws conditioning labels; `shape` is one sample's shape. The teacher is frozen.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, settings: KDMDSettings, *, shape: tuple[int, ...],
+                 labels, generator: torch.Generator, critic: nn.Module | None = None):
+        self.s = settings
+        self.student, self.teacher = student, teacher
+        self.teacher.requires_grad_(False).eval()
+        if critic is None:
+            # SnapGen++: critic initialised from the student; DMD2: from the teacher (config option)
+            critic = copy.deepcopy(student if settings.critic_init == "student" else teacher)
+        self.critic = critic.requires_grad_(True).train()
+        self.student.requires_grad_(True).train()
+        use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
+        self.projector = make_projector(student, teacher) if use_kd else None
+        if self.projector is not None:
+            self.projector.to(next(student.parameters()).device)
+        gen_params = list(student.parameters()) + (list(self.projector.parameters()) if self.projector is not None else [])
+        self.opt_g = _adam(gen_params, settings.lr)
+        self.opt_c = _adam(self.critic.parameters(), settings.critic_lr)
+        self.ttur = TTUR(settings.critic_updates, settings.ttur_mode)
+        self.gen = FewStepGenerator(student, settings.student_steps, settings.shift)
+        self.shape, self.labels, self.rng = tuple(shape), labels, generator
+        self.counts = {"generator_updates": 0, "critic_updates": 0}
+        self.device = next(student.parameters()).device
+
+    def _noise(self, n: int) -> Tensor:
+        return torch.randn((n, *self.shape), generator=self.rng).to(self.device)
+
+    def iteration(self, i: int) -> dict[str, Any]:
+        s, n = self.s, self.s.batch_size
+        y = self.labels(n, self.rng).to(self.device)
+        noise = self._noise(n)
+        k = int(torch.randint(0, s.student_steps, (1,), generator=self.rng))
+        record: dict[str, Any] = {"k": k}
+        gen_step = self.ttur.generator_step(i)
+        x_t, t, x0 = self.gen.train_step(noise, y, k, grad=gen_step)
+        if gen_step:
+            tau = sample_tau(n, self.rng, s.shift, self.device)
+            eps = self._noise(n)
+            grad, info = dmd_grad(x0, tau, eps, y, self.teacher, self.critic, cfg_scale=s.cfg_scale,
+                                  null_label=s.null_label)
+            loss_dmd = dmd_loss(x0, grad)
+            loss = loss_dmd
+            record.update(loss_dmd=float(loss_dmd.detach()), dmd_grad_abs=float(grad.abs().mean()), **info)
+            if self.projector is not None or s.lambda_out > 0:
+                terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+                loss = loss + s.lambda_out * terms["out"] + s.lambda_feat * terms["feat"]
+                record.update(loss_out=float(terms["out"].detach()), loss_feat=float(terms["feat"].detach()))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in self.opt_g.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+            self.critic.zero_grad(set_to_none=True)  # DMD2: no cross-contamination between the two updates
+            self.counts["generator_updates"] += 1
+            record.update(loss_generator=float(loss.detach()), grad_norm=float(norm))
+        if self.ttur.critic_step(i):
+            loss_c = critic_loss(self.critic, x0.detach(), y, self.rng, s.shift)
+            self.opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            norm_c = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), s.grad_clip)
+            self.opt_c.step()
+            self.opt_c.zero_grad(set_to_none=True)
+            self.student.zero_grad(set_to_none=True)
+            self.counts["critic_updates"] += 1
+            record.update(loss_critic=float(loss_c.detach()), critic_grad_norm=float(norm_c))
+        return record
+
+    # ----- resumable state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "critic": self.critic.state_dict(),
+            "projector": self.projector.state_dict() if self.projector is not None else {},
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "counts": dict(self.counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.critic.load_state_dict(state["critic"])
+        if self.projector is not None:
+            self.projector.load_state_dict(state["projector"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
