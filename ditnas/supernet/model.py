@@ -161,28 +161,39 @@ class _Trunk(nn.Module):
         ctx = self.ctx_embed(y).reshape(y.shape[0], -1, self.y_embed.embedding_dim)
         return c, ctx
 
-    def _walk(self, x: Tensor, t: Tensor, y: Tensor, plan: list, stream: int, patch, down, up, final_mod, final) -> Tensor:
-        """Run the blocks of `plan` = [(stage, block | None, op, heads, hidden, mod_key)] on the stream."""
+    def _walk(
+        self, x: Tensor, t: Tensor, y: Tensor, plan: list, stream: int, patch, down, up, final_mod, final,
+        features: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Run the blocks of `plan` = [(stage, block | None, op, heads, hidden, mod_key[, width])] on the stream.
+
+        An entry may carry a 7th field, the block's residual width in features (a pruned block whose
+        mixer keeps fewer heads than its width; heads=None then runs every module at its own size).
+        `features=True` also returns the stream right before the final adaLN (B, tokens, stream)."""
         tokens, grid = patchify(x, self.patch_size)
         h = patch(tokens)
         c, ctx = self._condition(t, y)
         stage, saved = 0, []
-        for slot_stage, block, op, heads, hidden, mod_key in plan:
+        for entry in plan:
+            slot_stage, block, op, heads, hidden, mod_key = entry[:6]
             if slot_stage != stage:
                 h, grid, stage = self._transition(h, grid, slot_stage, saved, down, up)
             if block is None:
                 continue
-            d = heads * self.head_dim
+            d = entry[6] if len(entry) > 6 else heads * self.head_dim
             if d == stream:
-                h = block(h, c, ctx, grid, op, None if heads == self._all_heads(block, op) else heads, hidden, mod_key)
+                full = heads is None or heads == self._all_heads(block, op)
+                h = block(h, c, ctx, grid, op, None if full else heads, hidden, mod_key)
             else:
                 inner = block(h[..., :d], c, ctx, grid, op, heads, hidden, mod_key)
                 h = torch.cat([inner, h[..., d:]], dim=-1)
         if stage != 0:
             h, grid, stage = self._transition(h, grid, 0, saved, down, up)
+        feats = h
         m = final_mod(F.silu(c)).reshape(c.shape[0], 1, 2 * stream)
         h = modulate(layer_norm(h), m[..., :stream], m[..., stream:])
-        return unpatchify(final(h), grid, self.patch_size, self.channels)
+        out = unpatchify(final(h), grid, self.patch_size, self.channels)
+        return (out, feats) if features else out
 
     @staticmethod
     def _all_heads(block: Block, op: str) -> int:
@@ -331,15 +342,25 @@ class SubDiT(_Trunk):
         self.final_mod = _linear_copy(fm.weight, fm.bias)
         self.final = _linear_copy(supernet.final.weight[:, :stream], supernet.final.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def _sub_plan(self) -> list:
+        # every module of a SubDiT is built at its own size: run each at full size (heads/hidden None);
+        # the block's residual width is its modulation's (a pruned mixer may keep fewer heads)
         plan = []
         for stage, op, block in zip(self.stages, self.ops, self.blocks):
             if isinstance(block, Block):
-                mixer = block.mixers[op]
-                plan.append((stage, block, op, mixer.max_heads, None, "own"))
+                plan.append((stage, block, op, None, None, "own", block.mod["own"].out_features // 6))
             else:
                 plan.append((stage, None, None, 0, 0, ""))
-        return self._walk(x, t, y, plan, self.stream, self.patch, self.down, self.up, self.final_mod, self.final)
+        return plan
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod, self.final)
+
+    def forward_with_features(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(velocity, final-block features): the same computation as forward, plus the stream right
+        before the final adaLN / Linear, shaped (B, tokens, stream width) -- what feature KD matches."""
+        return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod,
+                          self.final, features=True)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
