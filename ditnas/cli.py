@@ -261,10 +261,12 @@ def latency_remeasure(
     config: Annotated[Optional[Path], typer.Option("--config", "--space", "-c", help="run config of the supernet (or --checkpoint)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option()] = None,
     overrides: SetOpt = None,
+    replace: Annotated[bool, typer.Option(help="rebuild <session>/table in place instead of keeping the old one as table.v<N>")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Closed loop: measure given archs (e.g. a search's winners) as whole models, rebuild, refit.
-    On local backends the session's other programs are re-timed in the same pass."""
+    On local backends the session's other programs are re-timed in the same pass. Prints the old
+    table's prediction beside each measurement; the old table stays as table.v<N> unless --replace."""
     from ditnas.arch import resolve_archs
     from ditnas.latency_models.profile import supernet_for_profiling
     from ditnas.latency_models.stage import remeasure_archs
@@ -274,10 +276,18 @@ def latency_remeasure(
     bar = progress_bar(progress)
     with bar:
         task = bar.add_task("remeasure", total=None, phase="remeasure", info="")
-        table, predictor = remeasure_archs(session, chosen, supernet,
-                                           progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key))
-    typer.echo(f"measured {len(chosen)} arch(s); table now has {len(table.model_rows())} whole-model rows; "
-               f"calibration: {predictor.calibration.method}")
+        done = remeasure_archs(session, chosen, supernet, replace=replace,
+                               progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key))
+    device = done.table.identity
+    typer.echo(f"per step (batch 1, no guidance) on {device.get('device_model')} / {device.get('backend')} / "
+               f"{device.get('threads')} thread(s): predicted by the previous table vs measured now")
+    for row in done.rows:
+        pred = "-" if row["predicted_ms"] is None else f"{row['predicted_ms']:.3f} ms"
+        meas = "-" if row["measured_ms"] is None else f"{row['measured_ms']:.3f} ms"
+        err = "" if row["err_pct"] is None else f"  ({row['err_pct']:+.1f}%)"
+        typer.echo(f"  {row['arch']}: predicted {pred}, measured {meas}{err}")
+    typer.echo(f"table now has {len(done.table.model_rows())} whole-model rows; calibration: {done.predictor.calibration.method}")
+    typer.echo(f"previous table kept as {done.kept}" if done.kept else f"table rebuilt in place in {done.table.root}")
 
 
 SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "search.trials": "--trials",

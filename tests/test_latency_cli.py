@@ -78,6 +78,19 @@ def test_remeasure_adds_whole_models_and_refits(session_dir, capsys):
     assert any(arch in a for a in table.model_rows()["arch"])
     manifest = json.loads((session_dir / "table" / "table.json").read_text())
     assert manifest["n_models"] == len(table.model_rows())
+    # the arch's line: the old table's prediction beside the new measurement, which the new table holds
+    lines = [ln for ln in out.splitlines() if "measured" in ln and "predicted" in ln and ln.startswith("  ")]
+    assert len(lines) == 1, out
+    line = lines[0]
+    measured = float(line.split("measured ")[1].split(" ms")[0])
+    rows = table.model_rows()
+    assert measured == pytest.approx(float(rows[rows["arch"].str.contains(arch, regex=False)]["p50"].iloc[0]), rel=1e-3)
+    assert "predicted " in line and "%" in line
+    # the old table is kept, named, and differs from the new one by the added row
+    kept = session_dir / "table.v1"
+    assert "previous table kept as" in out and (kept / "table.json").exists()
+    old_rows = json.loads((kept / "table.json").read_text())["n_models"]
+    assert old_rows == manifest["n_models"] - 1
 
 
 def test_table_from_another_device_is_refused(session_dir, tmp_path, capsys):

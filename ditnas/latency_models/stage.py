@@ -3,13 +3,15 @@ fitted predictor, validate on held-out whole models, and the closed loop (re-mea
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.predictor import PREDICTOR, LatencyPredictor, remeasure
+from ditnas.latency_models.programs import model_cell
 from ditnas.latency_models.session import MANIFEST as SESSION_MANIFEST
 from ditnas.latency_models.session import ProfilingSession
 from ditnas.latency_models.table import LatencyTable
@@ -70,9 +72,34 @@ def validate_table(path: Path, n: int, seed: int = 0) -> dict:
     return LatencyPredictor.fit(train).validate(held)
 
 
-def remeasure_archs(session_dir: Path, archs: list[Arch], supernet: ElasticDiT, progress=None) -> tuple[LatencyTable, LatencyPredictor]:
+@dataclass(frozen=True)
+class Remeasured:
+    """What `ditnas latency remeasure` did: per arch the old table's prediction and the new measurement."""
+
+    table: LatencyTable
+    predictor: LatencyPredictor
+    rows: list[dict]  # arch, predicted_ms (old table, None if there was none), measured_ms, err_pct
+    kept: Path | None  # the previous table version, kept under this name (None: replaced or none)
+
+
+def keep_previous_table(root: Path) -> Path | None:
+    """Copy `<session>/table` to the next free `<session>/table.v<N>` before it is rebuilt."""
+    current = root / TABLE_DIR
+    if not (current / "table.json").exists():
+        return None
+    n = 1
+    while (root / f"{TABLE_DIR}.v{n}").exists():
+        n += 1
+    kept = root / f"{TABLE_DIR}.v{n}"
+    shutil.copytree(current, kept)
+    return kept
+
+
+def remeasure_archs(session_dir: Path, archs: list[Arch], supernet: ElasticDiT, progress=None, *,
+                    replace: bool = False) -> Remeasured:
     """Closed loop: measure `archs` as whole models in the session's device settings, rebuild the
-    table and refit the predictor (e.g. on a search's winners)."""
+    table and refit the predictor (e.g. on a search's winners). The table the session had is kept as
+    `table.v<N>` unless `replace`; each arch's prediction by that table is reported beside its measurement."""
     session_dir = Path(session_dir)
     if not (session_dir / SESSION_MANIFEST).exists():
         raise DitnasError(f"{session_dir} is not a profiling session (no {SESSION_MANIFEST}); pass the folder `ditnas profile --out` wrote")
@@ -80,5 +107,18 @@ def remeasure_archs(session_dir: Path, archs: list[Arch], supernet: ElasticDiT, 
     device = session.device
     options = {k: device[k] for k in ("threads",) if k in device}
     backend = get_backend(device["backend"], **options)
+    before = None
+    if (session_dir / TABLE_DIR / "table.json").exists():
+        _, before = load_predictor(session_dir / TABLE_DIR)
+    predicted = {str(a): (before.predict(a) if before is not None else None) for a in archs}
     remeasure(archs, supernet, session, backend, progress=progress)
-    return build_table(session, supernet)
+    kept = None if replace else keep_previous_table(session_dir)
+    table, predictor = build_table(session, supernet)
+    rows = []
+    for arch in archs:
+        row = table.get(model_cell(supernet, arch))
+        measured = float(row.p50) if row is not None else None
+        pred = predicted[str(arch)]
+        err = 100.0 * (pred - measured) / measured if pred is not None and measured else None
+        rows.append({"arch": str(arch), "predicted_ms": pred, "measured_ms": measured, "err_pct": err})
+    return Remeasured(table, predictor, rows, kept)
