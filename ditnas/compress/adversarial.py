@@ -25,26 +25,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ditnas.compress.dmd import TTUR, FewStepGenerator, _adam, knowledge_terms, make_projector, sample_tau
+from ditnas.compress.dmd import TTUR, FewStepGenerator, _adam, knowledge_terms, make_projector, sample_tau, x0_from_v
 from ditnas.errors import DitnasError
 from ditnas.supernet.flow import interpolate
-from ditnas.supernet.model import Block, SubDiT, patchify
+from ditnas.supernet.model import SubDiT, patchify
 
 
 class SubDiTTrunk(nn.Module):
-    """The first `blocks` (non-skip) blocks of a frozen SubDiT: (x, t, y) -> ([features per block], c)."""
+    """The first `blocks` (non-skip) blocks of a frozen SubDiT: (x, t, y) -> ([features per block], c).
+
+    Walks `SubDiT._sub_plan()` exactly as `_Trunk._walk` does (the parity test holds it to that), stopping
+    after the chosen block; each feature is that block's output slice of the residual stream."""
 
     def __init__(self, teacher: SubDiT, blocks: int):
         super().__init__()
-        real = [i for i, b in enumerate(teacher.blocks) if isinstance(b, Block)]
+        plan = teacher._sub_plan()
+        real = [i for i, entry in enumerate(plan) if entry[1] is not None]
         if blocks > len(real):
             raise DitnasError(f"compress.distill.disc_blocks: {blocks} but the teacher {teacher.arch} has only "
                               f"{len(real)} blocks; choose disc_blocks <= {len(real)}")
         self.teacher = teacher
         self.last = real[blocks - 1]
         self.teacher.requires_grad_(False).eval()
-        self.feature_dims = [teacher.blocks[i].mixers[teacher.ops[i]].max_heads * teacher.head_dim for i in real[:blocks]]
+        self.feature_dims = [self._width(plan[i]) for i in real[:blocks]]
         self.cond_dim = teacher.y_embed.embedding_dim
+
+    def _width(self, entry) -> int:
+        return entry[6] if len(entry) > 6 else entry[3] * self.teacher.head_dim
 
     def train(self, mode: bool = True) -> SubDiTTrunk:
         super().train(mode)
@@ -53,21 +60,23 @@ class SubDiTTrunk(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         m = self.teacher
+        plan = m._sub_plan()
         tokens, grid = patchify(x, m.patch_size)
         h = m.patch(tokens)
         c, ctx = m._condition(t, y)
         stage, saved, feats = 0, [], []
-        for i in range(self.last + 1):
-            block, op, slot_stage = m.blocks[i], m.ops[i], m.stages[i]
+        for entry in plan[: self.last + 1]:
+            slot_stage, block, op, heads, hidden, mod_key = entry[:6]
             if slot_stage != stage:
                 h, grid, stage = m._transition(h, grid, slot_stage, saved, m.down, m.up)
-            if not isinstance(block, Block):
+            if block is None:
                 continue
-            d = block.mixers[op].max_heads * m.head_dim
+            d = self._width(entry)
             if d == m.stream:
-                h = block(h, c, ctx, grid, op, None, None, "own")
+                full = heads is None or heads == m._all_heads(block, op)
+                h = block(h, c, ctx, grid, op, None if full else heads, hidden, mod_key)
             else:
-                inner = block(h[..., :d], c, ctx, grid, op, block.mixers[op].max_heads, None, "own")
+                inner = block(h[..., :d], c, ctx, grid, op, heads, hidden, mod_key)
                 h = torch.cat([inner, h[..., d:]], dim=-1)
             feats.append(h[..., :d])
         return feats, c
@@ -139,7 +148,7 @@ class Adversarial:
         self.s, self.student, self.teacher, self.disc = settings, student, teacher, disc
         self.teacher.requires_grad_(False).eval()
         self.student.requires_grad_(True).train()
-        use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
+        self.use_kd = use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
         self.projector = make_projector(student, teacher) if use_kd else None
         self.device = next(student.parameters()).device
         if self.projector is not None:
@@ -167,14 +176,20 @@ class Adversarial:
         k = int(torch.randint(0, s.student_steps, (1,), generator=self.rng))
         record: dict[str, Any] = {"k": k}
         gen_step = self.ttur.generator_step(i)
-        x_t, t, x0 = self.gen.train_step(noise, y, k, grad=gen_step)
+        x_t, t = self.gen.simulate(noise, y, k)
+        terms = None
+        if gen_step and self.use_kd:  # one student forward serves the knowledge terms and x̂0
+            terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            x0 = x0_from_v(x_t, t, terms["v"])
+        else:
+            with torch.set_grad_enabled(gen_step):
+                x0 = x0_from_v(x_t, t, self.student(x_t, t, y))
         if gen_step:
             x_fake, tau = self._noised(x0)
             loss_adv = g_loss(self.disc(x_fake, tau, y))
             loss = loss_adv
             record["loss_adv"] = float(loss_adv.detach())
-            if self.projector is not None or s.lambda_out > 0:
-                terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            if terms is not None:
                 loss = loss + s.lambda_out * terms["out"] + s.lambda_feat * terms["feat"]
                 record.update(loss_out=float(terms["out"].detach()), loss_feat=float(terms["feat"].detach()))
             self.opt_g.zero_grad(set_to_none=True)

@@ -154,14 +154,18 @@ class FewStepGenerator:
         v = self.net(x, torch.full((x.shape[0],), t, device=x.device), y)
         return x + (t_next - t) * v
 
+    @torch.no_grad()
+    def simulate(self, noise: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(x_tk, t_k): the student's own input at step k (DMD2 backward simulation, no grad)."""
+        x = noise
+        for j in range(k):
+            x = self._step(x, j, y)
+        return x, torch.full((x.shape[0],), float(self.times[k]), device=x.device)
+
     def train_step(self, noise: Tensor, y: Tensor, k: int, *, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_tk, t_k, x̂0): the student's own input at step k (backward simulation, no grad) and its denoised
-        output at that step, with grad through one student forward when `grad`."""
-        with torch.no_grad():
-            x = noise
-            for j in range(k):
-                x = self._step(x, j, y)
-        t = torch.full((x.shape[0],), float(self.times[k]), device=x.device)
+        """(x_tk, t_k, x̂0): the input at step k and the student's denoised output there, with grad through
+        one student forward when `grad`."""
+        x, t = self.simulate(noise, y, k)
         with torch.set_grad_enabled(grad):
             x0 = x0_from_v(x, t, self.net(x, t, y))
         return x, t, x0
@@ -170,73 +174,27 @@ class FewStepGenerator:
 # ----------------------------------------------------------------------------------------------
 # knowledge terms (compress/kd.py) — the few-step-teacher part of Eq. 10
 # ----------------------------------------------------------------------------------------------
-def _final_block(model: nn.Module) -> nn.Module | None:
-    from ditnas.supernet.model import Block
-
-    blocks = [b for b in getattr(model, "blocks", []) if isinstance(b, Block)]
-    return blocks[-1] if blocks else None
-
-
-def final_width(model: nn.Module) -> int | None:
-    """Feature width of the model's final block output (its stream slice), None for a net without blocks."""
-    block = _final_block(model)
-    if block is None:
-        return None
-    mixer = next(iter(block.mixers.values()))
-    return mixer.max_heads * model.head_dim
-
-
 def make_projector(student: nn.Module, teacher: nn.Module) -> nn.Module | None:
-    """ϕ of SnapGen++ Eq. 7 (student final-block features -> teacher's); kd.Projector when available."""
-    s, t = final_width(student), final_width(teacher)
-    if s is None or t is None:
+    """ϕ of SnapGen++ Eq. 7 (compress/kd.py's identity-initialised Projector); None for nets without a stream."""
+    if not hasattr(student, "forward_with_features") or not hasattr(teacher, "forward_with_features"):
         return None
-    try:
-        from ditnas.compress.kd import Projector  # the KD engineer's module (same interface)
+    from ditnas.compress.kd import projector_for
 
-        return Projector(s, t)
-    except ImportError:
-        return nn.Linear(s, t)
+    return projector_for(student, teacher)
 
 
 def knowledge_terms(student: nn.Module, teacher: nn.Module, projector: nn.Module | None,
                     x_t: Tensor, t: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """{"out": ‖v_T - v_S‖², "feat": ‖f_T - ϕ(f_S)‖²} on the same x_t (SnapGen++ Eqs. 6-7)."""
-    try:
+    """{"out": ‖v_T - v_S‖², "feat": ‖f_T - ϕ(f_S)‖²} on the same x_t (SnapGen++ Eqs. 6-7, compress/kd.py);
+    a net without features (the toys) gets the output term only."""
+    if projector is not None:
         from ditnas.compress.kd import kd_terms
 
         return kd_terms(student, teacher, projector, x_t, t, y)
-    except ImportError:
-        return _kd_terms_local(student, teacher, projector, x_t, t, y)
-
-
-def _kd_terms_local(student, teacher, projector, x_t, t, y) -> dict[str, Tensor]:
-    # assumption: stand-in for compress/kd.py's kd_terms until it lands (same formulas, final Block output)
-    feats: dict[str, Tensor] = {}
-
-    def hook(name):
-        def fn(_module, _inputs, output):
-            feats[name] = output
-        return fn
-
-    handles = []
-    for name, model in (("s", student), ("t", teacher)):
-        block = _final_block(model)
-        if block is not None:
-            handles.append(block.register_forward_hook(hook(name)))
-    try:
-        v_s = student(x_t, t, y)
-        with torch.no_grad():
-            v_t = teacher(x_t, t, y)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {"out": (v_t - v_s).pow(2).mean()}
-    if projector is not None and "s" in feats and "t" in feats:
-        out["feat"] = (feats["t"].detach() - projector(feats["s"])).pow(2).mean()
-    else:
-        out["feat"] = v_s.new_zeros(())
-    return out
+    v_s = student(x_t, t, y)
+    with torch.no_grad():
+        v_t = teacher(x_t, t, y)
+    return {"out": (v_t - v_s).pow(2).mean(), "feat": v_s.new_zeros(()), "v": v_s}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +238,7 @@ class KDMD:
             critic = copy.deepcopy(student if settings.critic_init == "student" else teacher)
         self.critic = critic.requires_grad_(True).train()
         self.student.requires_grad_(True).train()
-        use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
+        self.use_kd = use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
         self.projector = make_projector(student, teacher) if use_kd else None
         if self.projector is not None:
             self.projector.to(next(student.parameters()).device)
@@ -303,7 +261,14 @@ class KDMD:
         k = int(torch.randint(0, s.student_steps, (1,), generator=self.rng))
         record: dict[str, Any] = {"k": k}
         gen_step = self.ttur.generator_step(i)
-        x_t, t, x0 = self.gen.train_step(noise, y, k, grad=gen_step)
+        x_t, t = self.gen.simulate(noise, y, k)
+        terms = None
+        if gen_step and self.use_kd:  # one student forward serves the knowledge terms and x̂0
+            terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            x0 = x0_from_v(x_t, t, terms["v"])
+        else:
+            with torch.set_grad_enabled(gen_step):
+                x0 = x0_from_v(x_t, t, self.student(x_t, t, y))
         if gen_step:
             tau = sample_tau(n, self.rng, s.shift, self.device)
             eps = self._noise(n)
@@ -312,8 +277,7 @@ class KDMD:
             loss_dmd = dmd_loss(x0, grad)
             loss = loss_dmd
             record.update(loss_dmd=float(loss_dmd.detach()), dmd_grad_abs=float(grad.abs().mean()), **info)
-            if self.projector is not None or s.lambda_out > 0:
-                terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            if terms is not None:
                 loss = loss + s.lambda_out * terms["out"] + s.lambda_feat * terms["feat"]
                 record.update(loss_out=float(terms["out"].detach()), loss_feat=float(terms["feat"].detach()))
             self.opt_g.zero_grad(set_to_none=True)
