@@ -1,7 +1,7 @@
 """`executorch-xnnpack`: ExecuTorch with the XNNPACK delegate, run and timed in this process.
 
-prepare:  torch.export -> constant_prop_pass -> to_edge_transform_and_lower(XnnpackPartitioner,
-          generate_etrecord=True) -> <name>.pte + <name>.etrecord + <name>.delegation.json,
+prepare:  lowering.lower (the one recipe: freeze, torch.export, constant_prop_pass,
+          to_edge_transform_and_lower(XnnpackPartitioner), generate_etrecord=True) -> <name>.pte + <name>.etrecord + <name>.delegation.json,
           with a delegation report and an output parity check against eager.
 reuse:    a program whose .pte, .etrecord and .delegation.json (written last) are on disk is not
           lowered again, so an interrupted `ditnas profile` resumes where lowering stopped.
@@ -47,11 +47,11 @@ from ditnas.latency_models.backends.base import (
     package_version,
     register_backend,
 )
+from ditnas.latency_models.lowering import COMPUTE_OPS, delegation_report  # noqa: F401 -- old import path
+from ditnas.latency_models.lowering import lower as lower_program
 from ditnas.latency_models.programs import Program
 
-# Compute ops that must run inside the XNNPACK delegate (toolchain.md §1.1: an undelegated mm was
-# half of Whisper's decoder time). Matched against get_delegation_info op types (aten_<op>_<overload>).
-COMPUTE_OPS = re.compile(r"^aten_(_?softmax|_?log_softmax|mm|bmm|addmm|baddbmm|matmul|linear|convolution)(_|$)")
+# COMPUTE_OPS and delegation_report live in lowering.py (the one recipe); re-exported here
 ETDUMP_MAGIC = b"ED00"  # flatbuffer file identifier at bytes 8..12 of a size-prefixed ETDump
 PTE_MAGIC = b"ET12"
 ETDUMP = ArtifactFormat(
@@ -65,31 +65,6 @@ ETDUMP = ArtifactFormat(
 def file_stem(key: str) -> str:
     """A file-system-safe name for a program key (keys hold ':' and '.')."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-
-
-def delegation_report(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
-    """Delegated vs non-delegated call nodes of a lowered edge graph, per op type."""
-    from executorch.devtools.backend_debug import get_delegation_info
-
-    info = get_delegation_info(graph_module)
-    by_op = {
-        op: {"delegated": b.delegated, "non_delegated": b.non_delegated} for op, b in sorted(info.delegation_by_operator.items())
-    }
-    non_delegated = sorted(op for op, b in by_op.items() if b["non_delegated"])
-    compute = {op: b for op, b in by_op.items() if COMPUTE_OPS.match(op)}
-    compute_total = sum(b["delegated"] + b["non_delegated"] for b in compute.values())
-    compute_delegated = sum(b["delegated"] for b in compute.values())
-    return {
-        "delegated_subgraphs": info.num_delegated_subgraphs,
-        "delegated_nodes": info.num_delegated_nodes,
-        "non_delegated_nodes": info.num_non_delegated_nodes,
-        "non_delegated_ops": non_delegated,
-        "non_delegated_compute_ops": sorted(op for op, b in compute.items() if b["non_delegated"]),
-        "compute_nodes": compute_total,
-        "compute_delegated": compute_delegated,
-        "delegated_share": compute_delegated / compute_total if compute_total else 1.0,
-        "by_op": by_op,
-    }
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -154,22 +129,11 @@ class ExecuTorchXnnpackBackend(Backend):
 
     # ----- prepare -----------------------------------------------------------------------------
     def lower(self, program: Program) -> tuple[Any, dict[str, Any]]:
-        """ExportedProgram -> ExecutorchProgramManager and the delegation report."""
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackPartitioner,
-        )
-        from executorch.exir import to_edge_transform_and_lower
-        from executorch.exir.passes.constant_prop_pass import constant_prop_pass
-
-        module = program.module.eval().requires_grad_(False)
-        with torch.no_grad():
-            ep = torch.export.export(module, tuple(program.inputs))
-        # folds weight slices (LCHA's per-tap conv weights, leading-slice widths) into constants
-        # the partitioner can treat as static weights
-        ep = constant_prop_pass(ep)
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], generate_etrecord=True)
-        report = delegation_report(edge.exported_program().graph_module)
-        return edge.to_executorch(), report
+        """ExportedProgram -> ExecutorchProgramManager and the delegation report, by the one recipe
+        (lowering.py) every shipped .pte follows too."""
+        lowered = lower_program(program.module, tuple(program.inputs), backend="xnnpack", etrecord=True,
+                                what=f"program {program.key()}")
+        return lowered.program, lowered.report
 
     def prepare(self, programs: list[Program], workdir: Path) -> list[Prepared]:
         workdir = Path(workdir)
