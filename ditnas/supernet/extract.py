@@ -17,7 +17,7 @@ from ditnas.config import config_from_dict
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, file_sha256, read_json, torch_load, write_json
 from ditnas.supernet.flow import interpolate
-from ditnas.supernet.model import ElasticDiT, SubDiT
+from ditnas.supernet.model import ElasticDiT, SubDiT, apply_prune_record
 from ditnas.supernet.train import load_supernet, load_weights
 
 SUBNET_NAME = "subnet.pt"
@@ -76,7 +76,13 @@ def load_subnet(path: Path) -> SubDiT:
     cfg = config_from_dict(state["config"], where=f"{path}:config")
     space = SearchSpace.from_dict(state["space"], source=f"{path}: field 'space'")
     skeleton = ElasticDiT(space, cfg.model)  # the structure only; weights are replaced below
-    sub = skeleton.extract(space.parse(state["arch"], source=str(path)))
+    arch = space.parse(state["arch"], source=str(path))
+    if state.get("prune"):  # a pruned subnet (compress/prune.py): the base arch re-shaped by the record
+        record = state["prune"]
+        sub = apply_prune_record(skeleton.extract(space.parse(record["base_arch"], source=f"{path}: prune.base_arch")),
+                                 record, arch)
+    else:
+        sub = skeleton.extract(arch)
     load_weights(sub, state["weights"], path)
     return sub.eval()
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ditnas.arch import Arch, SearchSpace, Slot
 from ditnas.config import ModelConfig
 from ditnas.errors import DitnasError
-from ditnas.supernet.ops import ASSA, LCHA, SSA, Attention, CrossAttention, FeedForward, layer_norm
+from ditnas.supernet.ops import ASSA, LCHA, SSA, Attention, CrossAttention, FeedForward, layer_norm, with_io_dim
 
 Grid = tuple[int, int, int]
 
@@ -364,3 +364,41 @@ class SubDiT(_Trunk):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# pruned sub-DiTs (compress/prune.py writes them; extract.load_subnet rebuilds them)
+# ----------------------------------------------------------------------------------------------
+def apply_prune_record(sub: SubDiT, record: dict, arch: Arch) -> SubDiT:
+    """Re-shape `sub` (extracted at `record["base_arch"]`) in place to a pruned model of `arch`.
+
+    `record["blocks"]` maps a slot index (str) to {"heads": kept token-mixer heads, "hidden": kept FFN
+    units} for every block that still runs; a slot that is `skip` in `arch` but not in the base arch
+    is a removed block (identity). The residual stream, cross-attention and adaLN keep their widths:
+    a pruned block reads and writes the same features as before, with fewer heads / FFN units inside.
+    The new tensors are uninitialised shapes; load the weights after this."""
+    if len(arch.slots) != len(sub.blocks):
+        raise DitnasError(f"pruned arch has {len(arch.slots)} slots but the base model {len(sub.blocks)}")
+    blocks = record.get("blocks", {})
+    for i, slot in enumerate(arch.slots):
+        block = sub.blocks[i]
+        if slot.is_skip:
+            if isinstance(block, Block):
+                sub.blocks[i] = nn.Identity()
+                sub.ops[i] = slot.op
+            continue
+        if not isinstance(block, Block) or sub.ops[i] != slot.op:
+            raise DitnasError(f"pruned arch slot {i} ({slot.token()}) does not match the base arch's slot {i}")
+        shape = blocks.get(str(i))
+        if shape is None:
+            continue
+        width = block.mod["own"].out_features // 6
+        mixer = block.mixers[slot.op]
+        heads, hidden = int(shape["heads"]), int(shape["hidden"])
+        if heads != mixer.max_heads:
+            block.mixers[slot.op] = with_io_dim(mixer.sliced(heads), width)
+        if hidden != block.ffn.max_hidden:
+            block.ffn = block.ffn.sliced(width, hidden)
+    sub.arch = arch
+    sub.base_arch = Arch.parse(record["base_arch"])
+    return sub

@@ -47,6 +47,7 @@ __all__ = [
     "linear_attention_quadratic",
     "rms_norm",
     "softplus",
+    "with_io_dim",
 ]
 
 
@@ -297,12 +298,18 @@ class _Mixer(nn.Module):
 
     max_heads: int
     head_dim: int
+    io_dim: int | None = None  # a pruned mixer reads/writes io_dim features but keeps fewer heads (with_io_dim)
 
     @property
     def dim(self) -> int:
         return self.max_heads * self.head_dim
 
     def _heads(self, x: Tensor, heads: int | None) -> int:
+        if self.io_dim is not None and self.io_dim != self.dim:
+            if heads not in (None, self.max_heads) or x.shape[-1] != self.io_dim:
+                raise ValueError(f"{type(self).__name__}: pruned to {self.max_heads} heads on {self.io_dim} features; "
+                                 f"got heads={heads}, x with {x.shape[-1]} features")
+            return self.max_heads
         h = self.max_heads if heads is None else int(heads)
         if not 1 <= h <= self.max_heads:
             raise ValueError(f"{type(self).__name__}: heads={h} outside 1..{self.max_heads}")
@@ -400,7 +407,7 @@ class Attention(_Mixer):
         else:  # the folded layout shares one bmm per KV group and lowers whole to XNNPACK
             out = self.attend(self._fold(q), k, v)
         out = _merge_heads(out, x.shape[0], h)
-        return _linear(out, self.o, h * self.head_dim)
+        return _linear(out, self.o, x.shape[-1])  # = h * head_dim unless pruned (io_dim)
 
     def sliced(self, heads: int) -> "Attention":
         new = type(self)(heads, self.head_dim, **self._init_args())
@@ -655,7 +662,7 @@ class LCHA(_Mixer):
             y = F.conv2d(frames, weight[:, :, tau], bias if tau == 0 else None, padding=(kh // 2, kw // 2), groups=c)
             acc = y if acc is None else acc + y
         out = acc.reshape(b, t, c, h, w).permute(0, 1, 3, 4, 2).reshape(b, n, c)
-        return _linear(out, self.mix, c)
+        return _linear(out, self.mix, heads * self.head_dim)  # = c unless pruned (io_dim)
 
     def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
         _check_grid(x, grid)
@@ -669,7 +676,7 @@ class LCHA(_Mixer):
         else:
             s = torch.sigmoid(_prefix(self.alpha, c))
             mixed = s * lin + (1.0 - s) * conv
-        return _linear(mixed, self.o, c)
+        return _linear(mixed, self.o, x.shape[-1])
 
     def sliced(self, heads: int) -> "LCHA":
         new = LCHA(heads, self.head_dim, conv_kernel=self.conv_kernel, rope=self.use_rope)
@@ -761,7 +768,7 @@ class CrossAttention(_Mixer):
         v = _split_heads(_linear(cond, self.v, c, self.cond_dim), h)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return _linear(_merge_heads(self.attend(q, k, v), x.shape[0], h), self.o, c)
+        return _linear(_merge_heads(self.attend(q, k, v), x.shape[0], h), self.o, x.shape[-1])
 
     def sliced(self, heads: int) -> "CrossAttention":
         new = CrossAttention(heads, self.head_dim, self.cond_dim, qk_norm=self.qk_norm)
@@ -793,6 +800,42 @@ class FeedForward(nn.Module):
         new = FeedForward(dim, hidden)
         _copy_prefix_params(new, self)
         return _like(new, self)
+
+
+# ----------------------------------------------------------------------------------------------
+# pruned mixers: fewer heads than the block is wide
+# ----------------------------------------------------------------------------------------------
+
+
+def with_io_dim(mixer: nn.Module, io_dim: int) -> nn.Module:
+    """`mixer` (built at its kept head count) re-shaped to read and write `io_dim` features.
+
+    Head pruning (compress/prune.py) removes whole heads from a token mixer but keeps the block's
+    residual width: q/k/v (and ASSA's gate, LCHA's depthwise conv and channel mix) take `io_dim`
+    inputs, the output projection returns `io_dim` features; everything per head keeps its size.
+    The io-side parameters are new (zero) tensors of the right shapes, to be loaded or filled by the
+    caller. A mixer whose heads fill io_dim is returned unchanged.
+    """
+    inner = mixer.max_heads * mixer.head_dim
+    if io_dim == inner:
+        return mixer
+    p = next(mixer.parameters())
+    like = dict(device=p.device, dtype=p.dtype)
+
+    def lin(i: int, o: int) -> nn.Linear:
+        return nn.Linear(i, o, **like)
+
+    for name in ("q", "k", "v"):
+        old = getattr(mixer, name)
+        setattr(mixer, name, lin(io_dim, old.out_features))
+    mixer.o = lin(inner, io_dim)
+    if isinstance(mixer, ASSA):
+        mixer.gate = lin(io_dim, mixer.max_heads)
+    if isinstance(mixer, LCHA):
+        mixer.conv = nn.Conv3d(io_dim, io_dim, kernel_size=mixer.conv_kernel, groups=io_dim, **like)
+        mixer.mix = lin(io_dim, inner)
+    mixer.io_dim = io_dim
+    return mixer
 
 
 # ----------------------------------------------------------------------------------------------
