@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_write_bytes, write_json
+from ditnas.io import write_json
 from ditnas.latency_models.artifacts import (
     ArtifactProbe,
     ParsedArtifact,
@@ -48,6 +48,7 @@ from ditnas.latency_models.backends.base import (
     register_backend,
 )
 from ditnas.latency_models.lowering import COMPUTE_OPS, delegation_report  # noqa: F401 -- old import path
+from ditnas.latency_models.lowering import Lowered, input_specs, recipe_fingerprint, write_pte
 from ditnas.latency_models.lowering import lower as lower_program
 from ditnas.latency_models.programs import Program
 
@@ -148,7 +149,8 @@ class ExecuTorchXnnpackBackend(Backend):
                     "XNNPACK and would run on slow portable kernels; rewrite them as in xnnpack-notes.md or pass strict=False"
                 )
             pte, etrecord = workdir / f"{stem}.pte", workdir / f"{stem}.etrecord"
-            atomic_write_bytes(pte, et.buffer)
+            # the .pte and its recipe sidecar (lowering.check_recipe accepts profiled programs too)
+            write_pte(Lowered(et, report, recipe_fingerprint("xnnpack"), input_specs(program.inputs)), pte)
             (workdir / f"{stem}.etdp").unlink(missing_ok=True)  # an ETDump of an older build is stale
             _save_etrecord(et.get_etrecord(), etrecord)
             item = Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=report)
