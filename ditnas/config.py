@@ -285,6 +285,12 @@ class DistillConfig:
     critic_init: str = "student"  # SnapGen++: critic from the student; DMD2: from the teacher
     shift: float = 3.0  # SnapGen++ supp. H: time shift 3 (re-noising tau and the student's time grid)
     eval_samples: int = 256  # assumption: 256 samples for the student's FD / label accuracy; 0 = skip
+    # the few-step teacher ξ' of SnapGen++ Eq. 10 (theirs: a 4-step Lightning LoRA): "trajectory" = a copy of
+    # the teacher regressed onto the teacher's own ODE solutions at the student's timesteps; "teacher" = ξ itself
+    few_step_teacher: str = "trajectory"
+    teacher_kd_steps: int = 200  # assumption: regression steps of ξ'
+    teacher_pairs: int = 512  # assumption: (noise, ODE solution) pairs generated once for ξ'
+    teacher_substeps: int = 7  # assumption: Euler steps per student interval (7 x 4 = the teacher's 28)
 
     def check(self) -> DistillConfig:
         if self.ttur_mode not in ("dmd2", "exclusive"):
@@ -295,6 +301,12 @@ class DistillConfig:
             raise ConfigFieldError("compress.distill.shift", f"{self.shift:g} must be > 0")
         if self.eval_samples < 0:
             raise ConfigFieldError("compress.distill.eval_samples", f"{self.eval_samples} must be >= 0")
+        if self.few_step_teacher not in ("trajectory", "teacher"):
+            raise ConfigFieldError("compress.distill.few_step_teacher",
+                                   f"unknown {self.few_step_teacher!r}; choose trajectory or teacher")
+        for name in ("teacher_kd_steps", "teacher_pairs", "teacher_substeps"):
+            if getattr(self, name) < (0 if name == "teacher_kd_steps" else 1):
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name)} is out of range")
         for name in ("cfg_scale", "lambda_out", "lambda_feat"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be a finite number >= 0")

@@ -15,7 +15,7 @@ from ditnas.errors import DitnasError
 from ditnas.search.threads import torch_threads
 from ditnas.supernet.extract import load_subnet
 from ditnas.supernet.model import Block
-from test_compress_dmd import MLP, build_pair, flow_match, mixture_distance, target, wrong
+from test_compress_dmd import MLP, build_pair, mixture_distance, target, toys  # noqa: F401 (toys: the fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,8 +100,8 @@ class MLPTrunk(nn.Module):
         return [h1, h2], temb
 
 
-def test_one_step_adversarial_student_moves_onto_the_mixture():
-    teacher, student = flow_match(target, 1500, 0), flow_match(wrong, 1500, 1)
+def test_one_step_adversarial_student_moves_onto_the_mixture(toys):
+    teacher, student = copy.deepcopy(toys["teacher"]), copy.deepcopy(toys["student"])
     frozen = copy.deepcopy(teacher.state_dict())
     z = torch.randn(512, 2, generator=torch.Generator().manual_seed(5))
     gen = FewStepGenerator(student, 1, 1.0)
@@ -121,7 +121,7 @@ def test_one_step_adversarial_student_moves_onto_the_mixture():
 
 def test_adversarial_stage_writes_a_loadable_student(pair, tmp_path):
     cfg = DistillConfig(method="adversarial", steps=2, batch_size=4, critic_updates=2, checkpoint_every=1,
-                        eval_samples=0, disc_blocks=2)
+                        eval_samples=0, disc_blocks=2, few_step_teacher="teacher")
     manifest = distill_steps(cfg, pair["teacher"], pair["student"], tmp_path / "out")
     student = load_subnet(tmp_path / "out")
     assert str(student.arch) == str(load_subnet(pair["student"]).arch)

@@ -12,8 +12,22 @@ import pytest
 import torch
 from torch import nn
 
-from ditnas.compress.distill import STATE_NAME, distill_steps, read_metrics
-from ditnas.compress.dmd import KDMD, TTUR, FewStepGenerator, KDMDSettings, dmd_grad, dmd_loss, x0_from_v
+from ditnas.compress.distill import STATE_NAME, TEACHER_NAME, distill_steps, read_metrics
+from ditnas.compress.dmd import (
+    KDMD,
+    TTUR,
+    FewStepGenerator,
+    KDMDSettings,
+    TrajectorySettings,
+    dmd_grad,
+    dmd_loss,
+    few_step_error,
+    ode_trajectory,
+    refined_grid,
+    train_trajectory_teacher,
+    trajectory_pairs,
+    x0_from_v,
+)
 from ditnas.compress.manifest import check_files, read_manifest
 from ditnas.config import DistillConfig, load_config
 from ditnas.data import load_dataset
@@ -21,7 +35,7 @@ from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, torch_load
 from ditnas.search.threads import torch_threads
 from ditnas.supernet.extract import extract_subnet, load_subnet
-from ditnas.supernet.flow import euler_sample, interpolate
+from ditnas.supernet.flow import euler_sample, interpolate, time_grid
 from ditnas.supernet.train import CHECKPOINT_NAME, train_supernet
 
 
@@ -205,6 +219,41 @@ def test_one_step_dmd_moves_the_generator_onto_the_mixture(toys):
 
 
 # ----------------------------------------------------------------------------------------------
+# the few-step teacher ξ'
+# ----------------------------------------------------------------------------------------------
+def test_ode_trajectory_is_the_fine_euler_sampler_read_at_the_student_times(toys):
+    net, times = toys["teacher"], time_grid(2, 3.0)
+    fine, marks = refined_grid(times, 5)
+    assert len(fine) == 11 and marks == [0, 5, 10]
+    torch.testing.assert_close(fine[marks], times)
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    states, x0 = ode_trajectory(net, z, torch.zeros(8, dtype=torch.long), times, substeps=5, cfg_scale=1.0, null_label=1)
+    assert states.shape == (2, 8, 2)
+    torch.testing.assert_close(states[0], z, rtol=0, atol=0)
+    # the end point equals euler_sample on the same 10-step grid (uniform split of a shifted grid)
+    x = z
+    for a, b in zip(fine[:-1], fine[1:]):
+        x = x + (b - a) * net(x, torch.full((8,), float(a)), None)
+    torch.testing.assert_close(x0, x, rtol=0, atol=1e-6)
+
+
+def test_trajectory_teacher_lands_on_the_ode_solution_in_few_steps(toys):
+    teacher, times = toys["teacher"], time_grid(2, 1.0)
+    s = TrajectorySettings(steps=400, pairs=512, substeps=14, batch_size=128, lr=1e-3, cfg_scale=1.0, null_label=1)
+    labels = lambda n, g: torch.zeros(n, dtype=torch.long)  # noqa: E731
+    train = trajectory_pairs(teacher, times, s, shape=(2,), labels=labels, generator=torch.Generator().manual_seed(0))
+    held = trajectory_pairs(teacher, times, s, shape=(2,), labels=labels, generator=torch.Generator().manual_seed(1))
+    before = few_step_error(teacher, times, held)
+    frozen = copy.deepcopy(teacher.state_dict())
+    xi = train_trajectory_teacher(teacher, times, train, s, torch.Generator().manual_seed(2))
+    after = few_step_error(xi, times, held)
+    # measured: 2-step MSE to the 28-step ODE end point 0.389 (teacher) -> 0.014 (ξ'), on held-out noise
+    assert after < before / 5
+    assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
+    assert all(not p.requires_grad for p in xi.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
 # the stage on real sub-DiTs
 # ----------------------------------------------------------------------------------------------
 TINY = [
@@ -232,7 +281,7 @@ def pair(tmp_path_factory):
 
 def small(**kw) -> DistillConfig:
     base = dict(method="kdmd", steps=3, batch_size=4, critic_updates=2, checkpoint_every=1, eval_samples=0, lr=1e-3,
-                critic_lr=1e-3)
+                critic_lr=1e-3, teacher_pairs=16, teacher_kd_steps=3, teacher_substeps=2)
     return DistillConfig(**{**base, **kw})
 
 
@@ -253,6 +302,9 @@ def test_distill_writes_a_loadable_student_and_a_manifest(pair, tmp_path):
     assert all(math.isfinite(r["grad_norm"]) for r in rows if "grad_norm" in r)
     assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["sampler"]["steps"] == 4 and manifest["sampler"]["times"][0] == 1.0
+    xi = m["few_step_teacher"]
+    assert xi["kind"] == "trajectory" and (out / TEACHER_NAME).exists() and TEACHER_NAME in manifest["files"]
+    assert xi["teacher_k_step_mse"] > 0 and xi["few_step_teacher_k_step_mse"] > 0
     check_files(out)
 
 

@@ -144,12 +144,14 @@ class Adversarial:
     """Student vs. frozen-trunk discriminator; same `iteration`/`state_dict` protocol as `dmd.KDMD`."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, disc: Discriminator, settings: AdversarialSettings, *,
-                 shape: tuple[int, ...], real: RealSampler, generator: torch.Generator):
+                 shape: tuple[int, ...], real: RealSampler, generator: torch.Generator,
+                 few_step_teacher: nn.Module | None = None):
         self.s, self.student, self.teacher, self.disc = settings, student, teacher, disc
         self.teacher.requires_grad_(False).eval()
+        self.kd_teacher = (teacher if few_step_teacher is None else few_step_teacher).requires_grad_(False).eval()
         self.student.requires_grad_(True).train()
         self.use_kd = use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
-        self.projector = make_projector(student, teacher) if use_kd else None
+        self.projector = make_projector(student, self.kd_teacher) if use_kd else None
         self.device = next(student.parameters()).device
         if self.projector is not None:
             self.projector.to(self.device)
@@ -179,7 +181,7 @@ class Adversarial:
         x_t, t = self.gen.simulate(noise, y, k)
         terms = None
         if gen_step and self.use_kd:  # one student forward serves the knowledge terms and x̂0
-            terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            terms = knowledge_terms(self.student, self.kd_teacher, self.projector, x_t, t, y)
             x0 = x0_from_v(x_t, t, terms["v"])
         else:
             with torch.set_grad_enabled(gen_step):

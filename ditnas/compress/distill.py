@@ -6,6 +6,7 @@ student as a `student_steps`-step generator and writes into `out`:
 - `subnet.pt`      the distilled student in exactly the extract format (`load_subnet(out)` works, same arch);
 - `critic.pt`      the resumable state (student, critic / discriminator heads, projector, optimizers, RNG,
                    iteration, update counts); a rerun with the same inputs continues from it;
+- `few_step_teacher.pt` ξ' of Eq. 10 (trajectory KD of the teacher, see dmd.py), built once, reused on resume;
 - `metrics.jsonl`  one line per iteration (critic loss, generator loss, grad norm, ...);
 - `losses.png`     those curves;
 - `manifest.json`  kind "ditnas.distill" (compress/manifest.py): inputs' hashes, config, final losses, update
@@ -18,6 +19,7 @@ generator updates.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import io
 import json
 from collections.abc import Callable
@@ -28,7 +30,15 @@ import torch
 
 from ditnas.arch import SearchSpace
 from ditnas.compress.adversarial import Adversarial, AdversarialSettings, Discriminator, SubDiTTrunk
-from ditnas.compress.dmd import KDMD, FewStepGenerator, KDMDSettings
+from ditnas.compress.dmd import (
+    KDMD,
+    FewStepGenerator,
+    KDMDSettings,
+    TrajectorySettings,
+    few_step_error,
+    train_trajectory_teacher,
+    trajectory_pairs,
+)
 from ditnas.compress.manifest import write_manifest
 from ditnas.config import DataConfig, DistillConfig
 from ditnas.data import DatasetSplit, load_split
@@ -38,6 +48,7 @@ from ditnas.supernet.extract import SUBNET_NAME, load_subnet
 from ditnas.supernet.run import MetricsLog
 
 STATE_NAME = "critic.pt"
+TEACHER_NAME = "few_step_teacher.pt"
 STATE_FORMAT = "ditnas-distill-state"
 STATE_VERSION = 1
 KIND = "ditnas.distill"
@@ -95,7 +106,7 @@ def _real_sampler(split: DatasetSplit) -> Callable[[int, torch.Generator], tuple
 
 
 def build_trainer(cfg: DistillConfig, teacher: Net, student: Net, rng: torch.Generator,
-                  split: DatasetSplit | None) -> KDMD | Adversarial:
+                  split: DatasetSplit | None, few_step_teacher: torch.nn.Module | None = None) -> KDMD | Adversarial:
     shape = tuple(student.space.latent)
     common = dict(student_steps=cfg.student_steps, lambda_out=cfg.lambda_out, lambda_feat=cfg.lambda_feat, lr=cfg.lr,
                   critic_lr=cfg.critic_lr, critic_updates=cfg.critic_updates, ttur_mode=cfg.ttur_mode, shift=cfg.shift,
@@ -106,16 +117,59 @@ def build_trainer(cfg: DistillConfig, teacher: Net, student: Net, rng: torch.Gen
             settings = KDMDSettings(**common, cfg_scale=cfg.cfg_scale, critic_init=cfg.critic_init,
                                     null_label=student.space.num_classes)
             return KDMD(student.model, teacher.model, settings, shape=shape,
-                        labels=_labels(max(student.space.num_classes, 1)), generator=rng)
+                        labels=_labels(max(student.space.num_classes, 1)), generator=rng,
+                        few_step_teacher=few_step_teacher)
         if cfg.method == "adversarial":
             if split is None:
                 raise DitnasError("compress.distill.method: adversarial needs real data; pass data_cfg")
             trunk = SubDiTTrunk(teacher.model, cfg.disc_blocks)
             disc = Discriminator(trunk, trunk.feature_dims, trunk.cond_dim).to(next(student.model.parameters()).device)
             return Adversarial(student.model, teacher.model, disc, AdversarialSettings(**common), shape=shape,
-                               real=_real_sampler(split), generator=rng)
+                               real=_real_sampler(split), generator=rng, few_step_teacher=few_step_teacher)
     raise DitnasError(f"compress.distill.method: {cfg.method!r} is not a step-distillation method here; "
                       "'kd' is compress.kd.distill_kd, choose kdmd or adversarial")
+
+
+def _teacher_record(cfg: DistillConfig, teacher: Net) -> dict:
+    return {"teacher_arch": teacher.arch, "seed": cfg.seed, "student_steps": cfg.student_steps, "shift": cfg.shift,
+            "cfg_scale": cfg.cfg_scale, "steps": cfg.teacher_kd_steps, "pairs": cfg.teacher_pairs,
+            "substeps": cfg.teacher_substeps}
+
+
+def few_step_teacher(cfg: DistillConfig, teacher: Net, out: Path) -> tuple[torch.nn.Module | None, dict]:
+    """ξ' of Eq. 10: None (= the teacher) or the trajectory-KD copy, built once into `<out>/few_step_teacher.pt`
+    and reused by a resumed run. Returns it with its report: the K-step error to the teacher's ODE end points
+    on held-out noise, of the teacher's own K-step Euler sampler and of ξ'."""
+    if cfg.few_step_teacher == "teacher" or not (cfg.lambda_out > 0 or cfg.lambda_feat > 0):
+        return None, {"kind": "teacher"}
+    import copy
+
+    path, record = out / TEACHER_NAME, _teacher_record(cfg, teacher)
+    if path.exists():
+        saved = torch_load(path, what="few-step teacher file")
+        if not isinstance(saved, dict) or saved.get("record") != record or "weights" not in saved:
+            raise DitnasError(f"few-step teacher file {path} was built with other settings or is not one; delete it "
+                              "or use another output folder")
+        model = copy.deepcopy(teacher.model)
+        model.load_state_dict(saved["weights"])
+        return model.requires_grad_(False).eval(), saved["report"]
+    times = FewStepGenerator(teacher.model, cfg.student_steps, cfg.shift).times
+    s = TrajectorySettings(steps=cfg.teacher_kd_steps, pairs=cfg.teacher_pairs, substeps=cfg.teacher_substeps,
+                           batch_size=cfg.batch_size, lr=cfg.lr, cfg_scale=cfg.cfg_scale,
+                           null_label=teacher.space.num_classes)
+    g = torch.Generator().manual_seed(cfg.seed + 1)  # assumption: its own stream, so ξ' does not shift the run's
+    labels = _labels(max(teacher.space.num_classes, 1))
+    shape = tuple(teacher.space.latent)
+    pairs = trajectory_pairs(teacher.model, times, s, shape=shape, labels=labels, generator=g)
+    held = trajectory_pairs(teacher.model, times, replace(s, pairs=max(16, s.pairs // 8)), shape=shape, labels=labels,
+                            generator=g)
+    before = few_step_error(teacher.model, times, held)
+    model = train_trajectory_teacher(teacher.model, times, pairs, s, g)
+    report = {"kind": "trajectory", "heldout_pairs": int(held["x0"].shape[0]),
+              "teacher_k_step_mse": before, "few_step_teacher_k_step_mse": few_step_error(model, times, held)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(path, {"record": record, "report": report, "weights": model.state_dict()})
+    return model, report
 
 
 def _load_state(path: Path, cfg: DistillConfig, teacher: Net, student: Net) -> dict | None:
@@ -155,8 +209,9 @@ def distill_steps(cfg: DistillConfig, teacher: Path, student: Path, out: Path, *
     state_path = out / STATE_NAME
     saved = _load_state(state_path, cfg, t_net, s_net)  # refuses a corrupt / foreign state before any write
 
+    xi, xi_report = few_step_teacher(cfg, t_net, out)
     rng = torch.Generator().manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, t_net, s_net, rng, split)
+    trainer = build_trainer(cfg, t_net, s_net, rng, split, xi)
     start = 0
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
@@ -199,12 +254,13 @@ def distill_steps(cfg: DistillConfig, teacher: Path, student: Path, out: Path, *
         "critic_updates_per_generator_update": cfg.critic_updates,
         "ttur_mode": cfg.ttur_mode,
         "final": final_losses(history),
+        "few_step_teacher": xi_report,
     }
     if cfg.eval_samples > 0 and split is not None and split.num_classes >= 2:
         result["eval"] = evaluate_student(student_model, cfg, split, judge_cache or out / "judge")
     return write_manifest(
         out, KIND, inputs={"teacher": t_net.path, "student": s_net.path}, config=cfg, metrics=result,
-        files=[SUBNET_NAME, STATE_NAME, "metrics.jsonl", "losses.png"],
+        files=[SUBNET_NAME, STATE_NAME, "metrics.jsonl", "losses.png"] + ([TEACHER_NAME] if xi is not None else []),
         extra={"arch": s_net.arch, "teacher_arch": t_net.arch,
                # what a sampler of this student must run (it was trained on exactly these timesteps)
                "sampler": {"steps": cfg.student_steps, "shift": cfg.shift, "cfg_scale": 1.0,

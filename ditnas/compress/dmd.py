@@ -17,10 +17,12 @@ The concept chain, one function each:
    same x_t as the student step (compress/kd.py's `kd_terms`).
 
 The few-step teacher ξ' (`# assumption:`): SnapGen++ uses a 4-step Lightning LoRA on the teacher, which we do
-not have. ξ' here is the multi-step teacher itself, without CFG, evaluated on the student's own x_t (its
-velocity and final-block features): the knowledge terms pull every student step toward the teacher's local ODE
-direction, while the DMD term corrects the distribution. A trajectory-KD ("reflow") few-step teacher is left
-for later (see docs).
+not have. We build one inside the stage by trajectory KD ("reflow" onto the student's grid): run the teacher's
+own ODE (CFG, `substeps` Euler steps per student interval) from a fixed set of noises, keep its states at the
+student's K timesteps and its end point x0*, and regress a copy of the teacher so that x_k - t_k·v_ξ'(x_k) = x0*
+at every kept state (`train_trajectory_teacher`). ξ' then lands on the teacher's 28-step solution in K steps,
+and L_out / L_feat use its velocity and final-block features on the student's x_t. `few_step_teacher="teacher"`
+uses ξ itself (no CFG) instead.
 
 Everything here works on any velocity net `f(x, t, y)`, so the tests run the same code on 2-D toys.
 """
@@ -198,6 +200,89 @@ def knowledge_terms(student: nn.Module, teacher: nn.Module, projector: nn.Module
 
 
 # ----------------------------------------------------------------------------------------------
+# the few-step teacher ξ' (trajectory KD of the teacher onto its own ODE solutions)
+# ----------------------------------------------------------------------------------------------
+def refined_grid(times: Tensor, substeps: int) -> tuple[Tensor, list[int]]:
+    """Split each interval of a decreasing grid into `substeps` equal Euler steps; returns the fine grid and
+    the index of every coarse time inside it (so ODE states are read exactly at the student's times)."""
+    parts, marks = [times[:1]], [0]
+    for a, b in zip(times[:-1], times[1:]):
+        parts.append(torch.linspace(float(a), float(b), substeps + 1)[1:])
+        marks.append(marks[-1] + substeps)
+    return torch.cat(parts), marks
+
+
+@torch.no_grad()
+def ode_trajectory(teacher: nn.Module, noise: Tensor, y: Tensor, times: Tensor, *, substeps: int, cfg_scale: float,
+                   null_label: int) -> tuple[Tensor, Tensor]:
+    """The teacher's Euler ODE solution from `noise` (with CFG), `substeps` steps per interval of `times`.
+
+    Returns (states (K, B, ...) at times[0..K-1], x0* the end point)."""
+    fine, marks = refined_grid(times, substeps)
+    x, states = noise, []
+    for j in range(len(fine) - 1):
+        if j in marks:
+            states.append(x)
+        t = torch.full((x.shape[0],), float(fine[j]), device=x.device)
+        x = x + (float(fine[j + 1]) - float(fine[j])) * guided_velocity(teacher, x, t, y, cfg_scale, null_label)
+    return torch.stack(states), x
+
+
+@dataclass(frozen=True)
+class TrajectorySettings:
+    steps: int = 200  # assumption: regression steps of ξ'
+    pairs: int = 512  # assumption: (noise, ODE solution) pairs, generated once (DMD's regression set idea)
+    substeps: int = 7  # assumption: 7 Euler steps per student interval = 28 for a 4-step student (the teacher's 28)
+    batch_size: int = 64
+    lr: float = 1e-4
+    cfg_scale: float = 2.0
+    null_label: int = 10
+
+
+def trajectory_pairs(teacher: nn.Module, times: Tensor, s: TrajectorySettings, *, shape: tuple[int, ...], labels,
+                     generator: torch.Generator, chunk: int = 128) -> dict[str, Tensor]:
+    """`s.pairs` teacher ODE trajectories: labels y, states at the student's times, end points x0*."""
+    device = next(teacher.parameters()).device
+    y = labels(s.pairs, generator)
+    noise = torch.randn((s.pairs, *shape), generator=generator)
+    states, ends = [], []
+    for i in range(0, s.pairs, chunk):
+        st, x0 = ode_trajectory(teacher, noise[i:i + chunk].to(device), y[i:i + chunk].to(device), times,
+                                substeps=s.substeps, cfg_scale=s.cfg_scale, null_label=s.null_label)
+        states.append(st)
+        ends.append(x0)
+    return {"y": y.to(device), "states": torch.cat(states, dim=1), "x0": torch.cat(ends)}
+
+
+def few_step_error(net: nn.Module, times: Tensor, pairs: dict[str, Tensor]) -> float:
+    """MSE between `net`'s K-step Euler samples from the pairs' noise and the teacher's ODE end points."""
+    gen = FewStepGenerator(net, len(times) - 1, 1.0)
+    gen.times = times
+    return float((gen.sample(pairs["states"][0], pairs["y"]) - pairs["x0"]).pow(2).mean())
+
+
+def train_trajectory_teacher(teacher: nn.Module, times: Tensor, pairs: dict[str, Tensor], s: TrajectorySettings,
+                             generator: torch.Generator) -> nn.Module:
+    """ξ' = a copy of the teacher regressed so that, at every ODE state x_k of its own trajectory, its denoised
+    estimate x_k - t_k·v lands on the ODE end point x0* (trajectory KD / "reflow" onto the student's grid).
+
+    # assumption: our stand-in for SnapGen++'s few-step Lightning LoRA teacher (a full copy, not a LoRA)."""
+    net = copy.deepcopy(teacher).requires_grad_(True).train()
+    opt = torch.optim.Adam(net.parameters(), lr=s.lr)
+    k_steps, n = pairs["states"].shape[0], pairs["x0"].shape[0]
+    for _ in range(s.steps):
+        idx = torch.randint(0, n, (min(s.batch_size, n),), generator=generator).to(pairs["x0"].device)
+        k = torch.randint(0, k_steps, (idx.shape[0],), generator=generator).to(pairs["x0"].device)
+        x_k = pairs["states"][k, idx]
+        t = times.to(x_k.device)[k]
+        loss = (x0_from_v(x_k, t, net(x_k, t, pairs["y"][idx])) - pairs["x0"][idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------
 # the K-DMD trainer
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -229,17 +314,20 @@ class KDMD:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, settings: KDMDSettings, *, shape: tuple[int, ...],
-                 labels, generator: torch.Generator, critic: nn.Module | None = None):
+                 labels, generator: torch.Generator, critic: nn.Module | None = None,
+                 few_step_teacher: nn.Module | None = None):
         self.s = settings
         self.student, self.teacher = student, teacher
         self.teacher.requires_grad_(False).eval()
+        # ξ' of Eq. 10 (the knowledge terms); None = the teacher itself
+        self.kd_teacher = (teacher if few_step_teacher is None else few_step_teacher).requires_grad_(False).eval()
         if critic is None:
             # SnapGen++: critic initialised from the student; DMD2: from the teacher (config option)
             critic = copy.deepcopy(student if settings.critic_init == "student" else teacher)
         self.critic = critic.requires_grad_(True).train()
         self.student.requires_grad_(True).train()
         self.use_kd = use_kd = settings.lambda_out > 0 or settings.lambda_feat > 0
-        self.projector = make_projector(student, teacher) if use_kd else None
+        self.projector = make_projector(student, self.kd_teacher) if use_kd else None
         if self.projector is not None:
             self.projector.to(next(student.parameters()).device)
         gen_params = list(student.parameters()) + (list(self.projector.parameters()) if self.projector is not None else [])
@@ -264,7 +352,7 @@ class KDMD:
         x_t, t = self.gen.simulate(noise, y, k)
         terms = None
         if gen_step and self.use_kd:  # one student forward serves the knowledge terms and x̂0
-            terms = knowledge_terms(self.student, self.teacher, self.projector, x_t, t, y)
+            terms = knowledge_terms(self.student, self.kd_teacher, self.projector, x_t, t, y)
             x0 = x0_from_v(x_t, t, terms["v"])
         else:
             with torch.set_grad_enabled(gen_step):
