@@ -9,30 +9,38 @@ ExecuTorch XNNPACK runtime of this host, and what does XNNPACK buy over eager to
 2. fits the predictor on the table minus the held-out whole models and validates on those (split 0
    is the headline; `--splits` seeded splits give its spread);
 3. times eager torch against the .pte on the same inputs, interleaved call by call, for max/mid/min;
-4. sums the delegation reports of every lowered program.
+4. sums the delegation reports of every lowered program;
+5. end to end: the profile also times whole generations of every whole-model arch (28 steps with CFG as
+   the exported sampler runs it -- one batch-2 denoiser call per step -- and 4 steps without guidance, each
+   .pte lowered with the shipped recipe, timed back to back in a fresh process); the generation pricing is
+   fitted on the calibration archs' generations only and judged on the held-out archs' (e2e_*), then the
+   same session is re-timed at `--e2e-threads` (programs reused, not lowered again) for e2e_*_<n>threads.
 Prints a table and writes JSON with within_10pct, within_10pct_uncalibrated, median_abs_err_pct,
-xnnpack_speedup_vs_eager and delegated_share.
+xnnpack_speedup_vs_eager, delegated_share, e2e_within_10pct, e2e_median_abs_err_pct, e2e_max_abs_err_pct.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import machine
 
+from ditnas.console import quiet_third_party
 from ditnas.io import write_json
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.predictor import LatencyPredictor
 from ditnas.config import LatencyConfig, load_config
 from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 from ditnas.latency_models.programs import model_program
-from ditnas.latency_models.stage import build_table
+from ditnas.latency_models.stage import build_table, table_generations
 
 
 def interleaved_speedup(supernet, backend, work: Path, archs, iters: int) -> list[dict]:
@@ -66,6 +74,36 @@ def interleaved_speedup(supernet, backend, work: Path, archs, iters: int) -> lis
     return rows
 
 
+def e2e_validation(table, train, held) -> dict:
+    """Generation pricing fitted on the calibration archs' timed generations, judged on the held-out ones."""
+    gens = table_generations(table.root)
+    if gens is None or gens.empty:
+        return {"n": 0}
+    held_archs = set(held["arch"])
+    fitted = LatencyPredictor.fit(train, generations=gens[~gens["arch"].isin(held_archs)])
+    rows = []
+    for r in gens[gens["arch"].isin(held_archs)].itertuples(index=False):
+        arch = table.space.parse(r.arch, source="held-out generation")
+        pred = fitted.predict_generation(arch, int(r.steps), r.guidance)
+        err = (pred - float(r.p50)) / float(r.p50) * 100
+        rows.append({"arch": r.arch, "steps": int(r.steps), "guidance": r.guidance, "measured_ms": float(r.p50),
+                     "p10": float(r.p10), "p90": float(r.p90), "predicted_ms": pred, "err_pct": err,
+                     "naive_ms": int(r.steps) * fitted.predict(arch) * (1 if r.guidance == "none" else 2)})
+    if not rows:
+        return {"n": 0}
+    errs = [abs(r["err_pct"]) for r in rows]
+    naive = [abs(r["naive_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
+    by_mode = {}
+    for (g, st) in sorted({(r["guidance"], r["steps"]) for r in rows}):
+        e = [abs(r["err_pct"]) for r in rows if r["guidance"] == g and r["steps"] == st]
+        by_mode[f"{g}@{st}"] = {"n": len(e), "within_10pct": sum(x <= 10 for x in e) / len(e),
+                                "median_abs_err_pct": statistics.median(e), "max_abs_err_pct": max(e)}
+    return {"n": len(rows), "archs": len({r["arch"] for r in rows}),
+            "within_10pct": sum(e <= 10 for e in errs) / len(errs), "median_abs_err_pct": statistics.median(errs),
+            "max_abs_err_pct": max(errs), "naive_median_abs_err_pct": statistics.median(naive),
+            "by_mode": by_mode, "fits": {g: vars(f) for g, f in fitted.generation.fits.items()}, "rows": rows}
+
+
 def delegation_totals(artifacts: Path) -> dict:
     delegated = total = programs = 0
     fallbacks: set[str] = set()
@@ -92,7 +130,10 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=10, help="random held-out splits for the spread of within_10pct")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--speedup-iters", type=int, default=100)
+    parser.add_argument("--e2e-threads", type=int, default=2, help="also time the session at this thread count (0 = skip)")
+    parser.add_argument("--generation-iters", type=int, default=5)
     args = parser.parse_args()
+    quiet_third_party()
 
     supernet = supernet_for_profiling(load_config(args.config, args.set))
     n_models = args.held_out + args.calibration
@@ -104,7 +145,8 @@ def main() -> None:
 
     print(f"profiling the space + {n_models} whole models on executorch-xnnpack ...", flush=True)
     latency_cfg = LatencyConfig(backend="executorch-xnnpack", models=n_models, warmup=args.warmup, iters=args.iters,
-                                threads=args.threads, seed=0)
+                                threads=args.threads, seed=0, guidance=("none", "cfg"), generation_steps=(4, 28),
+                                generation_iters=args.generation_iters)
     session = profile_space(supernet, latency_cfg, args.work, progress=show)
     profile_seconds = time.perf_counter() - started
     table, _ = build_table(session, supernet)
@@ -121,6 +163,20 @@ def main() -> None:
     speed = interleaved_speedup(supernet, backend, args.work, {"max": space.max_arch(), "mid": space.mid_arch(),
                                                               "min": space.min_arch()}, args.speedup_iters)
     delegation = delegation_totals(args.work / "artifacts")
+    e2e = e2e_validation(table, train, held)
+    e2e_more = {"n": 0}
+    if args.e2e_threads and args.e2e_threads != args.threads:
+        # the same programs re-timed at another thread count: lowered files reused, not lowered again
+        work2 = args.work.with_name(f"{args.work.name}_{args.e2e_threads}threads")
+        for sub in ("artifacts", "generations"):
+            if (args.work / sub).is_dir() and not (work2 / sub).exists():
+                shutil.copytree(args.work / sub, work2 / sub)
+        print(f"re-timing the session at {args.e2e_threads} threads ...", flush=True)
+        session2 = profile_space(supernet, replace(latency_cfg, threads=args.e2e_threads), work2, progress=show)
+        table2, _ = build_table(session2, supernet)
+        train2, held2 = table2.split_models(args.held_out, seed=0)
+        e2e_more = e2e_validation(table2, train2, held2)
+    t = args.e2e_threads
     result = {
         "benchmark": "latency",
         "device": session.device,
@@ -139,6 +195,18 @@ def main() -> None:
         "cells_measured": int((table.rows["kind"] != "model").sum()),
         "profile_seconds_this_run": profile_seconds,
         "validation_rows": validation["rows"],
+        "e2e_definition": "one whole generation: N steps back to back in the host loop (cfg: one batch-2 [cond, null] "
+                          "denoiser call per step, the combination inside), .pte lowered with the shipped recipe, "
+                          f"{args.threads} thread(s), p50 of {args.generation_iters} in a fresh process",
+        "e2e_within_10pct": e2e.get("within_10pct"),
+        "e2e_median_abs_err_pct": e2e.get("median_abs_err_pct"),
+        "e2e_max_abs_err_pct": e2e.get("max_abs_err_pct"),
+        "e2e_naive_median_abs_err_pct": e2e.get("naive_median_abs_err_pct"),
+        "e2e": e2e,
+        f"e2e_within_10pct_{t}threads": e2e_more.get("within_10pct"),
+        f"e2e_median_abs_err_pct_{t}threads": e2e_more.get("median_abs_err_pct"),
+        f"e2e_max_abs_err_pct_{t}threads": e2e_more.get("max_abs_err_pct"),
+        f"e2e_{t}threads": e2e_more,
         "machine": machine("torch", "executorch", threads=args.threads),
     }
     print()
@@ -154,6 +222,14 @@ def main() -> None:
         print(f"{'speed-up ' + r['arch']:<28}{r['speedup']:.2f}x  (eager {r['eager_ms']:.3f} ms, xnnpack {r['xnnpack_ms']:.3f} ms)")
     print(f"{'delegated share':<28}{delegation['delegated_share']:.4f} over {delegation['programs']} programs "
           f"(fallback ops: {delegation['non_delegated_compute_ops'] or 'none'})")
+    for label, block in ((f"{args.threads} thread(s)", e2e), (f"{t} threads", e2e_more)):
+        if not block.get("n"):
+            continue
+        print(f"{'e2e ' + label:<28}{block['n']} held-out generations of {block['archs']} archs: within ±10% "
+              f"{block['within_10pct']:.3f}, median |err| {block['median_abs_err_pct']:.2f}%, max {block['max_abs_err_pct']:.1f}% "
+              f"(steps x per-step x calls: median {block['naive_median_abs_err_pct']:.1f}%)")
+        for mode, m in block["by_mode"].items():
+            print(f"{'  ' + mode:<28}within ±10% {m['within_10pct']:.3f}, median {m['median_abs_err_pct']:.2f}%, max {m['max_abs_err_pct']:.1f}%")
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -95,6 +95,9 @@ class SpaceConfig:
         )
 
 
+GUIDANCE = ("none", "cfg")  # = ditnas.latency_models.generation_latency.GUIDANCE
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     """`ditnas profile`: how a session measures (what it measures comes from the space section)."""
@@ -105,6 +108,9 @@ class LatencyConfig:
     iters: int = 200  # timed runs per program, interleaved across programs
     threads: int = 1  # a table is valid for the thread count it was measured at
     seed: int = 0  # which random archs become whole-model programs
+    guidance: tuple[str, ...] = ("none", "cfg")  # sampler modes whose whole generations are timed (calibration)
+    generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
+    generation_iters: int = 5  # timed generations per (arch, steps, guidance), back to back in a fresh process
 
     def check(self) -> LatencyConfig:
         if self.models < 0:
@@ -115,6 +121,13 @@ class LatencyConfig:
             raise ConfigFieldError("latency.iters", f"{self.iters} must be >= 1")
         if self.threads < 1:
             raise ConfigFieldError("latency.threads", f"{self.threads} must be >= 1")
+        bad = [g for g in self.guidance if g not in GUIDANCE]
+        if bad:
+            raise ConfigFieldError("latency.guidance", f"{list(self.guidance)}: choose from {', '.join(GUIDANCE)}")
+        if not self.generation_steps or min(self.generation_steps) < 1:
+            raise ConfigFieldError("latency.generation_steps", f"{list(self.generation_steps)}: give step counts >= 1")
+        if self.generation_iters < 1:
+            raise ConfigFieldError("latency.generation_iters", f"{self.generation_iters} must be >= 1")
         return self
 
 
@@ -139,6 +152,10 @@ class SearchConfig:
     eval_items: int | None = None  # items of the fixed eval batch; None = the validation batch of `ditnas train`
     quality: str = "supernet"  # supernet | proxy | finetune: the quality signal (ditnas/search/signals.py)
     quality_steps: int = 200  # training steps per arch of the proxy / finetune signal (ignored by supernet)
+    # the sampler priced: none (one batch-1 call per step: the shipped distilled student) | cfg (one batch-2 call
+    # per step, as `ditnas sample --cfg-scale 2` runs); a table without measured cfg generations refuses cfg
+    guidance: str = "none"
+    threads: int | None = None  # the thread count the budget is for; None = the table's (a mismatch is refused)
 
     def check(self) -> SearchConfig:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
@@ -163,6 +180,10 @@ class SearchConfig:
             raise ConfigFieldError("search.quality", f"unknown quality signal {self.quality!r}; choose one of {', '.join(QUALITY_SIGNALS)}")
         if self.quality_steps < 0:
             raise ConfigFieldError("search.quality_steps", f"{self.quality_steps} must be >= 0 training steps per arch")
+        if self.guidance not in GUIDANCE:
+            raise ConfigFieldError("search.guidance", f"unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigFieldError("search.threads", f"{self.threads} must be >= 1")
         return self
 
     def needs_budget(self) -> float:
@@ -252,9 +273,10 @@ class KDConfig:
     lambda_feat: float = 1.0
     checkpoint_every: int = 100
     seed: int = 0
+    eval_items: int = 512  # validation items the before/after losses are measured on (flow.VAL_BATCH protocol)
 
     def check(self) -> KDConfig:
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_items"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ConfigFieldError(f"compress.kd.{name}", f"{getattr(self, name)} is out of range")
         for name in ("lr", "lambda_out", "lambda_feat"):
@@ -333,12 +355,22 @@ class ExportConfig:
     cfg_scale: float = 0.0  # guidance of the shipped sampler; 0 = none (a distilled student needs none)
     parity_rtol: float = 1e-3  # .pte vs eager relative error allowed
     threads: int = 1  # runtime threads for the post-export check
+    time_shift: float = 1.0  # SD3 time shift of the shipped sampler's grid (flow.time_grid); 1 = uniform
+    timing_iters: int = 20  # timed runs (after 3 warm-ups) of each eager / .pte timing after export
 
     def check(self) -> ExportConfig:
         if self.backend not in EXPORT_BACKENDS:
             raise ConfigFieldError("compress.export.backend", f"unknown {self.backend!r}; choose one of {', '.join(EXPORT_BACKENDS)}")
         if self.dtype not in ("fp32", "fp16"):
             raise ConfigFieldError("compress.export.dtype", f"unknown {self.dtype!r}; choose fp32 or fp16")
+        # assumption: XNNPACK programs ship fp32 (the latency tables price fp32); Core ML ships FP16 (iOS 18 recipe)
+        want = "fp32" if self.backend == "xnnpack" else "fp16"
+        if self.dtype != want:
+            raise ConfigFieldError("compress.export.dtype", f"{self.dtype} is not offered for backend {self.backend}; use {want}")
+        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise ConfigFieldError("compress.export.time_shift", f"{self.time_shift:g} must be > 0")
+        if self.timing_iters < 1:
+            raise ConfigFieldError("compress.export.timing_iters", f"{self.timing_iters} must be >= 1")
         if self.steps < 1:
             raise ConfigFieldError("compress.export.steps", f"{self.steps} must be >= 1")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):

@@ -70,6 +70,37 @@ def test_budget_below_the_cheapest_arch(env, tmp_path, capsys):
                         "0.001", "--steps", "4", "--trials", "2", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
     assert code == 2 and "below the cheapest reachable arch" in err and "Traceback" not in err
     assert err.startswith("error: --budget-ms (search.budget_ms): 0.001 ms")  # the flag the user typed
+    assert "per-step budget" not in err  # 0.001 ms is no plausible per-step figure either
+
+
+def test_a_per_step_budget_is_named_as_such(env, tmp_path, capsys):
+    """A budget above one step of the cheapest arch but below its whole generation: the error says the
+    number was read as one whole generation and how to turn a per-step figure into one."""
+    from ditnas.latency_models.stage import load_predictor
+    from ditnas.search.problem import min_reachable_ms
+    from ditnas.search.space import SearchChoices
+
+    table, predictor = load_predictor(env["table_dir"])
+    per_step = min_reachable_ms(SearchChoices.from_space(table.space), predictor)
+    budget = round(per_step * 1.5, 3)  # > one step, < 4 steps
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        str(budget), "--steps", "4", "--trials", "2", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 2 and "read as ONE WHOLE GENERATION" in err and "multiply it by the steps" in err, err
+
+
+def test_cfg_on_a_table_without_cfg_generations_is_refused(env, tmp_path, capsys):
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        "1000", "--steps", "4", "--guidance", "cfg", "--trials", "2", "--out", str(tmp_path / "s"),
+                        "--no-progress"], capsys)
+    assert code == 2 and "no measured cfg generations" in err and "--guidance none" in err, err
+    assert not (tmp_path / "s" / "trials.csv").exists()
+
+
+def test_a_table_of_another_thread_count_is_refused(env, tmp_path, capsys):
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        "1000", "--steps", "4", "--threads", "4", "--trials", "2", "--out", str(tmp_path / "s"),
+                        "--no-progress"], capsys)
+    assert code == 2 and "--threads (search.threads): 4 threads asked" in err and "measured at 1" in err, err
 
 
 def test_unreachable_storage(env, tmp_path, capsys):

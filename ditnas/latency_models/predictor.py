@@ -25,7 +25,9 @@ with a guard: fewer than `min_rows_linear` model rows, a rank-deficient design o
 to `measured ≈ median(measured / S)·S` ("ratio_median"); no model rows at all leave S as is ("none").
 The fit report says which was used and why.
 
-`predict(arch)` is per denoising step (the search multiplies by `arch.steps`).
+`predict(arch)` is per denoising step: one batch-1 call without guidance. What a user's sampler costs
+(steps back to back, guidance, the host loop) is `predict_generation(arch, steps, guidance)`, fitted on
+measured generations of whole models (generation_latency.py); the search prices that.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.io import read_json, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
+from ditnas.latency_models.generation_latency import GenerationPricing
 from ditnas.latency_models.programs import (
     Cell,
     build_program,
@@ -206,6 +209,7 @@ class LatencyPredictor:
     regressors: dict[str, OpRegressor] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     report: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationPricing = field(default_factory=GenerationPricing)
     _cache: dict[Cell, Priced] = field(default_factory=dict, repr=False)
     _groups: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict, repr=False)
 
@@ -222,9 +226,11 @@ class LatencyPredictor:
         *,
         width_exponent: float = 2.0,
         min_rows_linear: int = 5,
+        generations: pd.DataFrame | None = None,
     ) -> LatencyPredictor:
-        """Fit the per-op regressors on the measured cells and the calibration on the model rows.
-        `space` defaults to the one recorded in the table manifest."""
+        """Fit the per-op regressors on the measured cells, the calibration on the model rows and the
+        generation pricing on `generations` (summary rows of measured whole generations: arch, steps,
+        guidance, p50, p10, p90, n). `space` defaults to the one recorded in the table manifest."""
         space = space or table.space
         if space is None:
             raise DitnasError(
@@ -256,12 +262,38 @@ class LatencyPredictor:
             "coverage": table.coverage_summary(space),
             "fitted_at": _now(),
         }
+        pred.fit_generation(generations)
         return pred
 
+    def fit_generation(self, generations: pd.DataFrame | None) -> GenerationPricing:
+        """(Re)fit the end-to-end generation pricing on measured generations of this table's device."""
+        from ditnas.latency_models.generation_latency import check_generation_rows
+
+        if generations is not None and len(generations):
+            check_generation_rows(generations, f"generations of {self.table.root or 'the table'}")
+        recipe = None
+        if self.table.identity.get("backend") == "executorch-xnnpack":
+            from ditnas.latency_models.lowering import RECIPE
+
+            recipe = RECIPE.name  # profiled programs and generation .pte files alike go through it
+        self.generation = GenerationPricing.fit(self.predict, generations, threads=self.table.identity.get("threads"),
+                                                recipe=recipe, parse=lambda a: self.space.parse(a, source="generation row"))
+        self.report["generation"] = {g: asdict(f) for g, f in self.generation.fits.items()}
+        return self.generation
+
+    def predict_generation(self, arch: Arch, steps: int | None = None, guidance: str = "none") -> float:
+        """One whole generation in ms (p50): `steps` (default the arch's) calls back to back with
+        `guidance` none | cfg, at the table's threads (generation_latency.py defines it exactly)."""
+        steps = int(arch.steps if steps is None else steps)
+        return self.generation.generation_ms(self.predict(arch), steps, guidance)
+
     def refit(self, table: LatencyTable) -> LatencyPredictor:
-        """A new predictor, same settings, fitted on `table` (e.g. with newly measured model rows)."""
+        """A new predictor, same settings, fitted on `table` (e.g. with newly measured model rows); the
+        generation pricing is refitted on the same measured generations."""
         self.table.check_compatible(table.identity)
-        return LatencyPredictor.fit(table, self.space, width_exponent=self.width_exponent, min_rows_linear=self.min_rows_linear)
+        rows = pd.DataFrame(self.generation.rows) if self.generation.rows else None
+        return LatencyPredictor.fit(table, self.space, width_exponent=self.width_exponent, min_rows_linear=self.min_rows_linear,
+                                    generations=rows)
 
     # ----- pricing -------------------------------------------------------------------------------
     def price(self, cell: Cell) -> Priced:
@@ -424,6 +456,7 @@ class LatencyPredictor:
             "calibration": asdict(self.calibration),
             "regressors": {k: asdict(r) for k, r in self.regressors.items()},
             "report": self.report,
+            "generation": self.generation.to_dict(),
             "versions": {"ditnas": package_version("ditnas"), "numpy": np.__version__},
         }
 
@@ -457,6 +490,7 @@ class LatencyPredictor:
             {k: OpRegressor(**v) for k, v in d["regressors"].items()},
             Calibration(**d["calibration"]),
             d.get("report", {}),
+            GenerationPricing.from_dict(d.get("generation")),
         )
         return pred
 

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ditnas.arch import Arch, SearchSpace
-from ditnas.config import LatencyConfig, RunConfig
+from ditnas.config import LatencyConfig, RunConfig, SampleConfig
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends import get_backend
+from ditnas.latency_models.generation_profile import measure_generations
 from ditnas.latency_models.programs import (
     KINDS,
     build_program,
@@ -73,8 +74,11 @@ def profile_space(
     kinds: tuple[str, ...] = ("block", "patch_embed", "final", "down", "up"),
     progress: Progress | None = None,
     backend_options: dict | None = None,
+    cfg_scale: float = SampleConfig.cfg_scale,
 ) -> ProfilingSession:
-    """Measure the space's cells and `cfg.models` whole models into the session folder `out`."""
+    """Measure the space's cells and `cfg.models` whole models into the session folder `out`, then
+    time whole generations of those models (`cfg.guidance` x `cfg.generation_steps`; guidance `cfg`
+    at `cfg_scale`, the sampler's) for the generation pricing (generation_profile.py)."""
     cfg.check()
     warmup, iters, n_models, seed = cfg.warmup, cfg.iters, cfg.models, cfg.seed
     backend = get_backend(cfg.backend, threads=cfg.threads, **(backend_options or {}))
@@ -89,10 +93,11 @@ def profile_space(
         raise DitnasError(f"session {out} profiled another model ({changed}); its cells do not price this one -- "
                           "choose a new --out folder")
     cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
-    cells += [model_cell(supernet, arch) for arch in sample_archs(supernet.space, n_models, seed)]
-    if {c.key() for c in cells} <= session.measured_keys():
-        return session  # nothing new: no timing pass
-    # every program of the session (old ones too) is timed in one interleaved pass (session.py)
-    session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
-                rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress)
+    archs = sample_archs(supernet.space, n_models, seed)
+    cells += [model_cell(supernet, arch) for arch in archs]
+    if not {c.key() for c in cells} <= session.measured_keys():  # else nothing new: no timing pass
+        # every program of the session (old ones too) is timed in one interleaved pass (session.py)
+        session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
+                    rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress)
+    measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress)
     return session

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict, dataclass
+from io import BytesIO
 from pathlib import Path
+
+import pandas as pd
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
+from ditnas.io import atomic_write_bytes
 from ditnas.latency_models.backends import get_backend
+from ditnas.latency_models.generation_latency import GENERATIONS, summarize_generations
+from ditnas.latency_models.generation_profile import read_generation_samples
 from ditnas.latency_models.predictor import PREDICTOR, LatencyPredictor, remeasure
 from ditnas.latency_models.programs import model_cell
 from ditnas.latency_models.session import MANIFEST as SESSION_MANIFEST
@@ -29,13 +35,30 @@ def table_dir(path: Path) -> Path:
 
 
 def build_table(session: ProfilingSession, supernet: ElasticDiT) -> tuple[LatencyTable, LatencyPredictor]:
-    """Table of the session's measurements (in `<session>/table`) and the predictor fitted on it."""
+    """Table of the session's measurements (in `<session>/table`, its timed generations summarised in
+    `<session>/table/generations.parquet`) and the predictor fitted on both."""
     table = LatencyTable.from_sessions([session], space=supernet.space, model=asdict(supernet.cfg))
     out = session.root / TABLE_DIR
     table.save(out)
-    predictor = LatencyPredictor.fit(table)
+    generations = summarize_generations(read_generation_samples(session.root))
+    buf = BytesIO()
+    generations.to_parquet(buf, index=False)
+    atomic_write_bytes(out / GENERATIONS, buf.getvalue())
+    predictor = LatencyPredictor.fit(table, generations=generations)
     predictor.save(out)
     return table, predictor
+
+
+def table_generations(root: Path) -> pd.DataFrame | None:
+    """The summarised generations stored beside a table (None: the table has none)."""
+    path = Path(root) / GENERATIONS
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises ArrowInvalid / OSError for truncated files
+        raise DitnasError(f"{path} is unreadable or truncated ({type(exc).__name__}); rebuild the table from its "
+                          "session (`ditnas profile` on the same --out)") from None
 
 
 def load_predictor(path: Path) -> tuple[LatencyTable, LatencyPredictor]:
@@ -47,7 +70,7 @@ def load_predictor(path: Path) -> tuple[LatencyTable, LatencyPredictor]:
             return table, LatencyPredictor.load(root, table)
         except DitnasError:
             pass  # fitted on an older version of the table: refit below
-    predictor = LatencyPredictor.fit(table)
+    predictor = LatencyPredictor.fit(table, generations=table_generations(root))
     predictor.save(root)
     return table, predictor
 

@@ -5,8 +5,9 @@
   is better), from the chosen quality signal (`ditnas/search/signals.py`): `supernet` (default: the
   weight-sharing loss), `proxy` (trained from scratch N steps) or `finetune` (extracted, fine-tuned N
   steps). It does not depend on the number of denoising steps.
-- **latency**: steps × the predictor's per-step latency (`LatencyPredictor.predict`, calibrated).
-  Denoising steps are a joint dimension of the search: total latency = steps × per-step.
+- **latency**: one whole generation (`LatencyPredictor.predict_generation(arch, steps, guidance)`:
+  steps back to back with the sampler's guidance, fitted on measured generations; generation_latency.py
+  defines it). Denoising steps are a joint dimension of the search.
 - **memory**: `flops.peak_memory_bytes` (an estimate: weights + the largest live activations).
 - **params**: the extracted sub-DiT's parameter count.
 
@@ -45,6 +46,7 @@ class Objectives:
     steps: tuple[int, ...] = (28,)
     threads: int | None = 1  # intra-op threads while evaluating (None/0: torch's setting)
     signal: QualitySignal | None = None  # the quality signal; None = the supernet's weight-sharing loss
+    guidance: str = "none"  # the sampler priced: none | cfg (generation_latency.py)
     _step_ms: dict[Arch, float] = field(default_factory=dict, repr=False)
     _memory: dict[Arch, int] = field(default_factory=dict, repr=False)
     _params: dict[Arch, int] = field(default_factory=dict, repr=False)
@@ -81,11 +83,11 @@ class Objectives:
         return self._step_ms[key]
 
     def latency_ms(self, arch: Arch, steps: int | None = None) -> float:
-        """Total latency: steps × per-step latency (steps defaults to the arch's own)."""
+        """One whole generation of `steps` (default the arch's own) with `self.guidance`, ms."""
         steps = int(arch.steps if steps is None else steps)
         if steps < 1:
             raise DitnasError(f"steps={steps} must be >= 1")
-        return steps * self.step_ms(arch)
+        return float(self.predictor.generation.generation_ms(self.step_ms(arch), steps, self.guidance))
 
     def memory_bytes(self, arch: Arch) -> int:
         from ditnas.latency_models.flops import peak_memory_bytes
@@ -111,7 +113,7 @@ class Objectives:
         if self.predictor is not None:
             per_step = self.step_ms(arch)
             out["latency_ms_step"] = per_step
-            out["latency_ms"] = int(steps) * per_step
+            out["latency_ms"] = self.latency_ms(arch, int(steps))
         out["memory_bytes"] = self.memory_bytes(arch)
         out["params"] = self.params(arch)
         return out
@@ -137,7 +139,7 @@ class EvalContext:
     @classmethod
     def from_paths(cls, checkpoint: Path | str, table: Path | str | None, n: int = VAL_BATCH, seed: int = EVAL_SEED,
                    steps: Iterable[int] = (28,), threads: int | None = 1, quality: str = "supernet",
-                   quality_steps: int = 200, cache_dir: Path | str | None = None) -> EvalContext:
+                   quality_steps: int = 200, cache_dir: Path | str | None = None, guidance: str = "none") -> EvalContext:
         """Load the supernet (EMA weights), its validation split, the fixed eval batch of `n` items
         drawn with `seed`, and the latency table + predictor at `table` (None: no latency).
         `quality`/`quality_steps`: the quality signal (see `use_quality`)."""
@@ -153,7 +155,7 @@ class EvalContext:
             from ditnas.latency_models.stage import load_predictor
 
             lat_table, predictor = load_predictor(Path(table))
-        ctx = cls(Objectives(supernet, batch, predictor, tuple(steps), threads), checkpoint, file_sha256(checkpoint),
+        ctx = cls(Objectives(supernet, batch, predictor, tuple(steps), threads, guidance=guidance), checkpoint, file_sha256(checkpoint),
                   lat_table.table_id if lat_table is not None else None, int(n), int(seed), lat_table, cfg, split)
         if quality != "supernet":
             ctx.use_quality(quality, quality_steps, cache_dir)

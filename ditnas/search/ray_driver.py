@@ -9,7 +9,7 @@ exception raised by the function is retried only with `retry_exceptions=True`).
 
 - `run_studies([...])` / `distributed_ask_tell(study, ...)` is the generic driver loop: the evaluator
   is any picklable top-level function, so this module does not depend on `objectives.py`.
-- `evaluate_arch_task(checkpoint, table, n, seed, arch_text, steps)` is the real evaluator: it builds
+- `evaluate_arch_task(checkpoint, table, n, seed, guidance, arch_text, steps)` is the real evaluator: it builds
   one `EvalContext` per worker process and reuses it.
 """
 
@@ -42,19 +42,19 @@ def _task_error(exc: BaseException) -> str:
 
 
 # ----- the evaluator task ----------------------------------------------------------------------
-_CONTEXTS: dict[tuple, Any] = {}  # per worker process: (checkpoint, table, n, seed) -> EvalContext
+_CONTEXTS: dict[tuple, Any] = {}  # per worker process: (checkpoint, table, n, seed, guidance) -> EvalContext
 
 
-def evaluate_arch_task(checkpoint: str, table: str | None, n: int, seed: int, arch_text: str, steps: int) -> dict:
+def evaluate_arch_task(checkpoint: str, table: str | None, n: int, seed: int, guidance: str, arch_text: str, steps: int) -> dict:
     """Evaluate one candidate inside a Ray worker; the EvalContext (supernet, eval batch, predictor)
     is loaded on the first call in a process and reused, since Ray keeps workers alive between tasks."""
     # lazy: torch is only needed on workers
     from ditnas.search.objectives import EvalContext
 
-    key = (str(checkpoint), None if table is None else str(table), int(n), int(seed))
+    key = (str(checkpoint), None if table is None else str(table), int(n), int(seed), str(guidance))
     ctx = _CONTEXTS.get(key)
     if ctx is None:
-        ctx = _CONTEXTS[key] = EvalContext.from_paths(checkpoint, table, n, seed)
+        ctx = _CONTEXTS[key] = EvalContext.from_paths(checkpoint, table, n, seed, guidance=guidance)
     return dict(ctx.evaluate(arch_text, int(steps)))
 
 

@@ -24,7 +24,7 @@ from ditnas.search.optuna_search import open_storage, pareto_frame, run_study, t
 from ditnas.search.problem import check_coverage
 from ditnas.search.sensitivity import slot_sensitivity
 from ditnas.search.space import SearchChoices
-from ditnas.search.study import check_budget, dp_seeds, open_study, study_name_for
+from ditnas.search.study import check_budget, check_priced, dp_seeds, open_study, study_name_for
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, what); phases: sensitivity, search
@@ -65,7 +65,8 @@ def run_search(
     study_name: str | None = None,
     context: EvalContext | None = None,
 ) -> dict[str, Any]:
-    """Search archs x steps under `cfg.budget_ms` (ms for a whole generation = steps x per step).
+    """Search archs x steps under `cfg.budget_ms`: ms for one whole generation with `cfg.guidance`
+    (generation_latency.py defines it; the manifest's `latency_definition` says it in words).
 
     `cache_dir` (sensitivity cache) defaults to `<checkpoint folder>/search_cache`, shared by every
     search on that checkpoint. `context` lets a caller (tests, a benchmark) reuse a loaded EvalContext.
@@ -81,7 +82,9 @@ def run_search(
     ctx = context or EvalContext.from_paths(checkpoint, table, cfg.eval_items or VAL_BATCH, EVAL_SEED, steps)
     if ctx.table is None:
         raise DitnasError("search needs a latency table; pass one (`--table`)")
+    check_priced(cfg, ctx.table, ctx.objectives.predictor)
     ctx.objectives.steps = tuple(steps)
+    ctx.objectives.guidance = cfg.guidance
     space = ctx.space
     check_space_match(space, ctx.table)
     check_coverage(ctx.table, space)
@@ -96,10 +99,11 @@ def run_search(
         cache_dir=cache, choices=choices,
         progress=(lambda d, t, w: progress("sensitivity", d, t, w)) if progress else None,
     )
-    fit = check_budget(choices, predictor, sens, budget, steps, ctx.table.describe())
-    seeds = dp_seeds(choices, predictor, sens, budget, fit.reachable, cfg.dp_seeds, buckets=cfg.dp_buckets)
+    fit = check_budget(choices, predictor, sens, budget, steps, ctx.table.describe(), cfg.guidance)
+    seeds = dp_seeds(choices, predictor, sens, budget, fit.reachable, cfg.dp_seeds, buckets=cfg.dp_buckets,
+                     guidance=cfg.guidance)
 
-    name = study_name or study_name_for(ctx.checkpoint_sha256, ctx.table_id, budget, steps, cfg.memory_mb)
+    name = study_name or study_name_for(ctx.checkpoint_sha256, ctx.table_id, budget, steps, cfg.memory_mb, cfg.guidance)
     if study_name is None and cfg.quality != "supernet":  # another signal's losses must not join the same study
         name = f"{name}-{cfg.quality}{cfg.quality_steps}"
     memory_limit = None if cfg.memory_mb is None else float(cfg.memory_mb) * 2**20
@@ -132,6 +136,9 @@ def run_search(
         },
         "config": {**asdict(cfg), "storage": store_desc},
         "budget_ms_total": budget,
+        "latency_definition": fit.definition,
+        "guidance": cfg.guidance,
+        "generation_pricing": {g: asdict(f) for g, f in predictor.generation.fits.items()},
         "budget_ms_per_step": {str(s): fit.per_step(s) for s in steps},
         "min_reachable_ms_per_step": fit.min_ms_per_step,
         "steps": steps,

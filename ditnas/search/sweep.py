@@ -126,7 +126,7 @@ def sweep(
     from ditnas.search.sensitivity import slot_sensitivity
     from ditnas.search.space import SearchChoices
     from ditnas.search.stage import check_space_match
-    from ditnas.search.study import check_budget, dp_seeds, open_study
+    from ditnas.search.study import check_budget, check_priced, dp_seeds, open_study
     from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH
 
     search_cfg.check()
@@ -160,9 +160,10 @@ def sweep(
         table_obj, predictor = load_predictor(table_dir(table))
         check_space_match(space, table_obj)
         check_coverage(table_obj, space)
+        check_priced(search_cfg, table_obj, predictor)
         for b in budgets:
             try:
-                fit = check_budget(choices, predictor, sens, b, steps, table_obj.describe())
+                fit = check_budget(choices, predictor, sens, b, steps, table_obj.describe(), search_cfg.guidance)
             except ConfigFieldError as exc:  # the budget is one of sweep.budgets_ms, not search.budget_ms
                 raise ConfigFieldError("sweep.budgets_ms", exc.detail) from None
             plans.append((table, tname, b, predictor, fit))
@@ -180,7 +181,8 @@ def sweep(
     memory_limit = None if search_cfg.memory_mb is None else float(search_cfg.memory_mb) * 2**20
     cells, seeded = [], {}
     for table, tname, b, predictor, fit in plans:
-        seeds = dp_seeds(choices, predictor, sens, b, fit.reachable, search_cfg.dp_seeds, buckets=search_cfg.dp_buckets)
+        seeds = dp_seeds(choices, predictor, sens, b, fit.reachable, search_cfg.dp_seeds, buckets=search_cfg.dp_buckets,
+                         guidance=search_cfg.guidance)
         study = open_study(search_cfg, choices, store, study_name(sweep_cfg.prefix, tname, b), b, seeds,
                            constant_liar=True, user_attrs={"table": str(table)})
         seeded[f"{tname}/{budget_dir(b)}"] = [{"arch": str(a), "steps": s} for a, s in seeds]
@@ -193,7 +195,7 @@ def sweep(
             return c
 
         job = StudyJob(study, evaluate_arch_task, make_params, max(0, int(search_cfg.trials) - done),
-                       eval_args=(str(checkpoint), str(table), n_eval, EVAL_SEED), constraints_fn=constraints,
+                       eval_args=(str(checkpoint), str(table), n_eval, EVAL_SEED, search_cfg.guidance), constraints_fn=constraints,
                        label=f"{tname}/{budget_dir(b)}")
         cells.append(SweepStudy(tname, b, job, out / tname / budget_dir(b)))
     extra = {"checkpoint": str(checkpoint), "tables": [str(t) for t in tables], "budgets_ms": budgets,
