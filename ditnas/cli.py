@@ -153,7 +153,7 @@ def profile(
         bar = progress_bar(progress)
         with bar:
             task = bar.add_task("profile", total=None, phase="profile", info="")
-            session = profile_space(supernet, cfg.latency, out,
+            session = profile_space(supernet, cfg.latency, out, cfg_scale=cfg.sample.cfg_scale,
                                     progress=lambda i, n, key: bar.update(task, completed=i, total=n, info=key))
     from ditnas.latency_models.stage import build_table
 
@@ -164,6 +164,9 @@ def profile(
                f"({session.device.get('backend')}, {session.device.get('threads')} thread(s))")
     typer.echo(table.coverage_summary(supernet.space))
     typer.echo(f"table + predictor in {table.root} (calibration: {predictor.calibration.method})")
+    for guidance, fit in predictor.generation.fits.items():
+        typer.echo(f"generations ({guidance}): {fit.n} timed, fit {fit.method}, median in-sample error "
+                   f"{fit.in_sample_median_abs_err_pct:.1f}%" if fit.n else f"generations ({guidance}): none timed")
     if len(uncertain):
         typer.echo(f"{len(uncertain)} program(s) have a p50 uncertain by more than 3% (standard error); profile into a "
                    f"new --out with more --iters: {', '.join(uncertain['key'][:5])}")
@@ -199,10 +202,12 @@ TableOpt = Annotated[Path, typer.Option(help="table folder, or the session folde
 def latency_predict(
     arch: Annotated[str, typer.Option(help="layout string, max/mid/min/narrowest, or a file holding one ('#' comments)")],
     table: TableOpt,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="denoising steps of the generation (default: the arch's, 28)")] = None,
     detail: Annotated[bool, typer.Option(help="print the per-cell breakdown")] = True,
 ) -> None:
     """Per-step and total latency of one arch on the table's device (labelled: measured/interpolated/regressed)."""
     from ditnas.arch import resolve_arch
+    from ditnas.latency_models.generation_latency import GUIDANCE
     from ditnas.latency_models.stage import load_predictor, table_space
 
     tbl, predictor = load_predictor(table)
@@ -213,9 +218,15 @@ def latency_predict(
     typer.echo(f"{chosen}")
     typer.echo(f"device {ident.get('device_model')} / {ident.get('backend')} / {ident.get('threads')} thread(s)")
     table_sum = predictor.predict(chosen, calibrated=False)
-    typer.echo(f"per step: {per_step:.3f} ms calibrated ({predictor.calibration.method}); table sum {table_sum:.3f} ms "
-               f"(p10..p90 band {low:.3f}..{high:.3f}, p50 {mid:.3f})")
-    typer.echo(f"{chosen.steps} steps: {chosen.steps * per_step:.2f} ms")
+    typer.echo(f"per step (one batch-1 call, no guidance): {per_step:.3f} ms calibrated ({predictor.calibration.method}); "
+               f"table sum {table_sum:.3f} ms (p10..p90 band {low:.3f}..{high:.3f}, p50 {mid:.3f})")
+    for guidance in GUIDANCE:
+        try:
+            total = predictor.predict_generation(chosen, steps or chosen.steps, guidance)
+        except DitnasError as exc:
+            typer.echo(f"generation ({guidance}): not priced -- {exc}")
+            continue
+        typer.echo(f"generation ({guidance}): {total:.2f} ms = {predictor.generation.definition(guidance, steps or chosen.steps)}")
     if detail:
         frame = predictor.predict_detail(chosen)
         typer.echo(frame[["key", "p50", "source"]].to_string(index=False))
@@ -293,8 +304,8 @@ def latency_remeasure(
 SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "search.trials": "--trials",
                 "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
                 "search.memory_mb": "--memory-mb", "search.seed": "--seed", "search.quality": "--quality",
-                "search.quality_steps": "--quality-steps"}
-SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith("search.quality")},  # sweep has no --quality
+                "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads"}
+SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads"))},  # set by --set in a sweep
                "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
 
@@ -303,7 +314,9 @@ SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith("sea
 def search(
     checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
     table: Annotated[Path, typer.Option(help="latency table folder (or the session folder holding table/)")],
-    budget_ms: Annotated[Optional[float], typer.Option(help="latency budget for the whole generation (steps x per-step), ms (search.budget_ms)")] = None,
+    budget_ms: Annotated[Optional[float], typer.Option(help="latency budget of ONE WHOLE generation (all steps, with --guidance), ms (search.budget_ms)")] = None,
+    guidance: Annotated[Optional[str], typer.Option(help="sampler priced: none (one batch-1 call per step) | cfg (one batch-2 call per step, as `ditnas sample` runs) (search.guidance, default none)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="thread count the budget is for; refused unless the table was measured at it (search.threads)")] = None,
     steps: Annotated[Optional[list[int]], typer.Option(help="denoising steps; repeat for a set, a joint dimension (search.steps, default 28)")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Optuna trials added by this call (search.trials, default 64)")] = None,
     out: Annotated[Path, typer.Option(help="results folder (rerun continues the study)")] = Path("runs/search"),
@@ -325,7 +338,7 @@ def search(
     flags = {"search.budget_ms": budget_ms, "search.steps": steps or None, "search.trials": trials,
              "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
              "search.memory_mb": memory_mb, "search.seed": seed, "search.quality": quality,
-             "search.quality_steps": quality_steps}
+             "search.quality_steps": quality_steps, "search.guidance": guidance, "search.threads": threads}
     with field_flags(SEARCH_FLAGS):
         cfg = load_run_config(config, overrides, flags).search
         bar = progress_bar(progress)
@@ -336,6 +349,7 @@ def search(
                 progress=lambda phase, done, total, what: bar.update(task, completed=done, total=total, phase=phase, info=what),
             )
     best = manifest.get("best") or {}
+    typer.echo(f"latency = {manifest['latency_definition']}")
     typer.echo(f"{manifest['trials_total']} trials in the study ({manifest['trials_feasible']} feasible); feasible Pareto front: {manifest['pareto_size']} arch(s)")
     if best:
         typer.echo(f"best feasible: {best.get('arch')}  quality {best.get('quality'):.4f}  latency {best.get('latency_ms'):.2f} ms")
@@ -391,6 +405,159 @@ def sweep(
                 on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
             )
     typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")
+
+
+# ----- stage 4: compression and export ----------------------------------------------------------
+def _loss_bar(progress: bool, phase: str, total: int | None):
+    bar = progress_bar(progress)
+    task = bar.add_task(phase, total=total, phase=phase, info="")
+
+    def update(done: int, n: int, record: dict) -> None:
+        losses = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+        bar.update(task, completed=done, total=n, info=losses)
+    return bar, update
+
+
+PRUNE_FLAGS = {"compress.prune.budget_ms": "--budget-ms", "compress.prune.memory_mb": "--memory-mb",
+               "compress.prune.units": "--units"}
+
+
+@app.command()
+def prune(
+    subnet: Annotated[Path, typer.Option(help="subnet folder written by `ditnas extract` (or a KD/prune output)")],
+    out: Annotated[Path, typer.Option(help="output folder for the pruned subnet.pt + manifest.json")],
+    table: Annotated[Optional[Path], typer.Option(help="latency table the budget is priced on (session or table folder)")] = None,
+    budget_ms: Annotated[Optional[float], typer.Option(help="per-step latency budget on --table, ms (compress.prune.budget_ms)")] = None,
+    memory_mb: Annotated[Optional[float], typer.Option(help="parameter-memory budget, MB (compress.prune.memory_mb)")] = None,
+    units: Annotated[Optional[str], typer.Option(help="comma-separated unit kinds: blocks,heads,channels (compress.prune.units)")] = None,
+    measure: Annotated[bool, typer.Option(help="measure the pruned model on this host's XNNPACK runtime")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Tri-level structured pruning (blocks, heads, FFN channel groups) to a latency/memory budget, with KD recovery."""
+    from ditnas.compress.prune import prune_subnet
+    from ditnas.latency_models.stage import table_dir
+
+    flags = {"compress.prune.budget_ms": budget_ms, "compress.prune.memory_mb": memory_mb,
+             "compress.prune.units": units.split(",") if units else None}
+    with field_flags(PRUNE_FLAGS):
+        cfg = load_run_config(config, overrides, flags)
+        manifest = prune_subnet(cfg.compress.prune, cfg.compress.kd, subnet, table_dir(table) if table else None, out,
+                                data_cfg=cfg.data, progress=typer.echo, measure=measure)
+    metrics = manifest.get("metrics", {})
+    typer.echo(f"pruned: {manifest.get('arch', '')}")
+    typer.echo("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                         if isinstance(v, (int, float))))
+    typer.echo(f"wrote {out / 'subnet.pt'} and {out / 'manifest.json'}")
+
+
+DISTILL_FLAGS = {"compress.distill.method": "--method", "compress.distill.steps": "--steps", "compress.kd.steps": "--steps"}
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="teacher subnet folder (e.g. the extracted max net)")],
+    student: Annotated[Path, typer.Option(help="student subnet folder (extracted, pruned or KD-trained)")],
+    out: Annotated[Path, typer.Option(help="output folder (rerun resumes from its checkpoint)")],
+    method: Annotated[Optional[str], typer.Option(help="kd | kdmd | adversarial (compress.distill.method, default kdmd)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="training steps (compress.kd.steps or compress.distill.steps)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar with the losses")] = True,
+) -> None:
+    """Distil a student from a teacher: KD (same steps), or K-DMD / adversarial to a few-step student."""
+    with field_flags(DISTILL_FLAGS):
+        base = load_run_config(config, overrides, {"compress.distill.method": method})
+        kd = base.compress.distill.method == "kd"
+        cfg = load_run_config(config, overrides, {"compress.distill.method": method,
+                                                  ("compress.kd.steps" if kd else "compress.distill.steps"): steps})
+        bar, update = _loss_bar(progress, cfg.compress.distill.method, None)
+        with bar:
+            if kd:
+                from ditnas.compress.kd import distill_kd
+
+                manifest = distill_kd(cfg.compress.kd, teacher, student, out, data_cfg=cfg.data, progress=update)
+            else:
+                from ditnas.compress.distill import distill_steps
+
+                manifest = distill_steps(cfg.compress.distill, teacher, student, out, data_cfg=cfg.data, progress=update)
+    metrics = manifest.get("metrics", {})
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    typer.echo(f"{cfg.compress.distill.method}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    typer.echo(f"wrote {out / 'subnet.pt'} and {out / 'manifest.json'}")
+
+
+EXPORT_FLAGS = {"compress.export.backend": "--backend", "compress.export.dtype": "--dtype",
+                "compress.export.steps": "--steps", "compress.export.cfg_scale": "--cfg-scale"}
+
+
+@app.command()
+def export(
+    subnet: Annotated[Path, typer.Option(help="subnet folder to ship (extracted, pruned or distilled)")],
+    out: Annotated[Path, typer.Option(help="output folder for <name>_<backend>_<dtype>.pte (or .mlpackage) + manifest.json")],
+    backend: Annotated[Optional[str], typer.Option(help="xnnpack | coreml | mlpackage (compress.export.backend)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32 | fp16 (compress.export.dtype)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="denoising steps of the shipped sampler (compress.export.steps)")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(help="guidance baked into the denoiser; 0 = none (compress.export.cfg_scale)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="file name stem (default dit_<arch key>)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Export a subnet for a phone: ExecuTorch .pte (XNNPACK / Core ML) or a Core ML .mlpackage, lowered with the recipe the tables were priced with."""
+    from ditnas.compress.export import export_subnet
+
+    flags = {"compress.export.backend": backend, "compress.export.dtype": dtype, "compress.export.steps": steps,
+             "compress.export.cfg_scale": cfg_scale}
+    with field_flags(EXPORT_FLAGS):
+        cfg = load_run_config(config, overrides, flags)
+        manifest = export_subnet(cfg.compress.export, subnet, out, name=name)
+    metrics = manifest.get("metrics", {})
+    typer.echo(f"{manifest.get('arch')}")
+    if "delegated_share" in metrics:
+        typer.echo(f"delegated share {metrics['delegated_share']:.3f}; non-delegated compute ops: "
+                   f"{metrics.get('delegation', {}).get('non_delegated_compute_ops') or 'none'}")
+    parity = metrics.get("parity") or {}
+    if parity.get("checked", True) and "generation_rel_error" in parity:
+        typer.echo(f"parity vs eager: step {parity['max_step_rel_error']:.2e}, whole generation {parity['generation_rel_error']:.2e} (relative)")
+    timing = metrics.get("timing") or {}
+    if timing.get("pte_speedup_vs_eager") is not None:
+        typer.echo(f"{timing.get('steps', cfg.compress.export.steps)}-step generation: .pte {timing.get('pte_generation_ms', float('nan')):.2f} ms, "
+                   f"eager {timing.get('eager_generation_ms', float('nan')):.2f} ms ({timing['pte_speedup_vs_eager']:.2f}x)")
+    typer.echo(f"wrote {out / manifest['artifact']} and {out / 'manifest.json'}")
+
+
+@app.command()
+def generate(
+    pte: Annotated[Path, typer.Option(help="a .pte written by `ditnas export`")],
+    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("grid.png"),
+    label: Annotated[int, typer.Option(help="class to generate")] = 0,
+    n: Annotated[int, typer.Option(min=1, help="images")] = 16,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="denoising steps (default: the export's)")] = None,
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(min=1, help="ExecuTorch runtime threads")] = 1,
+    table: Annotated[Optional[Path], typer.Option(help="latency table to print the predicted generation time from")] = None,
+) -> None:
+    """Run an exported few-step model on this host's ExecuTorch runtime: samples + measured vs predicted time."""
+    from ditnas.compress.export import generate_from_pte
+    from ditnas.supernet.quality import save_grid
+
+    images, timing = generate_from_pte(pte, label=label, n=n, steps=steps, seed=seed, threads=threads)
+    grid = save_grid(images, out, nrow=min(n, 8))
+    typer.echo(f"wrote {grid}: {n} image(s) of class {label}")
+    line = (f"measured: {timing['median_ms']:.2f} ms per image ({timing['steps']} steps, {threads} thread(s), "
+            f"median of {n}, on the ExecuTorch runtime)")
+    if table is not None:
+        from ditnas.compress.export import _export_meta
+        from ditnas.latency_models.stage import load_predictor, table_dir
+
+        tbl, predictor = load_predictor(table_dir(table))
+        gen = _export_meta(pte)
+        arch = tbl.space.parse(gen["arch"], source=str(pte)) if "arch" in gen else None
+        if arch is not None:
+            guidance = "cfg" if gen.get("guided") else "none"
+            predicted = predictor.predict_generation(arch, timing["steps"], guidance)
+            line += f"; predicted {predicted:.2f} ms on {tbl.describe()}"
+    typer.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:
