@@ -61,17 +61,23 @@ def lcha_block(supernet):
 
 
 @pytest.fixture(scope="module")
+def lowered_block(lcha_block):
+    """The LCHA block lowered with the recipe and without constant propagation."""
+    return (lower(lcha_block.module, lcha_block.inputs, etrecord=False),
+            lower(lcha_block.module, lcha_block.inputs, etrecord=False, constant_prop=False))
+
+
+@pytest.fixture(scope="module")
 def lowered_model(supernet):
-    """A whole LCHA model (width 0.5: a sliced conv weight), lowered with and without the recipe."""
+    """A whole LCHA model (width 0.5: a sliced conv weight), lowered with the recipe."""
     arch = supernet.space.parse("lcha:0.5:2")
     sub = supernet.extract(arch)
     inputs = _inputs(supernet.space)
-    return sub, inputs, lower(sub, inputs), lower(sub, inputs, constant_prop=False, etrecord=False)
+    return sub, inputs, lower(sub, inputs)
 
 
-def test_recipe_keeps_lcha_block_convolutions_delegated(lcha_block) -> None:
-    good = lower(lcha_block.module, lcha_block.inputs, etrecord=False)
-    bad = lower(lcha_block.module, lcha_block.inputs, etrecord=False, constant_prop=False)
+def test_recipe_keeps_lcha_block_convolutions_delegated(lowered_block) -> None:
+    good, bad = lowered_block
     assert good.report["non_delegated_compute_ops"] == []
     assert good.report["delegated_share"] == 1.0 and good.report["delegated_subgraphs"] == 1
     require_delegated(good)
@@ -84,17 +90,23 @@ def test_recipe_keeps_lcha_block_convolutions_delegated(lcha_block) -> None:
 
 
 def test_recipe_keeps_a_whole_lcha_model_in_one_delegate(lowered_model) -> None:
-    _, _, good, bad = lowered_model
+    _, _, good = lowered_model
     assert good.report["non_delegated_compute_ops"] == [] and good.report["delegated_subgraphs"] == 1
-    assert CONV in bad.report["non_delegated_compute_ops"] and bad.report["delegated_subgraphs"] > 1
     assert good.recipe["name"] == RECIPE.name == "ditnas-xnnpack-v1"
-    assert bad.recipe["name"] != RECIPE.name
+
+
+@pytest.mark.slow
+def test_without_constant_prop_a_whole_lcha_model_splits(lowered_model) -> None:
+    sub, inputs, _ = lowered_model
+    bad = lower(sub, inputs, constant_prop=False, etrecord=False)
+    assert CONV in bad.report["non_delegated_compute_ops"] and bad.report["delegated_subgraphs"] > 1
+    assert bad.recipe["name"] == RECIPE.name + "-no-constprop"
 
 
 def test_written_pte_matches_eager_and_passes_check_recipe(lowered_model, tmp_path) -> None:
     from executorch.runtime import Runtime
 
-    sub, inputs, good, _ = lowered_model
+    sub, inputs, good = lowered_model
     pte = write_pte(good, tmp_path / "m.pte")
     side = check_recipe(pte)
     assert side["recipe"] == recipe_fingerprint("xnnpack")
@@ -109,8 +121,9 @@ def test_written_pte_matches_eager_and_passes_check_recipe(lowered_model, tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_check_recipe_refuses_a_pte_lowered_otherwise(lowered_model, tmp_path) -> None:
-    _, _, good, bad = lowered_model
+def test_check_recipe_refuses_a_pte_lowered_otherwise(lowered_model, lowered_block, tmp_path) -> None:
+    _, _, good = lowered_model
+    bad = lowered_block[1]
     foreign = tmp_path / "foreign.pte"
     foreign.write_bytes(good.buffer)  # the same bytes, but not written by write_pte
     with pytest.raises(DitnasError, match=r"foreign\.pte has no foreign\.pte\.recipe\.json.*lowered outside ditnas"):
@@ -147,6 +160,7 @@ def test_unknown_backend_is_refused() -> None:
         lower(_Inverse(), (torch.eye(2),), backend="vulkan")
 
 
+@pytest.mark.slow
 def test_coreml_lowers_ahead_of_time_on_this_host(lcha_block, tmp_path) -> None:
     """The Core ML partitioner lowers on Linux (coremltools compiles the payload); running needs macOS."""
     pytest.importorskip("coremltools")

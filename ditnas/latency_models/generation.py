@@ -145,7 +145,7 @@ def run_generation(
 # ----------------------------------------------------------------------------------------------
 # timing whole generations of a .pte
 # ----------------------------------------------------------------------------------------------
-def _generation_spec(pte: Path, steps: int, cfg_scale: float | None) -> dict[str, Any]:
+def generation_spec(pte: Path, steps: int, cfg_scale: float | None) -> dict[str, Any]:
     """What one generation of `pte` is: its input shapes/dtypes and how many calls it takes."""
     from ditnas.latency_models.lowering import read_sidecar
 
@@ -243,12 +243,18 @@ def time_generation(
     check_counts(warmup, iters)
     if steps < 1 or threads < 1:
         raise DitnasError(f"time_generation: steps={steps} and threads={threads} must be >= 1")
-    spec = _generation_spec(pte, steps, cfg_scale)
+    spec = generation_spec(pte, steps, cfg_scale)
     if not fresh_process:
         return time_generation_here(pte, spec, threads, warmup, iters)
+    return time_in_fresh_process(pte, [spec], threads, warmup, iters, timeout_s)[0]
+
+
+def time_in_fresh_process(pte: Path, specs: list[dict[str, Any]], threads: int, warmup: int, iters: int,
+                          timeout_s: float | None = None) -> list[list[float]]:
+    """Time several generation specs of one .pte in one fresh interpreter (one start-up cost)."""
     with tempfile.TemporaryDirectory(prefix="ditnas-gen-timer-") as tmp:
         request, result = Path(tmp) / "request.pt", Path(tmp) / "times.pt"
-        torch.save({"pte": str(pte), "spec": spec, "threads": threads, "warmup": warmup, "iters": iters}, request)
+        torch.save({"pte": str(pte), "specs": specs, "threads": threads, "warmup": warmup, "iters": iters}, request)
         try:
             proc = subprocess.run([sys.executable, "-m", __name__, str(request), str(result)], capture_output=True,
                                   text=True, check=False, timeout=timeout_s)
@@ -261,22 +267,28 @@ def time_generation(
                 raise DitnasError(message)
             tail = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
             raise DitnasError(f"the generation timing process for {pte} failed ({tail}); re-run with fresh_process=False to debug")
-        times = torch.load(result, weights_only=True)
-    if len(times) != iters or not all(math.isfinite(t) and t > 0 for t in times):
-        raise DitnasError(f"the generation timing process for {pte} returned {len(times)} bad samples; re-run it")
-    return [float(t) for t in times]
+        runs = torch.load(result, weights_only=True)
+    if len(runs) != len(specs) or any(len(t) != iters or not all(math.isfinite(v) and v > 0 for v in t) for t in runs):
+        raise DitnasError(f"the generation timing process for {pte} returned bad samples; re-run it")
+    return [[float(v) for v in t] for t in runs]
 
 
 def main(request: str, result: str) -> int:
     spec = torch.load(request, weights_only=True)
     try:
-        times = time_generation_here(Path(spec["pte"]), spec["spec"], spec["threads"], spec["warmup"], spec["iters"])
+        # assumption: specs are timed one after another, not interleaved: each is a whole generation,
+        # long next to the drift interleaving guards against in the per-program tables
+        runs = [time_generation_here(Path(spec["pte"]), one, spec["threads"], spec["warmup"], spec["iters"])
+                for one in spec["specs"]]
     except DitnasError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    torch.save(times, result)
+    torch.save(runs, result)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:3]))
+
+
+_generation_spec = generation_spec  # the name generation_profile.py imports
