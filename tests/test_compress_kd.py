@@ -59,9 +59,23 @@ def one_thread():
         yield
 
 
+def shared_env(tmp_path_factory, steps: int = 80) -> dict:
+    """build_subnets once per test session (test_compress_prune.py reuses it, and adds a latency table)."""
+    root = tmp_path_factory.getbasetemp() / f"compress_env_{steps}"
+    done = root / "done"
+    if done.exists():
+        cfg = load_config(None, SMALL + [f"train.steps={steps}"])
+        return {"root": root, "ckpt": root / "run" / CHECKPOINT_NAME, "teacher": root / "teacher",
+                "student": root / "student", "split": load_dataset("digits"), "cfg": cfg}
+    root.mkdir(parents=True, exist_ok=True)
+    env = build_subnets(root, steps)
+    done.write_text("ok")
+    return env
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, one_thread):
-    return build_subnets(tmp_path_factory.mktemp("kd"))
+    return shared_env(tmp_path_factory)
 
 
 def _batch(env, n=24, seed=5):
@@ -139,7 +153,7 @@ def test_kd_trainer_lowers_the_kd_loss_and_leaves_the_teacher_unchanged(env):
 
 
 def test_distill_kd_writes_a_loadable_student_and_resumed_equals_uninterrupted(env, tmp_path):
-    cfg = KDConfig(steps=6, batch_size=8, checkpoint_every=2, seed=1)
+    cfg = KDConfig(steps=6, batch_size=8, checkpoint_every=2, seed=1, eval_items=32)
     full = distill_kd(cfg, env["teacher"], env["student"], tmp_path / "full")
     assert full["kind"] == "ditnas.kd"
     m = read_manifest(tmp_path / "full", "ditnas.kd")
@@ -166,7 +180,7 @@ def test_distill_kd_writes_a_loadable_student_and_resumed_equals_uninterrupted(e
 
 
 def test_distill_kd_lowers_the_kd_loss_end_to_end(env, tmp_path):
-    cfg = KDConfig(steps=40, batch_size=16, lr=1e-3, checkpoint_every=100, seed=0)
+    cfg = KDConfig(steps=40, batch_size=16, lr=1e-3, checkpoint_every=100, seed=0, eval_items=128)
     m = distill_kd(cfg, env["teacher"], env["student"], tmp_path / "kd")
     before, after = m["metrics"]["before"], m["metrics"]["after"]
     assert after["kd_loss"] < 0.9 * before["kd_loss"], (before, after)

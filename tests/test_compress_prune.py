@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_compress_kd import build_subnets
+from test_compress_kd import shared_env
 
 from ditnas.arch import Slot
 from ditnas.compress.kd import read_subnet_record
@@ -30,6 +30,7 @@ from ditnas.compress.prune import (
     masked_sensitivity,
     prune_subnet,
     save_pruned,
+    state_params,
     taylor_sensitivity,
 )
 from ditnas.config import KDConfig, LatencyConfig, PruneConfig, config_from_dict
@@ -53,12 +54,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("prune")
-    e = build_subnets(root, steps=150)
-    model, _, _ = load_supernet(e["ckpt"])
-    session = profile_space(model, LatencyConfig(backend="host-torch", warmup=1, iters=5, models=0), root / "profile")
-    build_table(session, model)
-    e["table"] = root / "profile"
+    e = shared_env(tmp_path_factory)
+    e["table"] = e["root"] / "profile"
+    if not (e["table"] / "done").exists():
+        model, _, _ = load_supernet(e["ckpt"])
+        session = profile_space(model, LatencyConfig(backend="host-torch", warmup=1, iters=5, models=0), e["table"])
+        build_table(session, model)
+        (e["table"] / "done").write_text("ok")
     _, e["predictor"] = load_predictor(e["table"])
     e["run_cfg"] = config_from_dict(read_subnet_record(e["teacher"])["config"])
     return e
@@ -95,6 +97,7 @@ def test_masked_equals_pruned_for_blocks_heads_channels_and_a_mix(env, which):
         assert (a - b).abs().max().item() <= 1e-6, name
         assert (a - ref).abs().max().item() > 1e-4, name  # the mask really changed the function
         assert pruned.num_params() < model.num_params(), name
+        assert state_params(model, mask, G) == pruned.num_params(), name  # the analytic count the loop uses
         # a removed block is a skip slot; a pruned FFN has ratio = kept hidden / width
         for u in mask.units:
             if u.kind == "blocks":
@@ -150,7 +153,7 @@ def test_pruned_model_round_trips_through_save_and_load_subnet(env, tmp_path):
 def test_masked_sensitivity_equals_brute_force_and_taylor_ranks_like_it(env):
     model = load_subnet(env["teacher"])
     s = env["split"]
-    probe = KDProbe(model, fixed_eval_batch(s.val_x, s.val_y, 64, 0, s.num_classes))
+    probe = KDProbe(model, fixed_eval_batch(s.val_x, s.val_y, 32, 0, s.num_classes))
     assert probe.loss(model).item() == 0.0
     units = all_units(model, ("blocks", "heads", "channels"), G)
     masked = masked_sensitivity(model, PruneMask(), units, probe, G)
@@ -167,7 +170,7 @@ def test_masked_sensitivity_equals_brute_force_and_taylor_ranks_like_it(env):
         assert on_top[u] == pytest.approx(want, abs=1e-6, rel=1e-5)
     # Taylor: at the unpruned model the KD loss is at its minimum (the teacher is the model itself, zero
     # gradient), so the score's gradient comes from L_diff + L_KD (the KD training objective)
-    probe_s = KDProbe(model, fixed_eval_batch(s.val_x, s.val_y, 64, 1, s.num_classes))
+    probe_s = KDProbe(model, fixed_eval_batch(s.val_x, s.val_y, 32, 1, s.num_classes))
     tay = taylor_sensitivity(model, PruneMask(), units, probe_s, G)
     ref = masked_sensitivity(model, PruneMask(), units, probe_s, G)
     rho = _spearman([tay[u] for u in units], [ref[u] for u in units])
@@ -206,9 +209,9 @@ def _budget(env, model, frac=0.6):
 
 def test_greedy_prune_stops_at_the_first_state_under_budget(env, tmp_path):
     model = load_subnet(env["teacher"])
-    budget = _budget(env, model)
-    cfg = PruneConfig(budget_ms=budget, channel_group=G, calib_items=64, rescore_every=3, recover_steps=3, final_steps=4)
-    kd = KDConfig(batch_size=8, lr=5e-4)
+    budget = _budget(env, model, 0.7)
+    cfg = PruneConfig(budget_ms=budget, channel_group=G, calib_items=32, rescore_every=3, recover_steps=3, final_steps=4)
+    kd = KDConfig(batch_size=8, lr=5e-4, eval_items=64)
     m = prune_subnet(cfg, kd, env["teacher"], env["table"], tmp_path / "pruned")
     assert m["kind"] == "ditnas.prune"
     lat = [r["latency_ms"] for r in m["metrics"]["removed"]]
@@ -226,7 +229,7 @@ def test_greedy_prune_stops_at_the_first_state_under_budget(env, tmp_path):
 
 def test_greedy_removal_beats_random_removal(env):
     model = load_subnet(env["teacher"])
-    cfg = PruneConfig(budget_ms=_budget(env, model, 0.7), channel_group=G, calib_items=64, rescore_every=2,
+    cfg = PruneConfig(budget_ms=_budget(env, model, 0.8), channel_group=G, calib_items=32, rescore_every=2,
                       recover_steps=0, final_steps=0)
     pricer = StatePricer(env["predictor"], env["run_cfg"].model)
     greedy = Pruner(cfg, KDConfig(), model, env["split"], pricer=pricer)
@@ -259,7 +262,7 @@ def test_memory_budget_and_single_kind_units(env):
     model = load_subnet(env["teacher"])
     limit = model.num_params() * 4 / 2**20 * 0.8
     for kinds in (("blocks",), ("heads",), ("channels",)):
-        cfg = PruneConfig(memory_mb=limit, units=kinds, channel_group=G, calib_items=32, rescore_every=4,
+        cfg = PruneConfig(memory_mb=limit, units=kinds, channel_group=G, calib_items=16, rescore_every=4,
                           recover_steps=0, final_steps=0)
         try:
             pruner = Pruner(cfg, KDConfig(), model, env["split"], pricer=None)

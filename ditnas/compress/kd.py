@@ -42,7 +42,6 @@ KD_CHECKPOINT = "kd_checkpoint.pt"
 PROJECTOR_NAME = "projector.pt"
 METRICS = "metrics.jsonl"
 KIND = "ditnas.kd"
-KD_EVAL_ITEMS = 256  # assumption: 256 fixed validation items price the KD terms before/after (cheap, low variance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,8 +214,11 @@ def save_subnet(out: Path, model: SubDiT, record: dict[str, Any]) -> Path:
     return path
 
 
-def eval_batch_for(split: DatasetSplit, null_label: int, n: int = VAL_BATCH, seed: int = EVAL_SEED) -> EvalBatch:
-    return fixed_eval_batch(split.val_x, split.val_y, n, seed, null_label)
+def eval_batch_for(split: DatasetSplit, null_label: int, n: int = VAL_BATCH, seed: int = EVAL_SEED,
+                   part: str = "val") -> EvalBatch:
+    """`n` fixed (x0, eps, t, y) items of the validation (or train) part; the same for every call."""
+    x, y = (split.val_x, split.val_y) if part == "val" else (split.train_x, split.train_y)
+    return fixed_eval_batch(x, y, n, seed, null_label)
 
 
 def velocity_loss(model: SubDiT, batch: EvalBatch) -> float:
@@ -278,8 +280,8 @@ def distill_kd(
     split, run_cfg = data_split(record, data_cfg, str(subnet_file(student)))
     check_split(split, s_model, f"student {student}")
     null = s_model.arch.num_classes
-    val = eval_batch_for(split, null)
-    kd_batch = eval_batch_for(split, null, n=KD_EVAL_ITEMS, seed=EVAL_SEED + 1)
+    val = eval_batch_for(split, null, n=cfg.eval_items)
+    kd_batch = eval_batch_for(split, null, n=cfg.eval_items, seed=EVAL_SEED + 1)
     initial = copy.deepcopy(s_model)
     trainer = KDTrainer(s_model, t_model, cfg, split, train=run_cfg.train)
     before = {**{f"kd_{k}": v for k, v in kd_eval(initial, t_model, trainer.projector, kd_batch, cfg).items()},

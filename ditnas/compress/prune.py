@@ -21,7 +21,8 @@ admit the new skips and ratios, so `load_subnet` alone rebuilds it.
 # must not change which stream features the block reads, or masked and pruned would differ.
 
 **Sensitivity** S(u) = L(mask + u) - L(mask), L = MSE(v, v_T) + MSE(f, f_T) against the unpruned input
-model on a fixed calibration set (`calib_items` validation items, fixed noise and t). `taylor`: one
+model on a fixed calibration set (`calib_items` training items, fixed noise and t; validation stays
+for the reported losses). `taylor`: one
 backward; S(u) = |sum over the unit's zeroed weights of g*w| -- the first-order change of the loss when
 the unit's gate goes 1 -> 0, since every masked weight enters as w*gate. The gradient is of
 L_diff + L (the KD training objective): at the unpruned model L is at its minimum 0 (the teacher is
@@ -424,10 +425,33 @@ class StatePricer:
         return self._p50(Cell("up", width=stream, tokens=arch.tokens(1), stage=1))
 
 
+def _removed_by_rules(module: nn.Module, rules: dict[str, tuple[int, list[int]]]) -> int:
+    """Entries a `_select` with these keep-rules drops (the rules name what is kept)."""
+    params = dict(module.named_parameters())
+    return sum(p.numel() - p.numel() // p.shape[dim] * len(idx) for name, (dim, idx) in rules.items() for p in [params[name]])
+
+
 def state_params(model: SubDiT, mask: PruneMask, group: int) -> int:
-    if not mask.units:
-        return model.num_params()
-    return export_pruned(model, mask, group).num_params()
+    """Parameters `export_pruned(model, mask)` would have, counted without building it."""
+    total = model.num_params()
+    gone = mask.blocks()
+    for i, block, op in _blocks(model):
+        if i in gone:
+            total -= sum(p.numel() for p in block.parameters())
+            continue
+        removed_h = mask.of("heads", i)
+        if removed_h:
+            mixer = _mixer(block, op)
+            keep = [g for j, g in enumerate(head_groups(block, op)) if j not in removed_h]
+            heads = [h for qh, _ in keep for h in qh]
+            kvc = [k * mixer.head_dim + d for _, kh in keep for k in kh for d in range(mixer.head_dim)]
+            total -= _removed_by_rules(mixer, _mixer_rules(mixer, _head_channels(block, op, heads), kvc, heads))
+        removed_c = mask.of("channels", i)
+        if removed_c:
+            drop = set(_channel_index(block, group, removed_c))
+            keep_c = [c for c in range(block.ffn.max_hidden) if c not in drop]
+            total -= _removed_by_rules(block.ffn, {"fc1.weight": (0, keep_c), "fc1.bias": (0, keep_c), "fc2.weight": (1, keep_c)})
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,12 +500,19 @@ class Pruner:
         self.cfg, self.kd_cfg, self.split, self.pricer, self.train_cfg = cfg, kd_cfg, split, pricer, train_cfg
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = copy.deepcopy(model).eval()
-        null = model.arch.num_classes
-        self.probe = KDProbe(self.teacher, eval_batch_for(split, null, n=cfg.calib_items, seed=cfg.seed))
+        self._probe: KDProbe | None = None
         self.progress = progress or (lambda msg: None)
         self.removals: list[Removal] = []
         self.kd_losses: list[dict] = []
         self.group = cfg.channel_group
+
+    @property
+    def probe(self) -> KDProbe:
+        """The calibration set with the teacher's outputs (built on first use)."""
+        if self._probe is None:
+            batch = eval_batch_for(self.split, self.teacher.arch.num_classes, n=self.cfg.calib_items, seed=self.cfg.seed, part="train")
+            self._probe = KDProbe(self.teacher, batch)
+        return self._probe
 
     # --- prices of a state of the current model ---
     def latency(self, mask: PruneMask) -> float | None:
@@ -627,7 +658,8 @@ def prune_subnet(
                               "pass the table of this subnet's search space")
         pricer = StatePricer(predictor, run_cfg.model)
     pruner = Pruner(cfg, kd_cfg, model, split, pricer=pricer, train_cfg=run_cfg.train, progress=progress)
-    val = eval_batch_for(split, model.arch.num_classes)
+    pruner.check_reachable()  # before any scoring: an impossible budget fails fast
+    val = eval_batch_for(split, model.arch.num_classes, n=kd_cfg.eval_items)
     before_kd = pruner.probe.loss(model).item()
     before_val = velocity_loss(model, val)
     pruned = pruner.run()
