@@ -41,41 +41,65 @@ def fmt_ms(x: float) -> str:
 
 @dataclass(frozen=True)
 class BudgetCheck:
-    budget_ms: float  # one whole generation
-    min_ms_per_step: float  # the cheapest arch of the space on this table
+    budget_ms: float  # one whole generation (generation_latency.py defines it)
+    min_ms_per_step: float  # the cheapest arch of the space on this table, per step
     reachable: list[int]  # steps values at which the budget fits that arch
+    per_step_ms: dict[int, float]  # the per-step budget the DP gets at each steps value
+    guidance: str = "none"
+    definition: str = ""  # what the budget's milliseconds mean (printed by search and sweep)
 
     def per_step(self, steps: int) -> float:
-        return self.budget_ms / steps
+        return self.per_step_ms[int(steps)]
+
+
+def check_priced(cfg: SearchConfig, table: Any, predictor: Any, field: str = "search.threads") -> None:
+    """Refuse, before any work, a table measured at another thread count than the one asked for, or
+    one without measured generations of the guidance mode asked for."""
+    predictor.generation.fit_for(cfg.guidance, table.describe())
+    have = table.identity.get("threads")
+    if cfg.threads is not None and have is not None and int(have) != int(cfg.threads):
+        raise ConfigFieldError(field, f"{cfg.threads} threads asked, but {table.describe()} was measured at {have}; "
+                                      f"a table is valid for its thread count only -- profile at {cfg.threads} threads "
+                                      f"or drop the setting")
 
 
 def check_budget(choices: SearchChoices, predictor, sens, budget_ms: float, steps: Sequence[int],
-                 table_desc: str) -> BudgetCheck:
-    """The steps values `budget_ms` reaches; ConfigFieldError(search.budget_ms) when none does."""
+                 table_desc: str, guidance: str = "none") -> BudgetCheck:
+    """The steps values `budget_ms` (one whole generation with `guidance`) reaches; ConfigFieldError
+    (search.budget_ms) when none does, saying so when the number looks like a per-step figure."""
+    pricing = predictor.generation
     minimum = min_reachable_ms(choices, predictor, sens)
-    reachable = [s for s in steps if budget_ms / s >= minimum]
+    per_step = {int(s): pricing.per_step_budget(budget_ms, s, guidance) for s in steps}
+    reachable = [s for s in steps if per_step[int(s)] >= minimum]
     if not reachable:
-        per = ", ".join(f"{fmt_ms(s * minimum)} ms at {s} steps" for s in steps)
+        per = ", ".join(f"{fmt_ms(pricing.generation_ms(minimum, s, guidance))} ms at {s} steps" for s in steps)
+        hint = ""
+        if budget_ms >= minimum:
+            hint = (f"; {budget_ms:g} ms was read as ONE WHOLE GENERATION, but it is above the cheapest arch's "
+                    f"{fmt_ms(minimum)} ms per step: if it is a per-step budget, multiply it by the steps")
         raise ConfigFieldError(
             "search.budget_ms",
-            f"{budget_ms:g} ms is below the cheapest reachable arch on {table_desc}: {per} "
-            f"({fmt_ms(minimum)} ms per step); raise the budget or use fewer steps",
+            f"{budget_ms:g} ms is below the cheapest reachable arch on {table_desc} (one whole generation, {guidance} "
+            f"guidance): {per} "
+            f"({fmt_ms(minimum)} ms per step){hint}; raise the budget or use fewer steps",
         )
-    return BudgetCheck(float(budget_ms), minimum, reachable)
+    return BudgetCheck(float(budget_ms), minimum, reachable, per_step, guidance,
+                       pricing.definition(guidance))
 
 
 def dp_seeds(choices: SearchChoices, predictor, sens, budget_ms_total: float, steps: Sequence[int], n_seeds: int,
-             *, buckets: int) -> list[tuple[Arch, int]]:
-    """Up to `n_seeds` distinct (arch, steps) the exact DP finds under `budget_ms_total`: for each steps
-    value and stream width the best layouts (and points along the DP's own front), best summed
-    sensitivity score first, round-robin over steps values. Steps values the budget cannot reach
-    give none."""
+             *, buckets: int, guidance: str = "none") -> list[tuple[Arch, int]]:
+    """Up to `n_seeds` distinct (arch, steps) the exact DP finds under `budget_ms_total` (one whole
+    generation with `guidance`): for each steps value and stream width the best layouts (and points
+    along the DP's own front), best summed sensitivity score first, round-robin over steps values.
+    Steps values the budget cannot reach give none."""
     space = choices.space
     pooled: list[tuple[float, Arch, int]] = []
     for s in steps:
+        step_budget = predictor.generation.per_step_budget(budget_ms_total, s, guidance)
         for w in space.widths:
             try:
-                problem = build_problem(choices, predictor, sens, budget_ms_total / s, buckets=buckets, stream_width=w)
+                problem = build_problem(choices, predictor, sens, step_budget, buckets=buckets, stream_width=w)
                 results = dp_results(problem, n_seeds)
             except DitnasError:
                 continue  # this stream width (or steps value) cannot fit the budget
@@ -84,7 +108,7 @@ def dp_seeds(choices: SearchChoices, predictor, sens, budget_ms_total: float, st
                 arch = to_arch(r, choices, base)
                 # a layout narrower than w was priced with the stream at w: exact only when latency grows
                 # with width, so keep the seed only if the predictor agrees it fits (noisy tables)
-                if predictor.predict(arch) <= budget_ms_total / s * (1 + 1e-9):
+                if predictor.predict(arch) <= step_budget * (1 + 1e-9):
                     pooled.append((r.score, arch, s))
     pooled.sort(key=lambda item: -item[0])
     seeds: list[tuple[Arch, int]] = []
@@ -104,9 +128,12 @@ def dp_seeds(choices: SearchChoices, predictor, sens, budget_ms_total: float, st
 
 
 def study_name_for(checkpoint_sha: str, table_id: str | None, budget_ms_total: float, steps: Sequence[int],
-                   memory_limit_mb: float | None) -> str:
+                   memory_limit_mb: float | None, guidance: str = "none") -> str:
     """The default study name of `ditnas search`: a hash of what makes two searches the same search."""
-    text = json.dumps([checkpoint_sha, table_id, float(budget_ms_total), sorted(int(s) for s in steps), memory_limit_mb])
+    parts: list[Any] = [checkpoint_sha, table_id, float(budget_ms_total), sorted(int(s) for s in steps), memory_limit_mb]
+    if guidance != "none":  # what was priced before guidance existed keeps its study name
+        parts.append(guidance)
+    text = json.dumps(parts)
     return f"ditnas-search-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
