@@ -220,3 +220,26 @@ def test_full_load_200_trials_journal_and_postgresql(env, tmp_path, capsys, post
             "postgres": _postgres(env, tmp_path / "pg", postgres_url, processes=4, trials=50, budget_ms=2e6)}
     with capsys.disabled():
         print({k: {x: f[x] for x in FIGS} for k, f in figs.items()})
+
+
+def test_a_just_asked_untagged_trial_of_a_live_writer_is_not_failed(tmp_path):
+    """The race the 4-writer test found, made deterministic: writer A has asked a trial and not yet
+    tagged it when writer B opens the study. B must leave it alone (A tags it 0.3 s later), yet a trial
+    that stays untagged (a driver killed inside `ask`) is still recovered once the grace has passed."""
+    import threading
+
+    from ditnas.search.study import recover_interrupted
+
+    store, _ = open_storage(str(tmp_path / "s.journal"), tmp_path)
+    study = optuna.create_study(storage=store, study_name="race", directions=["minimize", "minimize"])
+    live, orphan = study.ask(), study.ask()  # both RUNNING and untagged, as right after `ask`
+    tagger = threading.Timer(0.3, lambda: live.set_user_attr(DRIVER_ATTR, f"{__import__('socket').gethostname()}:{os.getpid()}"))
+    tagger.start()
+    t0 = time.monotonic()
+    recovered = recover_interrupted(optuna.load_study(study_name="race", storage=store), untagged_grace_s=1.5)
+    tagger.join()
+    assert recovered == [orphan.number] and time.monotonic() - t0 >= 1.5
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[live.number] == TrialState.RUNNING and states[orphan.number] == TrialState.FAIL
+    study.tell(live, [1.0, 2.0])  # the live writer can still finish its trial (before the fix: UpdateFinishedTrialError)
+    assert study.get_trials(deepcopy=False)[live.number].state == TrialState.COMPLETE
