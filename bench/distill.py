@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--critic-updates", type=int, default=5)
     p.add_argument("--cfg", type=float, default=2.0, help="teacher guidance (DMD real score and the 28-step reference)")
     p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--few-step-teacher", default="trajectory", choices=["trajectory", "teacher"])
     p.add_argument("--work", type=Path, default=Path("runs/bench_distill"))
     p.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
     p.add_argument("--threads", type=int, default=1)
@@ -57,7 +58,8 @@ def main() -> None:
         labels = torch.arange(args.samples) % split.num_classes
         shape = tuple(split.latent_shape)
         cfg = DistillConfig(method=args.method, steps=args.steps, batch_size=args.batch, critic_updates=args.critic_updates,
-                            cfg_scale=args.cfg, checkpoint_every=max(1, args.steps // 4), eval_samples=0)
+                            cfg_scale=args.cfg, checkpoint_every=max(1, args.steps // 4), eval_samples=0,
+                            few_step_teacher=args.few_step_teacher)
         rows, result = [], {"machine": machine("torch"), "checkpoint": str(args.checkpoint), "teacher_arch": str(teacher.arch),
                             "student_arch": str(student0.arch), "config": asdict(cfg), "samples": args.samples}
         g = torch.Generator().manual_seed(EVAL_SEED)
@@ -65,22 +67,31 @@ def main() -> None:
         t0 = time.time()
         x = euler_sample(teacher, labels, shape, steps=28, cfg_scale=args.cfg, null_label=split.num_classes,
                          generator=g, noise=noise)
+        # the floor: real training images scored exactly as the samples are (same n, same val reference)
+        idx = torch.randperm(split.train_x.shape[0], generator=torch.Generator().manual_seed(0))[: args.samples]
+        result["real_fd_floor"] = score(judge, split, split.train_x[idx], split.train_y[idx])["fd"]
         result["teacher_28"] = {**score(judge, split, x, labels), "seconds": round(time.time() - t0, 2)}
         for name, model in (("student_4_before", student0),):
             x = sample_student(model, 4, cfg.shift, labels, shape, EVAL_SEED)
             result[name] = score(judge, split, x, labels)
         t0 = time.time()
-        manifest = distill_steps(cfg, args.work / "teacher", args.work / "student", args.work / f"out_{args.method}")
+        run_dir = args.work / f"out_{args.method}_{args.few_step_teacher}"
+        manifest = distill_steps(cfg, args.work / "teacher", args.work / "student", run_dir)
         result["distill_seconds"] = round(time.time() - t0, 1)
         result["counts"] = {k: manifest["metrics"][k] for k in ("generator_updates", "critic_updates", "iterations")}
         result["final_losses"] = manifest["metrics"]["final"]
-        distilled = load_subnet(args.work / f"out_{args.method}")
+        result["few_step_teacher"] = manifest["metrics"]["few_step_teacher"]
+        distilled = load_subnet(run_dir)
         x = sample_student(distilled, 4, cfg.shift, labels, shape, EVAL_SEED)
         result["student_4_after"] = score(judge, split, x, labels)
     result["seconds"] = round(time.time() - started, 1)
     for key, label in (("teacher_28", "teacher, 28 steps, cfg"), ("student_4_before", "student, 4 steps, before"),
                        ("student_4_after", f"student, 4 steps, after {args.method}")):
         rows.append((label, f"FD {result[key]['fd']:.2f}  label acc {result[key]['label_accuracy']:.3f}"))
+    rows.append(("real train images (FD floor)", result["real_fd_floor"]))
+    xi = result["few_step_teacher"]
+    if xi["kind"] == "trajectory":
+        rows.append(("xi' 4-step MSE to ODE", f"teacher {xi['teacher_k_step_mse']:.4f} -> xi' {xi['few_step_teacher_k_step_mse']:.4f}"))
     rows.append(("updates (gen / critic)", f"{result['counts']['generator_updates']} / {result['counts']['critic_updates']}"))
     rows.append(("distill seconds", result["distill_seconds"]))
     report(rows, result, args.out)

@@ -114,7 +114,8 @@ def test_one_step_adversarial_student_moves_onto_the_mixture(toys):
     for i in range(2 * 300):
         tr.iteration(i)
     after = mixture_distance(gen.sample(z, None))
-    # measured: 4.55 -> 0.12 at 600 iterations (the GAN collapses onto one of the two modes: a known GAN trait)
+    # measured (800-step toys): 4.46 -> 0.25 at 600 iterations (17x; the GAN collapses onto one of the two
+    # modes, a known GAN trait, so only the distance is asserted)
     assert before > 4.0 and after < before / 8
     assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
 

@@ -43,7 +43,7 @@ from ditnas.compress.manifest import write_manifest
 from ditnas.config import DataConfig, DistillConfig
 from ditnas.data import DatasetSplit, load_split
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_torch_save, atomic_write_bytes, torch_load
+from ditnas.io import atomic_torch_save, atomic_write_bytes, file_sha256, torch_load
 from ditnas.supernet.extract import SUBNET_NAME, load_subnet
 from ditnas.supernet.run import MetricsLog
 
@@ -131,7 +131,7 @@ def build_trainer(cfg: DistillConfig, teacher: Net, student: Net, rng: torch.Gen
 
 
 def _teacher_record(cfg: DistillConfig, teacher: Net) -> dict:
-    return {"teacher_arch": teacher.arch, "seed": cfg.seed, "student_steps": cfg.student_steps, "shift": cfg.shift,
+    return {"teacher_arch": teacher.arch, "teacher_sha256": file_sha256(teacher.path), "seed": cfg.seed, "student_steps": cfg.student_steps, "shift": cfg.shift,
             "cfg_scale": cfg.cfg_scale, "steps": cfg.teacher_kd_steps, "pairs": cfg.teacher_pairs,
             "substeps": cfg.teacher_substeps}
 
@@ -179,7 +179,8 @@ def _load_state(path: Path, cfg: DistillConfig, teacher: Net, student: Net) -> d
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise DitnasError(f"distillation state {path} is not a {STATE_FORMAT} v{STATE_VERSION} file; delete it or "
                           "choose another output folder")
-    ours = {"config": _state_config(cfg), "teacher_arch": teacher.arch, "student_arch": student.arch}
+    ours = {"config": _state_config(cfg), "teacher_arch": teacher.arch, "student_arch": student.arch,
+            "teacher_sha256": file_sha256(teacher.path), "student_sha256": file_sha256(student.path)}
     for key, value in ours.items():
         if state.get(key) != value:
             raise DitnasError(f"distillation state {path} was written for a different {key.replace('_', ' ')} "
@@ -223,19 +224,20 @@ def distill_steps(cfg: DistillConfig, teacher: Path, student: Path, out: Path, *
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl")
 
+    teacher_sha, student_sha = file_sha256(t_net.path), file_sha256(s_net.path)
+
     def save(iteration: int) -> None:
         atomic_torch_save(state_path, {
             "format": STATE_FORMAT, "version": STATE_VERSION, "method": cfg.method, "iteration": iteration,
             "config": _state_config(cfg), "teacher_arch": t_net.arch, "student_arch": s_net.arch,
+            "teacher_sha256": teacher_sha, "student_sha256": student_sha,
             "trainer": trainer.state_dict(), "rng": rng.get_state(),
         })
 
-    last: dict = {}
     for i in range(start, total):
         record = trainer.iteration(i)
         record = {"step": i, **record, **{f"n_{k}": v for k, v in trainer.counts.items()}}
         metrics.append(record)
-        last.update(record)
         if (i + 1) % every == 0 or i + 1 == total:
             save(i + 1)
         if progress is not None:
