@@ -258,8 +258,11 @@ def distill_steps(cfg: DistillConfig, teacher: Path, student: Path, out: Path, *
         "final": final_losses(history),
         "few_step_teacher": xi_report,
     }
+    # flat copies of the headline numbers (what `ditnas distill` prints)
+    result.update({k: v for k, v in result["final"].items() if k in ("loss_critic", "loss_generator")})
     if cfg.eval_samples > 0 and split is not None and split.num_classes >= 2:
         result["eval"] = evaluate_student(student_model, cfg, split, judge_cache or out / "judge")
+        result.update(fd=result["eval"]["fd"], label_accuracy=result["eval"]["label_accuracy"])
     return write_manifest(
         out, KIND, inputs={"teacher": t_net.path, "student": s_net.path}, config=cfg, metrics=result,
         files=[SUBNET_NAME, STATE_NAME, "metrics.jsonl", "losses.png"] + ([TEACHER_NAME] if xi is not None else []),
