@@ -399,3 +399,32 @@ def test_manifest_scores_the_student_with_the_judge(pair, tmp_path):
                              judge_cache=tmp_path / "judge")
     ev = manifest["metrics"]["eval"]
     assert ev["n"] == 40 and ev["steps"] == 4 and ev["fd"] > 0 and 0.0 <= ev["label_accuracy"] <= 1.0
+
+
+def test_knowledge_terms_add_to_dmd_and_switch_off_to_plain_dmd(pair):
+    """λ_out = λ_feat = 0 is plain DMD (no projector, generator loss = DMD loss); otherwise the generator loss is
+    DMD + λ_out L_out + λ_feat L_feat on the student's own x_t."""
+    teacher = load_subnet(pair["teacher"])
+    for lam in (0.0, 0.5):
+        student = load_subnet(pair["student"])
+        s = KDMDSettings(student_steps=2, critic_updates=1, batch_size=4, lambda_out=lam, lambda_feat=2 * lam)
+        tr = KDMD(student, teacher, s, shape=(1, 1, 16, 16), labels=lambda n, g: torch.randint(0, 10, (n,), generator=g),
+                  generator=torch.Generator().manual_seed(0), few_step_teacher=copy.deepcopy(teacher))
+        r = tr.iteration(0)
+        if lam == 0:
+            assert tr.projector is None and "loss_out" not in r and r["loss_generator"] == r["loss_dmd"]
+        else:
+            assert tr.projector is not None and r["loss_out"] > 0 and r["loss_feat"] > 0
+            assert r["loss_generator"] == pytest.approx(r["loss_dmd"] + lam * r["loss_out"] + 2 * lam * r["loss_feat"],
+                                                        rel=1e-5)
+            assert all(p.grad is None for p in tr.kd_teacher.parameters())  # ξ' frozen
+            assert all(not p.requires_grad for p in tr.kd_teacher.parameters())
+
+
+def test_corrupt_few_step_teacher_is_refused_by_name(pair, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / TEACHER_NAME).write_bytes(b"garbage")
+    with pytest.raises(DitnasError, match=str(out / TEACHER_NAME)):
+        distill_steps(small(), pair["teacher"], pair["student"], out)
+    assert (out / TEACHER_NAME).read_bytes() == b"garbage" and not (out / STATE_NAME).exists()
