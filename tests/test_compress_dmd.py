@@ -247,7 +247,7 @@ def test_trajectory_teacher_lands_on_the_ode_solution_in_few_steps(toys):
     frozen = copy.deepcopy(teacher.state_dict())
     xi = train_trajectory_teacher(teacher, times, train, s, torch.Generator().manual_seed(2))
     after = few_step_error(xi, times, held)
-    # measured: 2-step MSE to the 28-step ODE end point 0.389 (teacher) -> 0.014 (ξ'), on held-out noise
+    # measured (800-step toy): 2-step MSE to the 28-step ODE end point 0.252 (teacher) -> 0.011 (ξ'), held-out noise
     assert after < before / 5
     assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
     assert all(not p.requires_grad for p in xi.parameters())
