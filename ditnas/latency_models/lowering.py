@@ -193,6 +193,8 @@ def lower(
 ) -> Lowered:
     """Lower `module` at `inputs` (static shapes) with the recipe of `backend`.
 
+    `module` is frozen in place (eval, requires_grad False): lower a copy of a model you still train.
+
     `constant_prop=False` exists only so tests can show what the recipe prevents; such a program's
     sidecar names another recipe and `check_recipe` refuses it.
     """
