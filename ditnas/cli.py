@@ -500,6 +500,7 @@ def export(
     steps: Annotated[Optional[int], typer.Option(help="denoising steps of the shipped sampler (compress.export.steps)")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(help="guidance baked into the denoiser; 0 = none (compress.export.cfg_scale)")] = None,
     name: Annotated[Optional[str], typer.Option(help="file name stem (default dit_<arch key>)")] = None,
+    measure: Annotated[bool, typer.Option(help="time eager vs .pte (one call and one whole generation) after export")] = True,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -510,7 +511,7 @@ def export(
              "compress.export.cfg_scale": cfg_scale}
     with field_flags(EXPORT_FLAGS):
         cfg = load_run_config(config, overrides, flags)
-        manifest = export_subnet(cfg.compress.export, subnet, out, name=name)
+        manifest = export_subnet(cfg.compress.export, subnet, out, name=name, measure=measure)
     metrics = manifest.get("metrics", {})
     typer.echo(f"{manifest.get('arch')}")
     if "delegated_share" in metrics:
@@ -558,6 +559,33 @@ def generate(
             predicted = predictor.predict_generation(arch, timing["steps"], guidance)
             line += f"; predicted {predicted:.2f} ms on {tbl.describe()}"
     typer.echo(line)
+
+
+@app.command("run")
+def run_all(
+    out: Annotated[Path, typer.Option(help="run folder (rerun continues from the last finished stage)")] = Path("runs/main"),
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    stop_after: Annotated[Optional[str], typer.Option(help="stop after this stage (train, profile, search, extract, prune, kd, distill, export)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress")] = True,
+) -> None:
+    """The main job: train -> profile -> search -> extract -> prune -> KD -> distill -> export -> report."""
+    from ditnas.pipeline import run_pipeline
+
+    cfg = load_run_config(config, overrides, {})
+    manifest = run_pipeline(cfg, out, progress=progress, log=typer.echo, stop_after=stop_after)
+    for name, rec in manifest.get("stages", {}).items():
+        typer.echo(f"  {name:<8} {rec.get('status', ''):<8} {rec.get('wall_s', 0):8.1f} s")
+    html = manifest.get("stages", {}).get("report", {}).get("outputs", {}).get("html")
+    typer.echo(f"run manifest {out / 'run.json'}" + (f", report {html}" if html else ""))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a folder written by `ditnas run`")]) -> None:
+    """(Re)write the run's self-contained HTML report from its artifacts."""
+    from ditnas.reports.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir)}")
 
 
 def main(argv: list[str] | None = None) -> None:

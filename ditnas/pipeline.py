@@ -1,0 +1,297 @@
+"""`ditnas run`: every stage chained through its artifacts in one run folder, resumable.
+
+    train -> profile -> search -> extract -> prune (only if the budget is not met) -> kd -> distill
+          -> export -> report
+
+Each stage is one call of its entry function (the same the single verbs call) writing into
+`<run>/<stage>/`. `<run>/run.json` records per stage: status (done | skipped), the fingerprint of its
+inputs (the config sections it reads + the hashes of the upstream artifacts it consumes), wall time,
+metrics and outputs. Rerunning continues from the first stage that is not done; a done stage whose
+fingerprint changed (a config field, a changed upstream artifact) is redone with every stage after
+it (their inputs hold the upstream hashes and fingerprints), and run.json says why (`redone_because`). The manifest is written after every stage, atomically,
+so an interrupted run loses at most the stage it was in (and that stage resumes from its own
+checkpoints where it has them: train, kd, distill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ditnas.config import RunConfig, dump_config
+from ditnas.errors import DitnasError
+from ditnas.io import file_sha256, read_json, versions, write_json
+
+RUN_MANIFEST = "run.json"
+STAGES = ("train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report")
+BUDGET_FRACTION = 0.5  # default budget: 50% of the max net's measured generation latency
+Log = Callable[[str], None]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _section(cfg: RunConfig, *names: str) -> dict[str, Any]:
+    """The config fields a stage reads, flat (`search.trials`: 64), so a change is named field by field."""
+    out: dict[str, Any] = {}
+
+    def flat(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and prefix.count(".") < 3 \
+                and not prefix.endswith("stage_ops"):
+            for k, v in value.items():
+                flat(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for name in names:
+        node: Any = cfg
+        for part in name.split("."):
+            node = getattr(node, part)
+        flat(name, dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node)
+    return json.loads(json.dumps(out, default=str))
+
+
+def _fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+class Run:
+    """The run folder and its manifest; `stage(name, inputs, fn)` runs or reuses one stage."""
+
+    def __init__(self, root: Path, cfg: RunConfig, log: Log) -> None:
+        self.root, self.cfg, self.log = Path(root), cfg, log
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / RUN_MANIFEST
+        self.manifest: dict[str, Any] = (read_json(path, missing="", damaged=f"delete {path} to start the run over")
+                                         if path.exists() else {"kind": "ditnas.run", "created": _now(), "stages": {}})
+
+    def save(self) -> None:
+        self.manifest["updated"] = _now()
+        self.manifest["versions"] = versions("torch", "executorch", "optuna")
+        write_json(self.root / RUN_MANIFEST, self.manifest)
+
+    def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run stage `name` into `<run>/<name>` unless it is done with the same inputs; returns its record."""
+        old = self.manifest["stages"].get(name)
+        why: list[str] = []
+        if old is not None and old.get("status") in ("done", "skipped"):
+            changed = _diff(old.get("inputs", {}), inputs)
+            if not changed:
+                self.log(f"[{name}] done earlier, inputs unchanged: reused")
+                return old
+            why = [f"input {k} changed" for k in changed]
+        started = time.time()
+        self.log(f"[{name}] {'redoing: ' + ', '.join(why) if why else 'running'}")
+        result = fn(self.root / name)
+        record = {"status": result.pop("status", "done"), "inputs": inputs, "fingerprint": _fingerprint(inputs),
+                  "wall_s": round(time.time() - started, 2), "finished": _now(), **result}
+        if why:
+            record["redone_because"] = why
+        self.manifest["stages"][name] = record
+        self.save()
+        self.log(f"[{name}] {record['status']} in {record['wall_s']:.1f} s")
+        return record
+
+
+def max_generation_ms(table_root: Path, predictor: Any, arch: Any, steps: int, guidance: str) -> tuple[float, str]:
+    """The max net's generation latency: measured (the profile times the max arch's generations) if
+    available, else the predictor's; says which."""
+    from ditnas.latency_models.stage import table_generations
+
+    gens = table_generations(table_root)
+    if gens is not None and len(gens):
+        hit = gens[(gens["arch"] == str(arch)) & (gens["steps"] == steps) & (gens["guidance"] == guidance)]
+        if len(hit):
+            return float(hit["p50"].iloc[0]), "measured"
+    return float(predictor.predict_generation(arch, steps, guidance)), "predicted"
+
+
+def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log = print,
+                 stop_after: str | None = None) -> dict[str, Any]:
+    """Run (or continue) every stage on `cfg` into the run folder `out`; returns run.json's content."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise DitnasError(f"stop_after {stop_after!r} is not a stage; choose one of {', '.join(STAGES)}")
+    cfg.search.check(), cfg.latency.check(), cfg.compress.check()
+    run = Run(out, cfg, log)
+    dump_config(cfg, run.root / "config.yaml")
+    run.manifest["config"] = cfg.to_dict()
+    records: dict[str, dict[str, Any]] = {}
+
+    def done(name: str) -> bool:
+        return stop_after == name
+
+    # ----- 1. supernet ------------------------------------------------------------------------
+    def train(folder: Path) -> dict[str, Any]:
+        from ditnas.supernet.run import train_run
+
+        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=True)
+        ckpt = folder / m["checkpoint"]
+        return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt)},
+                "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"], "quality": m.get("quality", {})}}
+
+    records["train"] = run.stage("train", _section(cfg, "data", "space", "model", "train", "sample"), train)
+    ckpt = Path(records["train"]["outputs"]["checkpoint"])
+    if done("train"):
+        return run.manifest
+
+    # ----- 2. latency table -------------------------------------------------------------------
+    def profile(folder: Path) -> dict[str, Any]:
+        from ditnas.latency_models.profile import profile_space, supernet_for_profiling
+        from ditnas.latency_models.stage import build_table
+
+        supernet = supernet_for_profiling(cfg, ckpt)
+        session = profile_space(supernet, cfg.latency, folder, cfg_scale=cfg.sample.cfg_scale,
+                                progress=_line_progress(log, "profile"))
+        table, predictor = build_table(session, supernet)
+        return {"outputs": {"table": str(table.root), "table_id": table.table_id},
+                "metrics": {"programs": int(len(session.summary())), "calibration": predictor.calibration.method,
+                            "generation_fits": {g: f.method for g, f in predictor.generation.fits.items()}}}
+
+    # latency depends on the space and model dimensions, not on the weights: training longer keeps the table
+    records["profile"] = run.stage("profile", _section(cfg, "space", "model", "latency", "sample.cfg_scale"), profile)
+    table_root = Path(records["profile"]["outputs"]["table"])
+    if done("profile"):
+        return run.manifest
+
+    # ----- 3. search --------------------------------------------------------------------------
+    from ditnas.latency_models.stage import load_predictor
+
+    table, predictor = load_predictor(table_root)
+    steps = cfg.search.sorted_steps[0]
+    max_arch = table.space.max_arch()
+    reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
+    budget = cfg.search.budget_ms or BUDGET_FRACTION * reference
+    search_cfg = replace(cfg.search, budget_ms=float(budget))
+
+    def search(folder: Path) -> dict[str, Any]:
+        from ditnas.search.stage import run_search
+
+        m = run_search(search_cfg, ckpt, table_root, folder)
+        if not m.get("best"):
+            raise DitnasError(f"search found no arch under {budget:.3g} ms ({m['trials_total']} trials); raise "
+                              "search.budget_ms or search.trials")
+        return {"outputs": {"manifest": str(folder / "manifest.json"), "best": m["best"]},
+                "metrics": {"budget_ms": budget, "budget_source": f"{BUDGET_FRACTION:g} x max net {source}"
+                            if cfg.search.budget_ms is None else "search.budget_ms",
+                            "max_net_ms": reference, "latency_definition": m["latency_definition"],
+                            "trials": m["trials_total"], "pareto_size": m["pareto_size"]}}
+
+    records["search"] = run.stage("search", {**_section(cfg, "search"), "budget_ms": budget,
+                                             "checkpoint_sha256": records["train"]["outputs"]["checkpoint_sha256"],
+                                             "table_id": records["profile"]["outputs"]["table_id"]}, search)
+    best = records["search"]["outputs"]["best"]
+    if done("search"):
+        return run.manifest
+
+    # ----- 4. extract chosen subnet + the teacher (max net) -----------------------------------
+    def extract(folder: Path) -> dict[str, Any]:
+        from ditnas.supernet.extract import extract_subnet
+
+        chosen = extract_subnet(ckpt, best["arch"], folder / "chosen")
+        teacher = extract_subnet(ckpt, "max", folder / "teacher")
+        return {"outputs": {"chosen": str(folder / "chosen"), "teacher": str(folder / "teacher")},
+                "metrics": {"chosen_params": chosen["params"], "teacher_params": teacher["params"],
+                            "parity_max_abs_error": max(chosen["parity_max_abs_error"], teacher["parity_max_abs_error"])}}
+
+    records["extract"] = run.stage("extract", {"best": best["arch"],
+                                               "checkpoint_sha256": records["train"]["outputs"]["checkpoint_sha256"]}, extract)
+    chosen, teacher = Path(records["extract"]["outputs"]["chosen"]), Path(records["extract"]["outputs"]["teacher"])
+    if done("extract"):
+        return run.manifest
+
+    # ----- 5. prune only when the chosen arch misses the budget ---------------------------------
+    def prune(folder: Path) -> dict[str, Any]:
+        from ditnas.supernet.extract import load_subnet
+
+        arch = load_subnet(chosen).arch
+        predicted = predictor.predict_generation(arch, steps, cfg.search.guidance)
+        if predicted <= budget:
+            return {"status": "skipped", "outputs": {"subnet": str(chosen)},
+                    "metrics": {"reason": f"the chosen arch meets the budget ({predicted:.3g} <= {budget:.3g} ms)"}}
+        from ditnas.compress.prune import prune_subnet
+
+        per_step = predictor.generation.per_step_budget(budget, steps, cfg.search.guidance)
+        m = prune_subnet(replace(cfg.compress.prune, budget_ms=per_step), cfg.compress.kd, chosen, table_root, folder,
+                         data_cfg=cfg.data, progress=log)
+        return {"outputs": {"subnet": str(folder)}, "metrics": m.get("metrics", {})}
+
+    records["prune"] = run.stage("prune", {**_section(cfg, "compress.prune"), "budget_ms": budget,
+                                           "chosen": best["arch"]}, prune)
+    student_init = Path(records["prune"]["outputs"]["subnet"])
+    if done("prune"):
+        return run.manifest
+
+    # ----- 6. KD from the max net --------------------------------------------------------------
+    def kd(folder: Path) -> dict[str, Any]:
+        from ditnas.compress.kd import distill_kd
+
+        m = distill_kd(cfg.compress.kd, teacher, student_init, folder, data_cfg=cfg.data)
+        return {"outputs": {"subnet": str(folder)}, "metrics": m.get("metrics", {})}
+
+    records["kd"] = run.stage("kd", {**_section(cfg, "compress.kd"), "student": str(student_init),
+                                     "prune": records["prune"].get("fingerprint")}, kd)
+    if done("kd"):
+        return run.manifest
+
+    # ----- 7. step distillation to a few-step student -------------------------------------------
+    def distill(folder: Path) -> dict[str, Any]:
+        from ditnas.compress.distill import distill_steps
+
+        m = distill_steps(cfg.compress.distill, teacher, Path(records["kd"]["outputs"]["subnet"]), folder, data_cfg=cfg.data)
+        return {"outputs": {"subnet": str(folder)}, "metrics": m.get("metrics", {})}
+
+    records["distill"] = run.stage("distill", {**_section(cfg, "compress.distill"), "kd": records["kd"].get("fingerprint")},
+                                   distill)
+    if done("distill"):
+        return run.manifest
+
+    # ----- 8. export + verify on the runtime ----------------------------------------------------
+    def export(folder: Path) -> dict[str, Any]:
+        from ditnas.compress.export import export_subnet
+
+        export_cfg = replace(cfg.compress.export, steps=cfg.compress.distill.student_steps)
+        m = export_subnet(export_cfg, Path(records["distill"]["outputs"]["subnet"]), folder, name="student")
+        return {"outputs": {"pte": str(folder / m["artifact"])}, "metrics": m.get("metrics", {})}
+
+    records["export"] = run.stage("export", {**_section(cfg, "compress.export"), "distill": records["distill"].get("fingerprint")},
+                                  export)
+    if done("export"):
+        return run.manifest
+
+    # ----- 9. report: regenerated on every run (cheap; it reads every stage's artifacts) ----------
+    from ditnas.reports.report import write_report
+
+    started = time.time()
+    html = write_report(run.root)
+    run.manifest["stages"]["report"] = {"status": "done", "outputs": {"html": str(html)}, "wall_s": round(time.time() - started, 2),
+                                        "finished": _now()}
+    run.save()
+    log(f"[report] {html}")
+    return run.manifest
+
+
+def _line_progress(log: Log, phase: str) -> Callable[[int, int, str], None]:
+    """Stage progress as a line per ~5% (the pipeline's own log; the stage's bar would interleave)."""
+    state = {"last": -1}
+
+    def update(done: int, total: int, what: str) -> None:
+        if not total:
+            return
+        step = max(1, total // 20)
+        if done // step != state["last"] or done == total:
+            state["last"] = done // step
+            log(f"[{phase}] {done}/{total} {what}")
+    return update

@@ -1,0 +1,254 @@
+"""One self-contained HTML file per run (`<run>/report.html`): what a release engineer reads.
+
+It reads only the run folder's artifacts (run.json and each stage's files), so `ditnas report <run>`
+regenerates it at any time. Figures are matplotlib PNGs embedded as base64; every latency figure
+names its device, threads and definition. Sections whose stage has not run yet say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ditnas.errors import DitnasError
+from ditnas.io import atomic_write_text, read_json
+
+OP_COLOURS = {"sa": "#4c72b0", "gqa": "#8172b3", "assa": "#64b5cd", "lcha": "#55a868", "ssa": "#dd8452", "skip": "#dddddd"}
+
+
+def _fig_to_img(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _png(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}">'
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p><i>none</i></p>"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, default=str)[:160]
+    return "" if v is None else str(v)
+
+
+def _jsonl(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+# ----- sections ---------------------------------------------------------------------------------
+def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float | None) -> str:
+    import matplotlib.pyplot as plt
+
+    trials = search_dir / "trials.csv"
+    if not trials.is_file():
+        return "<p><i>the search has not run</i></p>"
+    df = pd.read_csv(trials)
+    df = df[df["state"] == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    feas = df[df["feasible"].astype(bool)]
+    ax.scatter(df["latency_ms"], df["quality"], s=12, c="#bbbbbb", label="infeasible / dominated")
+    ax.scatter(feas["latency_ms"], feas["quality"], s=14, c="#4c72b0", label="feasible trials")
+    front = search_dir / "pareto.csv"
+    if front.is_file():
+        f = pd.read_csv(front).sort_values("latency_ms")
+        ax.plot(f["latency_ms"], f["quality"], "-o", c="#c44e52", ms=4, label="Pareto front")
+    if best:
+        ax.scatter([best["latency_ms"]], [best["quality"]], s=120, marker="*", c="gold", edgecolors="k", zorder=5,
+                   label="chosen")
+    if budget:
+        ax.axvline(budget, ls="--", c="k", lw=1, label=f"budget {budget:.3g} ms")
+    ax.set_xlabel("one generation, ms (predicted)")
+    ax.set_ylabel("validation flow loss (lower is better)")
+    ax.legend(fontsize=7)
+    return _fig_to_img(fig)
+
+
+def latency_figure(table_root: Path) -> str:
+    """Predicted vs measured: the table's whole models (per step) and its timed generations, ±10% band."""
+    import matplotlib.pyplot as plt
+
+    from ditnas.latency_models.stage import load_predictor, table_generations
+
+    table, predictor = load_predictor(table_root)
+    points = []
+    for r in table.model_rows().itertuples(index=False):
+        points.append(("per step", float(r.p50), predictor.predict(table.space.parse(r.arch, source="report"))))
+    gens = table_generations(table_root)
+    if gens is not None:
+        for r in gens.itertuples(index=False):
+            arch = table.space.parse(r.arch, source="report")
+            points.append((f"{r.guidance} @ {r.steps} steps", float(r.p50), predictor.predict_generation(arch, int(r.steps), r.guidance)))
+    if not points:
+        return "<p><i>the table holds no whole-model rows</i></p>"
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = min(min(p[1], p[2]) for p in points), max(max(p[1], p[2]) for p in points)
+    grid = [lo * 0.8, hi * 1.2]
+    ax.plot(grid, grid, "k-", lw=0.8)
+    ax.fill_between(grid, [g * 0.9 for g in grid], [g * 1.1 for g in grid], color="#dddddd", label="±10%")
+    for label in dict.fromkeys(p[0] for p in points):
+        sel = [p for p in points if p[0] == label]
+        ax.scatter([p[1] for p in sel], [p[2] for p in sel], s=16, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured ms")
+    ax.set_ylabel("predicted ms")
+    ax.set_title(f"{table.describe()} (in-sample)", fontsize=8)
+    ax.legend(fontsize=7)
+    return _fig_to_img(fig)
+
+
+def layout_figure(arch: Any) -> str:
+    """Slots coloured by operator, bar height by width, half-resolution stages shaded."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(arch.slots)), 2.2))
+    for i, slot in enumerate(arch.slots):
+        if slot.stage == 1:
+            ax.axvspan(i - 0.5, i + 0.5, color="#f3f3f3", zorder=0)
+        height = 0.15 if slot.is_skip else slot.width
+        ax.bar(i, height, color=OP_COLOURS.get(slot.op, "#999999"), edgecolor="k", lw=0.5)
+        ax.text(i, height + 0.03, "skip" if slot.is_skip else f"{slot.op}\n×{slot.mlp_ratio:g}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(arch.slots)))
+    ax.set_ylim(0, 1.45)
+    ax.set_ylabel("width")
+    ax.set_xlabel("slot (shaded: half resolution)")
+    return _fig_to_img(fig)
+
+
+def breakdown_figure(table_root: Path, arch: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    from ditnas.latency_models.stage import load_predictor
+
+    _, predictor = load_predictor(table_root)
+    cost = predictor.decompose(arch)
+    labels = [c.cell.key().split(":n")[0] for c in cost.cells] + ["fixed"]
+    values = [c.ms for c in cost.cells] + [cost.fixed_ms]
+    fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(labels) + 1))
+    ax.barh(range(len(labels)), values, color=["#4c72b0" if "block" in label else "#999999" for label in labels])
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms per step (calibrated); total {cost.total_ms:.3g} ms")
+    return _fig_to_img(fig)
+
+
+def curves_figure(frame: pd.DataFrame, columns: list[str], title: str) -> str:
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in columns if c in frame.columns]
+    if frame.empty or not cols:
+        return f"<p><i>no {title} curves</i></p>"
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    x = frame["step"] if "step" in frame.columns else range(len(frame))
+    for c in cols:
+        ax.plot(x, frame[c].rolling(10, min_periods=1).mean(), label=c)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _fig_to_img(fig)
+
+
+def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
+    """Samples of every class from the exported .pte, generated on this host's ExecuTorch runtime."""
+    import torch
+
+    from ditnas.compress.export import generate_from_pte
+    from ditnas.supernet.quality import save_grid
+
+    images, timings = [], []
+    for label in range(10):
+        imgs, timing = generate_from_pte(pte, label=label, n=4, seed=label)
+        images.append(imgs)
+        timings.append(timing["median_ms"])
+    grid = save_grid(torch.cat(images), out, nrow=4)
+    return _png(grid), {"median_ms_per_image": sorted(timings)[len(timings) // 2], "steps": timing["steps"]}
+
+
+# ----- the document -------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+h2{border-bottom:1px solid #ddd;margin-top:2em}.grid img{margin-right:1em;vertical-align:top}code{background:#f4f4f4}"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `<run_dir>/report.html` from the run's artifacts; returns its path."""
+    run_dir = Path(run_dir)
+    manifest = read_json(run_dir / "run.json", missing=f"{run_dir} is not a ditnas run folder (no run.json); pass the "
+                         "folder `ditnas run --out` wrote", damaged="rerun `ditnas run` on the same --out")
+    stages = manifest.get("stages", {})
+    parts = [f"<h1>ditnas run report</h1><p>run folder <code>{html.escape(str(run_dir.resolve()))}</code>, "
+             f"updated {html.escape(str(manifest.get('updated', '')))}</p>"]
+    parts.append("<h2>Stages</h2>" + _table([{"stage": k, "status": v.get("status"), "wall s": v.get("wall_s"),
+                                             "redone because": "; ".join(v.get("redone_because", []))}
+                                            for k, v in stages.items()]))
+    search = stages.get("search", {})
+    best = (search.get("outputs") or {}).get("best")
+    budget = (search.get("metrics") or {}).get("budget_ms")
+    if search:
+        m = search.get("metrics", {})
+        parts.append(f"<h2>Search</h2><p>budget {budget:.4g} ms ({html.escape(str(m.get('budget_source')))}; max net "
+                     f"{m.get('max_net_ms', float('nan')):.4g} ms). Latency = {html.escape(str(m.get('latency_definition')))}.</p>")
+        if best:
+            parts.append(f"<p>chosen: <code>{html.escape(best['arch'])}</code> — {best['latency_ms']:.4g} ms, loss "
+                         f"{best['quality']:.4g} at {best['steps']} steps</p>")
+        parts.append(pareto_figure(run_dir / "search", best, budget))
+    profile = stages.get("profile", {})
+    table_root = Path((profile.get("outputs") or {}).get("table", run_dir / "profile" / "table"))
+    if (table_root / "table.json").exists():
+        parts.append("<h2>Latency: predicted vs measured</h2>" + latency_figure(table_root))
+        if best:
+            from ditnas.latency_models.stage import load_predictor
+
+            table, _ = load_predictor(table_root)
+            arch = table.space.parse(best["arch"], source="report")
+            parts.append("<h2>Chosen arch</h2>" + layout_figure(arch) + breakdown_figure(table_root, arch))
+    parts.append("<h2>Training curves</h2>" + curves_figure(_jsonl(run_dir / "train" / "metrics.jsonl"),
+                                                            ["loss_max", "loss_subnets", "distill"], "supernet"))
+    dist = _jsonl(run_dir / "distill" / "metrics.jsonl")
+    parts.append(curves_figure(dist, [c for c in dist.columns if "loss" in c], "step distillation"))
+    grids = []
+    if (run_dir / "train" / "samples_max.png").is_file():
+        grids.append(f"<figure>{_png(run_dir / 'train' / 'samples_max.png')}<figcaption>max net, supernet weights</figcaption></figure>")
+    export = stages.get("export", {})
+    pte = (export.get("outputs") or {}).get("pte")
+    if pte and Path(pte).is_file():
+        try:
+            img, timing = student_grid(Path(pte), run_dir / "report_student.png")
+            grids.append(f"<figure>{img}<figcaption>{timing['steps']}-step student from the .pte on the ExecuTorch runtime "
+                         f"({timing['median_ms_per_image']:.3g} ms per image, 1 thread, this host)</figcaption></figure>")
+        except DitnasError as exc:
+            grids.append(f"<p>student samples unavailable: {html.escape(str(exc))}</p>")
+    parts.append("<h2>Samples</h2><div class='grid'>" + ("".join(grids) or "<p><i>none yet</i></p>") + "</div>")
+    rows = [{"stage": k, **{mk: mv for mk, mv in (v.get("metrics") or {}).items() if not isinstance(mv, (dict, list))}}
+            for k, v in stages.items()]
+    parts.append("<h2>Stage metrics</h2>" + _table(rows))
+    parts.append(f"<h2>Versions</h2>{_table([manifest.get('versions', {})])}")
+    doc = f"<!doctype html><html><head><meta charset='utf-8'><title>ditnas run</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    path = run_dir / "report.html"
+    atomic_write_text(path, doc)
+    return path

@@ -1,0 +1,101 @@
+"""`ditnas run` end to end on a tiny config (real training, a host-torch table, real search, KD, K-DMD,
+an XNNPACK export and the report), then the resume contract: a rerun reuses every stage, a changed
+search field redoes search and everything after it and run.json says why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import run
+
+from ditnas.search.threads import torch_threads
+
+TINY = ["model.max_heads=2", "model.head_dim=8", "model.cond_dim=16", "model.cond_tokens=1", "space.depth=3",
+        "space.stage_pattern=[0,1,0]", "space.skippable=[1]", "space.widths=[0.5,1.0]", "space.mlp_ratios=[2,4]",
+        "space.ops=[sa,lcha]", "train.steps=30", "train.batch_size=16", "train.checkpoint_every=0",
+        "train.warmup_steps=5", "latency.backend=host-torch", "latency.models=4", "latency.iters=3",
+        "latency.warmup=1", "latency.generation_steps=[4]", "latency.generation_iters=2", "search.steps=[4]",
+        "search.trials=4", "search.dp_seeds=2", "search.population=4", "search.eval_items=32",
+        "compress.kd.steps=3", "compress.kd.eval_items=32", "compress.distill.steps=2",
+        "compress.distill.batch_size=8", "compress.distill.eval_samples=0", "compress.export.timing_iters=2"]
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _run_to(out, stop_after=None):
+    from ditnas.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--out", str(out), "--no-progress", *_sets(TINY), *(["--stop-after", stop_after] if stop_after else [])])
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    return _run_to(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    return _run_to(tmp_path_factory.mktemp("searched"), "search")
+
+
+@pytest.mark.slow  # every stage, an XNNPACK export and the report: minutes on 2 cores
+def test_every_stage_ran_and_the_report_shows_them(finished):
+    manifest = json.loads((finished / "run.json").read_text())
+    stages = manifest["stages"]
+    assert list(stages) == ["train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report"]
+    assert all(s["status"] in ("done", "skipped") for s in stages.values())
+    search = stages["search"]["metrics"]
+    assert search["budget_ms"] == pytest.approx(0.5 * search["max_net_ms"])  # the default budget
+    assert (finished / "export" / "student_xnnpack_fp32.pte").is_file()
+    html = (finished / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # pareto, latency, layout, breakdown, curves, grids
+    for section in ("Stages", "Search", "Latency: predicted vs measured", "Chosen arch", "Samples"):
+        assert section in html
+
+
+def test_rerun_reuses_and_a_changed_field_redoes_from_its_stage(searched, capsys):
+    stop = ["--stop-after", "search"]
+    before = json.loads((searched / "run.json").read_text())["stages"]
+    assert list(before) == ["train", "profile", "search"] and all(s["status"] == "done" for s in before.values())
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(TINY), *stop], capsys)
+    assert code == 0, err
+    assert out.count("inputs unchanged: reused") == 3
+    assert json.loads((searched / "run.json").read_text())["stages"] == before  # nothing re-run, nothing rewritten
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(TINY + ["search.trials=6"]), *stop], capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert stages["search"]["redone_because"] == ["input search.trials changed"]
+    assert stages["search"]["metrics"]["trials"] == 6
+    for name in ("train", "profile"):
+        assert stages[name] == before[name]
+    # a training change redoes train and what reads the checkpoint, not the table (latency ignores weights)
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(TINY + ["search.trials=6", "train.steps=31"]),
+                          *stop], capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert stages["train"]["redone_because"] == ["input train.steps changed"]
+    assert stages["profile"] == before["profile"]
+    assert stages["search"]["redone_because"] == ["input checkpoint_sha256 changed"]
+
+
+def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
+    code, out, _ = run(["report", str(searched)], capsys)
+    assert code == 0 and "report.html" in out
+    html = (searched / "report.html").read_text()
+    assert "Pareto" not in html or "data:image/png;base64," in html
+    assert html.count("data:image/png;base64,") >= 4  # pareto, latency, layout, breakdown (+ curves, grid)
+    code, _, err = run(["report", str(tmp_path)], capsys)
+    assert code == 2 and "not a ditnas run folder" in err
