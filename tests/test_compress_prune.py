@@ -289,3 +289,16 @@ def test_memory_budget_and_single_kind_units(env):
         assert out.num_params() * 4 / 2**20 <= limit
         assert {r.kind for r in pruner.removals} == set(kinds)
     assert replace  # (imported for callers that vary configs)
+
+
+@pytest.mark.slow
+def test_measure_path_times_the_pruned_model_on_xnnpack(env, tmp_path):
+    """prune_subnet(measure=True): before/after whole-model p50 on ExecuTorch XNNPACK (minutes on 2 shared cores)."""
+    pytest.importorskip("executorch")
+    model = load_subnet(env["teacher"])
+    cfg = PruneConfig(budget_ms=_budget(env, model, 0.8), channel_group=G, calib_items=16, rescore_every=4,
+                      recover_steps=0, final_steps=0)
+    m = prune_subnet(cfg, KDConfig(eval_items=32), env["teacher"], env["table"], tmp_path / "p", measure=True)
+    before, after = m["metrics"]["measured_ms_before"], m["metrics"]["measured_ms_after"]
+    assert 0 < before["p10"] <= before["p50"] <= before["p90"]
+    assert 0 < after["p10"] <= after["p50"] <= after["p90"]
