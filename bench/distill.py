@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--critic-updates", type=int, default=5)
     p.add_argument("--cfg", type=float, default=2.0, help="teacher guidance (DMD real score and the 28-step reference)")
     p.add_argument("--samples", type=int, default=500)
-    p.add_argument("--few-step-teacher", default="trajectory", choices=["trajectory", "teacher"])
+    p.add_argument("--few-step-teacher", default="teacher", choices=["trajectory", "teacher"])
     p.add_argument("--work", type=Path, default=Path("runs/bench_distill"))
     p.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
     p.add_argument("--threads", type=int, default=1)

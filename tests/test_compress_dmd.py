@@ -281,7 +281,7 @@ def pair(tmp_path_factory):
 
 def small(**kw) -> DistillConfig:
     base = dict(method="kdmd", steps=3, batch_size=4, critic_updates=2, checkpoint_every=1, eval_samples=0, lr=1e-3,
-                critic_lr=1e-3, teacher_pairs=16, teacher_kd_steps=3, teacher_substeps=2)
+                critic_lr=1e-3, few_step_teacher="trajectory", teacher_pairs=16, teacher_kd_steps=3, teacher_substeps=2)
     return DistillConfig(**{**base, **kw})
 
 
