@@ -238,6 +238,8 @@ def test_greedy_prune_stops_at_the_first_state_under_budget(env, tmp_path):
     assert m["metrics"]["predicted_ms_after"] == pytest.approx(lat[-1], rel=1e-9)
     assert m["metrics"]["params_after"] < m["metrics"]["params_before"]
     assert all(r["sensitivity"] == r["sensitivity"] for r in m["metrics"]["removed"])  # recorded (not NaN)
+    names = [r["unit"] for r in m["metrics"]["removed"]]
+    assert len(set(names)) == len(names)  # named by input-model index: no unit is removed twice
     loaded = load_subnet(tmp_path / "pruned")
     assert loaded.num_params() == m["metrics"]["params_after"]
     assert read_manifest(tmp_path / "pruned", "ditnas.prune")["arch"] == str(loaded.arch)
@@ -302,3 +304,24 @@ def test_measure_path_times_the_pruned_model_on_xnnpack(env, tmp_path):
     before, after = m["metrics"]["measured_ms_before"], m["metrics"]["measured_ms_after"]
     assert 0 < before["p10"] <= before["p50"] <= before["p90"]
     assert 0 < after["p10"] <= after["p50"] <= after["p90"]
+
+
+def test_removals_are_named_by_their_index_in_the_input_model(env):
+    """Every round is physically pruned and re-indexed; the removal trace still names input-model units:
+    the kept FFN rows of the result are exactly the input's rows minus the named groups."""
+    model = load_subnet(env["teacher"])
+    limit = (model.num_params() - 5 * 2 * 16 * 33) * 4 / 2**20  # about five channel groups' worth
+    cfg = PruneConfig(memory_mb=limit, units=("channels",), channel_group=G, calib_items=16, rescore_every=1,
+                      recover_steps=0, final_steps=0)
+    pruner = Pruner(cfg, KDConfig(), model, env["split"], pricer=None)
+    out = pruner.run()
+    assert len(pruner.removals) >= 4 and len({r.round for r in pruner.removals}) == len(pruner.removals)
+    removed = {}
+    for r in pruner.removals:
+        block, rest = r.unit.split(".")
+        removed.setdefault(int(block[5:]), set()).add(int(rest[len("channels["):-1]))
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, Block):
+            continue
+        keep = [c for j in range(block.ffn.max_hidden // G) if j not in removed.get(i, set()) for c in range(j * G, (j + 1) * G)]
+        assert torch.equal(out.blocks[i].ffn.fc1.weight, block.ffn.fc1.weight[keep])

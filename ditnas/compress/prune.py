@@ -459,7 +459,7 @@ def state_params(model: SubDiT, mask: PruneMask, group: int) -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Removal:
-    unit: str
+    unit: str  # named by its index in the input model (e.g. block2.heads[1])
     kind: str
     sensitivity: float
     delta: float  # saving used for the ratio (ms or params)
@@ -505,6 +505,10 @@ class Pruner:
         self.removals: list[Removal] = []
         self.kd_losses: list[dict] = []
         self.group = cfg.channel_group
+        # original (input-model) index of every head group / channel group still present, per block:
+        # units are re-indexed when a round is physically pruned; the manifest names the original ones
+        self.orig = {(kind, i): list(range(n)) for i, b, op in _blocks(model)
+                     for kind, n in (("heads", len(head_groups(b, op))), ("channels", channel_groups(b, cfg.channel_group)))}
 
     @property
     def probe(self) -> KDProbe:
@@ -589,12 +593,16 @@ class Pruner:
                 mask = mask.with_unit(u)
                 lat = t_lat
                 params = self.params(mask) if by_latency else t_par
-                self.removals.append(Removal(str(u), u.kind, float(scores.get(u, float("nan"))), float(delta),
+                original = u if u.kind == "blocks" else Unit(u.kind, u.block, self.orig[(u.kind, u.block)][u.index])
+                self.removals.append(Removal(str(original), u.kind, float(scores.get(u, float("nan"))), float(delta),
                                              d_ms, lat, int(params), rnd))
                 self.progress(f"removed {u}: {lat if lat is not None else float('nan'):.4g} ms, {params} params")
                 picked += 1
             # physically prune, then recover (the next round scores the pruned model)
             self.model = export_pruned(self.model, mask, self.group)
+            for (kind, i), ids in self.orig.items():
+                gone = mask.of(kind, i)
+                self.orig[(kind, i)] = [x for j, x in enumerate(ids) if j not in gone]
             mask = PruneMask()
             rnd += 1
             if not self.within(lat, params):
