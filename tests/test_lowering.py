@@ -175,3 +175,27 @@ def test_coreml_lowers_ahead_of_time_on_this_host(lcha_block, tmp_path) -> None:
 
     if platform.system() != "Darwin":
         assert not runtime_can_run("coreml")
+
+
+def test_profiling_reuses_only_ptes_of_this_recipe(lcha_block, lowered_block, tmp_path) -> None:
+    """An interrupted profile reuses a lowered .pte only when its sidecar names this recipe and these
+    tool versions; a .pte from before the sidecar (or another executorch) is lowered again."""
+    from ditnas.latency_models.backends.executorch_xnnpack import (
+        ExecuTorchXnnpackBackend,
+        file_stem,
+    )
+
+    backend = ExecuTorchXnnpackBackend(parity_atol=None, etdump=False)
+    stem = file_stem(lcha_block.key())
+    pte = write_pte(lowered_block[0], tmp_path / f"{stem}.pte")
+    (tmp_path / f"{stem}.etrecord").write_bytes(b"etrecord")
+    (tmp_path / f"{stem}.delegation.json").write_text(json.dumps({"key": lcha_block.key(), **lowered_block[0].report}))
+    assert backend.reuse(lcha_block, tmp_path) is not None
+    side = json.loads(sidecar_path(pte).read_text())
+    side["recipe"]["executorch"] = "0.7.0"
+    sidecar_path(pte).write_text(json.dumps(side))
+    assert backend.reuse(lcha_block, tmp_path) is None
+    sidecar_path(pte).unlink()
+    assert backend.reuse(lcha_block, tmp_path) is None
+    write_pte(lowered_block[1], pte)  # the no-constprop program: another recipe
+    assert backend.reuse(lcha_block, tmp_path) is None

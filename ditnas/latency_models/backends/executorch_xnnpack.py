@@ -48,7 +48,7 @@ from ditnas.latency_models.backends.base import (
     register_backend,
 )
 from ditnas.latency_models.lowering import COMPUTE_OPS, delegation_report  # noqa: F401 -- old import path
-from ditnas.latency_models.lowering import Lowered, input_specs, recipe_fingerprint, write_pte
+from ditnas.latency_models.lowering import Lowered, check_recipe, input_specs, recipe_fingerprint, write_pte
 from ditnas.latency_models.lowering import lower as lower_program
 from ditnas.latency_models.programs import Program
 
@@ -174,6 +174,10 @@ class ExecuTorchXnnpackBackend(Backend):
         workdir, stem = Path(workdir), file_stem(program.key())
         pte, etrecord, report = (workdir / f"{stem}{suffix}" for suffix in (".pte", ".etrecord", ".delegation.json"))
         if not (pte.is_file() and etrecord.is_file() and report.is_file()):
+            return None
+        try:  # lowered before the recipe sidecar existed, or by another recipe / tool version: lower again
+            check_recipe(pte, "xnnpack")
+        except DitnasError:
             return None
         # the report is written last by prepare(): its presence means the .pte passed every check
         return Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=load_delegation_report(report))
