@@ -310,12 +310,12 @@ def test_removals_are_named_by_their_index_in_the_input_model(env):
     """Every round is physically pruned and re-indexed; the removal trace still names input-model units:
     the kept FFN rows of the result are exactly the input's rows minus the named groups."""
     model = load_subnet(env["teacher"])
-    limit = (model.num_params() - 5 * 2 * 16 * 33) * 4 / 2**20  # about five channel groups' worth
+    limit = (model.num_params() - 3 * 2 * 16 * 33) * 4 / 2**20  # about three channel groups' worth
     cfg = PruneConfig(memory_mb=limit, units=("channels",), channel_group=G, calib_items=16, rescore_every=1,
                       recover_steps=0, final_steps=0)
     pruner = Pruner(cfg, KDConfig(), model, env["split"], pricer=None)
     out = pruner.run()
-    assert len(pruner.removals) >= 4 and len({r.round for r in pruner.removals}) == len(pruner.removals)
+    assert len(pruner.removals) >= 3 and len({r.round for r in pruner.removals}) == len(pruner.removals)
     removed = {}
     for r in pruner.removals:
         block, rest = r.unit.split(".")
