@@ -146,6 +146,8 @@ class KDTrainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.projector = projector if projector is not None else projector_for(student, teacher)
         tc = train or TrainConfig()
+        # assumption: CFG label dropout, time shift and grad clipping as the supernet run's train section;
+        # AdamW without weight decay, constant lr, no EMA (the student starts trained; KD runs are short)
         self.recipe = _FlowRecipe(tc.class_dropout, tc.time_shift)
         self.grad_clip = tc.grad_clip
         self.optimizer = torch.optim.AdamW(list(self.student.parameters()) + list(self.projector.parameters()),

@@ -35,7 +35,11 @@ ratio was not measured) and its kept-head share:
     block ms = a * p50(op, width, hidden/width) * (1 - mixer_share * (1 - kept_heads/heads)) + b
 # assumption: latency splits inside a block as its MACs do (`flops.block_macs_analytic`): the mixer's
 # share of the block MACs scales with its kept heads. Only this head correction is MACs-based; FFN width
-# and blocks are priced by the table itself.
+# and blocks are priced by the table itself. How good: on the tiny test model timed on host-torch (load
+# ~7 on 2 cores, noisy), pruned blocks measured 0.85-1.0x the full block where this pricing said
+# 0.67-0.87x -- tiny blocks are overhead-bound, so MACs overstate head/channel savings; and the
+# predictor's regressor below the smallest measured MLP ratio can price a narrower FFN *above* the full
+# one (such units have Δlatency <= 0 and are never picked). Confirm with `measure=True`.
 
 **Greedy loop**: remove argmin S(u)/Δ(u) (Δ = Δlatency while over `budget_ms`, else Δparams while over
 `memory_mb`; units with Δ <= 0 are never picked), re-score every `rescore_every` removals, physically
@@ -550,6 +554,7 @@ class Pruner:
                                   f"{'/'.join(cfg.units)}: the best reachable is {best:.4g} MB of fp32 parameters")
 
     def recover(self, steps: int) -> None:
+        # assumption: each round a fresh KDTrainer (new AdamW state, data seed offset by the removals so far)
         if steps <= 0:
             return
         cfg = replace(self.kd_cfg, seed=self.kd_cfg.seed + len(self.removals))
