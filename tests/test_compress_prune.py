@@ -325,3 +325,17 @@ def test_removals_are_named_by_their_index_in_the_input_model(env):
             continue
         keep = [c for j in range(block.ffn.max_hidden // G) if j not in removed.get(i, set()) for c in range(j * G, (j + 1) * G)]
         assert torch.equal(out.blocks[i].ffn.fc1.weight, block.ffn.fc1.weight[keep])
+
+
+def test_a_pruned_subnet_is_a_valid_kd_student(env, tmp_path):
+    """prune -> KD: distill_kd takes the pruned folder as student and writes it back loadable (prune record kept)."""
+    model = load_subnet(env["teacher"])
+    pruned = export_pruned(model, _masks(model)["mix"], G)
+    save_pruned(tmp_path / "pruned", pruned, read_subnet_record(env["teacher"]))
+    from ditnas.compress.kd import distill_kd
+
+    m = distill_kd(KDConfig(steps=2, batch_size=4, eval_items=16), env["teacher"], tmp_path / "pruned", tmp_path / "kd")
+    out = load_subnet(tmp_path / "kd")
+    assert out.num_params() == pruned.num_params() and str(out.arch) == str(pruned.arch)
+    assert m["metrics"]["before"]["kd_loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), out.state_dict().values()))
