@@ -157,7 +157,7 @@ class Adversarial:
             self.projector.to(self.device)
         gen_params = list(student.parameters()) + (list(self.projector.parameters()) if self.projector is not None else [])
         self.opt_g = _adam(gen_params, settings.lr)
-        self.opt_c = _adam(disc.head_parameters(), settings.critic_lr)
+        self.opt_c = _adam(disc.head_parameters(), settings.critic_lr)  # assumption: K-DMD's Adam (0, 0.99) for the heads
         self.ttur = TTUR(settings.critic_updates, settings.ttur_mode)
         self.gen = FewStepGenerator(student, settings.student_steps, settings.shift)
         self.shape, self.real, self.rng = tuple(shape), real, generator
@@ -175,6 +175,7 @@ class Adversarial:
         x_real, y = self.real(n, self.rng)
         x_real, y = x_real.to(self.device), y.to(self.device)
         noise = torch.randn((n, *self.shape), generator=self.rng).to(self.device)
+        # assumption: the backpropagated step k ~ U{0..K-1}, one k per batch (DMD2 backward simulation picks likewise)
         k = int(torch.randint(0, s.student_steps, (1,), generator=self.rng))
         record: dict[str, Any] = {"k": k}
         gen_step = self.ttur.generator_step(i)

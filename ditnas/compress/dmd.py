@@ -347,6 +347,7 @@ class KDMD:
         s, n = self.s, self.s.batch_size
         y = self.labels(n, self.rng).to(self.device)
         noise = self._noise(n)
+        # assumption: the backpropagated step k ~ U{0..K-1}, one k per batch (DMD2 backward simulation picks likewise)
         k = int(torch.randint(0, s.student_steps, (1,), generator=self.rng))
         record: dict[str, Any] = {"k": k}
         gen_step = self.ttur.generator_step(i)
