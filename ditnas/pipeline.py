@@ -262,7 +262,9 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     def export(folder: Path) -> dict[str, Any]:
         from ditnas.compress.export import export_subnet
 
-        export_cfg = replace(cfg.compress.export, steps=cfg.compress.distill.student_steps)
+        # the student was trained on time_grid(student_steps, distill.shift): ship exactly that sampler
+        export_cfg = replace(cfg.compress.export, steps=cfg.compress.distill.student_steps,
+                             time_shift=cfg.compress.distill.shift)
         m = export_subnet(export_cfg, Path(records["distill"]["outputs"]["subnet"]), folder, name="student")
         return {"outputs": {"pte": str(folder / m["artifact"])}, "metrics": m.get("metrics", {})}
 
