@@ -59,3 +59,19 @@ def test_bad_inputs_are_one_clear_error(env, tmp_path, capsys):
     assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists()
     code, _, err = run(["prune", "--subnet", str(env["student"]), "--out", str(tmp_path / "p"), "--units", "rows"], capsys)
     assert code == 2 and "--units (compress.prune.units)" in err
+
+
+def test_export_ships_the_time_grid_a_student_was_distilled_on(tmp_path):
+    from ditnas.compress.export import student_sampler
+    from ditnas.compress.manifest import write_manifest
+    from ditnas.config import ExportConfig
+
+    (tmp_path / "subnet.pt").write_bytes(b"x")
+    write_manifest(tmp_path, "ditnas.distill", inputs={}, config={}, metrics={}, files=["subnet.pt"],
+                   extra={"sampler": {"steps": 4, "shift": 3.0, "cfg_scale": 1.0}})
+    adopted = student_sampler(ExportConfig(steps=ExportConfig().steps), tmp_path)
+    assert (adopted.steps, adopted.time_shift) == (4, 3.0)
+    kept = student_sampler(ExportConfig(steps=2, time_shift=1.5), tmp_path)  # the user's own choice wins
+    assert (kept.steps, kept.time_shift) == (2, 1.5)
+    (tmp_path / "extracted").mkdir()  # an extracted subnet records no sampler: the config as given
+    assert student_sampler(ExportConfig(), tmp_path / "extracted") == ExportConfig()

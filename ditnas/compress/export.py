@@ -31,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,25 @@ def _publish(staged: Path, final: Path) -> None:
     os.replace(staged, final)
 
 
+def student_sampler(cfg: ExportConfig, subnet: Path) -> ExportConfig:
+    """A step-distilled student was trained on one time grid (`distill` records it as `sampler` in its
+    manifest): ship that grid unless the export config sets steps / time shift away from the defaults."""
+    folder = subnet if subnet.is_dir() else subnet.parent
+    if not (folder / MANIFEST).is_file():
+        return cfg
+    sampler = read_manifest(folder).get("sampler") or {}
+    defaults = ExportConfig()
+    changes = {}
+    if "steps" in sampler and cfg.steps == defaults.steps:
+        changes["steps"] = int(sampler["steps"])
+    if "shift" in sampler and cfg.time_shift == defaults.time_shift:
+        changes["time_shift"] = float(sampler["shift"])
+    return replace(cfg, **changes) if changes else cfg
+
+
 def export_subnet(cfg: ExportConfig, subnet: Path, out: Path, *, name: str | None = None, measure: bool = True) -> dict[str, Any]:
     """Export the subnet at `subnet` (a `ditnas extract` folder or subnet.pt) into folder `out`; returns the manifest."""
-    cfg = cfg.check()
+    cfg = student_sampler(cfg.check(), Path(subnet))
     subnet, out = Path(subnet), Path(out)
     sub = load_subnet(subnet)
     name = name or f"dit_{sub.arch.key()[:10]}"
