@@ -105,6 +105,9 @@ def _enable_token_auth_if_available() -> bool:
     return True
 
 
+LOCAL_START_ATTEMPTS = 2  # assumption: one retry covers a start-up deadline missed under load
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, probe_timeout: float = PROBE_TIMEOUT_S,
             namespace: str = "ditnas") -> RayConnection:
     """Attach to the cluster at `address` (else `RAY_ADDRESS`), or start a local one.
@@ -120,12 +123,19 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, probe_ti
     if ray.is_initialized():
         ray.shutdown()  # assumption: one connection per driver process; reconnecting replaces it
     if address in (None, "local"):
-        try:
-            # address="local": never silently attach to someone else's `ray start` on this machine
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=namespace,
-                     logging_level="WARNING", log_to_driver=False)
-        except Exception as exc:  # noqa: BLE001 - ray raises many types
-            raise DitnasError(f"cannot start a local Ray cluster: {type(exc).__name__}: {first_line(exc)}") from None
+        for attempt in range(LOCAL_START_ATTEMPTS):
+            try:
+                # address="local": never silently attach to someone else's `ray start` on this machine
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=namespace,
+                         logging_level="WARNING", log_to_driver=False)
+                break
+            except Exception as exc:  # noqa: BLE001 - ray raises many types
+                # a busy machine can miss Ray's own start-up deadline ("Timed out waiting for file
+                # .../gcs_server_port_..."): that one is worth a second try, nothing else is
+                if attempt + 1 < LOCAL_START_ATTEMPTS and "Timed out waiting for file" in str(exc):
+                    ray.shutdown()
+                    continue
+                raise DitnasError(f"cannot start a local Ray cluster: {type(exc).__name__}: {first_line(exc)}") from None
         return _describe("local", True)
     token = _enable_token_auth_if_available()
     try:
