@@ -94,6 +94,12 @@ def cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        # connect() switched this process's cached RayConfig to token mode; with the env restored and the
+        # token deleted, a later local cluster in this process would wait for a token-mode GCS forever
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        AuthenticationTokenLoader.instance().reset_cache()
+        Config.initialize("")
         shutil.rmtree(root, ignore_errors=True)
 
 
