@@ -42,6 +42,7 @@ from ditnas.compress.manifest import MANIFEST, check_files, read_manifest, write
 from ditnas.config import ExportConfig
 from ditnas.errors import DitnasError
 from ditnas.io import write_json
+from ditnas.latency_models.backends.base import time_calls
 from ditnas.latency_models.generation import (
     DenoiserProgram,
     generation_spec,
@@ -155,14 +156,7 @@ def op_breakdown(pte: Path, etrecord: Path | None, inputs: tuple[Tensor, ...], r
 
 
 def _median_ms(call, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        call()
-        times.append((time.perf_counter_ns() - t0) / 1e6)
-    return statistics.median(times)
+    return statistics.median(time_calls(call, warmup, iters))
 
 
 @torch.no_grad()

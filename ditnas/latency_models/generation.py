@@ -22,9 +22,7 @@ issue #8769; the ExecuTorch LCM example runs the steps from the host, PR #15075)
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -252,43 +250,25 @@ def time_generation(
 def time_in_fresh_process(pte: Path, specs: list[dict[str, Any]], threads: int, warmup: int, iters: int,
                           timeout_s: float | None = None) -> list[list[float]]:
     """Time several generation specs of one .pte in one fresh interpreter (one start-up cost)."""
-    with tempfile.TemporaryDirectory(prefix="ditnas-gen-timer-") as tmp:
-        request, result = Path(tmp) / "request.pt", Path(tmp) / "times.pt"
-        torch.save({"pte": str(pte), "specs": specs, "threads": threads, "warmup": warmup, "iters": iters}, request)
-        try:
-            proc = subprocess.run([sys.executable, "-m", __name__, str(request), str(result)], capture_output=True,
-                                  text=True, check=False, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise DitnasError(f"timing {pte} took longer than {timeout_s:g} s; pass fewer iters or a larger timeout_s") from None
-        if proc.returncode != 0 or not result.is_file():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
-            if message:
-                raise DitnasError(message)
-            tail = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
-            raise DitnasError(f"the generation timing process for {pte} failed ({tail}); re-run with fresh_process=False to debug")
-        runs = torch.load(result, weights_only=True)
+    from ditnas.latency_models.backends.fresh_process import run_fresh
+
+    request = {"pte": str(pte), "specs": specs, "threads": threads, "warmup": warmup, "iters": iters}
+    runs = run_fresh(__name__, request, what=f"the generation timing process for {pte}", timeout_s=timeout_s,
+                     debug="re-run with fresh_process=False to debug")
     if len(runs) != len(specs) or any(len(t) != iters or not all(math.isfinite(v) and v > 0 for v in t) for t in runs):
         raise DitnasError(f"the generation timing process for {pte} returned bad samples; re-run it")
     return [[float(v) for v in t] for t in runs]
 
 
-def main(request: str, result: str) -> int:
-    spec = torch.load(request, weights_only=True)
-    try:
-        # assumption: specs are timed one after another, not interleaved: each is a whole generation,
-        # long next to the drift interleaving guards against in the per-program tables
-        runs = [time_generation_here(Path(spec["pte"]), one, spec["threads"], spec["warmup"], spec["iters"])
-                for one in spec["specs"]]
-    except DitnasError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    torch.save(runs, result)
-    return 0
+def _job(spec: dict[str, Any]) -> list[list[float]]:
+    # assumption: specs are timed one after another, not interleaved: each is a whole generation,
+    # long next to the drift interleaving guards against in the per-program tables
+    return [time_generation_here(Path(spec["pte"]), one, spec["threads"], spec["warmup"], spec["iters"])
+            for one in spec["specs"]]
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    from ditnas.latency_models.backends.fresh_process import serve
 
+    sys.exit(serve(_job, sys.argv[1:3]))
 
-_generation_spec = generation_spec  # the name generation_profile.py imports

@@ -17,7 +17,6 @@ interrupted run resumes and a finished key is never timed twice.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -62,20 +61,13 @@ def _model_inputs(supernet: ElasticDiT, seed: int) -> tuple[torch.Tensor, torch.
 
 def _time_eager(module: torch.nn.Module, supernet: ElasticDiT, steps: int, cfg_scale: float, threads: int,
                 warmup: int, iters: int) -> list[float]:
+    from ditnas.latency_models.backends.base import time_calls
     from ditnas.latency_models.backends.host_torch import fixed_torch_threads
     from ditnas.latency_models.generation import run_generation
 
     x, _, y = _model_inputs(supernet, 0)
-    call = lambda: run_generation(module, x, y, steps, cfg_scale)  # noqa: E731
     with fixed_torch_threads(threads), torch.no_grad():
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter_ns()
-            call()
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-    return times
+        return time_calls(lambda: run_generation(module, x, y, steps, cfg_scale), warmup, iters)
 
 
 def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidance: str, cfg_scale: float) -> Path:
@@ -110,37 +102,20 @@ def time_generations_in_fresh_process(jobs: list[tuple[str, Path, int, float]], 
                                       iters: int) -> dict[str, list[float]]:
     """`generation.time_generation` for many (key, pte, steps, cfg_scale) at once: one fresh interpreter
     (why fresh: pte_timer.py) instead of one per job, which cost ~3 s of start-up each."""
-    import subprocess
-    import sys
-    import tempfile
+    from ditnas.latency_models.backends.fresh_process import run_fresh
+    from ditnas.latency_models.generation import generation_spec
 
-    from ditnas.latency_models.generation import _generation_spec
-
-    specs = [(key, str(pte), _generation_spec(Path(pte), steps, scale)) for key, pte, steps, scale in jobs]
-    with tempfile.TemporaryDirectory(prefix="ditnas-gen-batch-") as tmp:
-        request, result = Path(tmp) / "request.pt", Path(tmp) / "times.pt"
-        torch.save({"jobs": specs, "threads": threads, "warmup": warmup, "iters": iters}, request)
-        proc = subprocess.run([sys.executable, "-m", __name__, str(request), str(result)], capture_output=True, text=True,
-                              check=False)
-        if proc.returncode != 0 or not result.is_file():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
-            raise DitnasError(message or f"the generation timing process failed ({' | '.join(lines[-3:]) or proc.returncode})")
-        return torch.load(result, weights_only=True)
+    specs = [(key, str(pte), generation_spec(Path(pte), steps, scale)) for key, pte, steps, scale in jobs]
+    return run_fresh(__name__, {"jobs": specs, "threads": threads, "warmup": warmup, "iters": iters},
+                     what=f"the generation timing process for {len(jobs)} programs", debug="time them one by one with "
+                     "generation.time_generation(fresh_process=False) to debug")
 
 
-def _main(request: str, result: str) -> int:
+def _job(spec: dict) -> dict[str, list[float]]:
     from ditnas.latency_models.generation import time_generation_here
 
-    spec = torch.load(request, weights_only=True)
-    try:
-        times = {key: time_generation_here(Path(pte), job, spec["threads"], spec["warmup"], spec["iters"])
-                 for key, pte, job in spec["jobs"]}
-    except DitnasError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    torch.save(times, result)
-    return 0
+    return {key: time_generation_here(Path(pte), job, spec["threads"], spec["warmup"], spec["iters"])
+            for key, pte, job in spec["jobs"]}
 
 
 def measure_generations(
@@ -197,4 +172,6 @@ def measure_generations(
 
 
 if __name__ == "__main__":
-    sys.exit(_main(*sys.argv[1:3]))
+    from ditnas.latency_models.backends.fresh_process import serve
+
+    sys.exit(serve(_job, sys.argv[1:3]))

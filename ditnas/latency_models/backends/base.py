@@ -72,6 +72,18 @@ def check_counts(warmup: int, iters: int) -> None:
         raise DitnasError(f"measure: warmup={warmup} must be >= 0 and iters={iters} >= 1")
 
 
+def time_calls(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """ms of `iters` back-to-back calls of `call` after `warmup` untimed ones (one program alone)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        call()
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
 def interleaved_rounds(
     calls: Sequence[tuple[str, Callable[[], object]]], warmup: int, iters: int, *, per_round: int = 1, seed: int = 0
 ) -> list[dict[str, Any]]:

@@ -12,9 +12,7 @@ A DitnasError in the child is printed as one `error: ...` line and exit code 2.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends.base import interleaved_rounds
+from ditnas.latency_models.backends.fresh_process import run_fresh, serve
 
 Job = tuple[str, Path, list[torch.Tensor]]
 
@@ -51,31 +50,14 @@ def time_here(jobs: list[Job], threads: int, warmup: int, iters: int) -> list[di
 
 
 def time_in_fresh_process(jobs: list[Job], threads: int, warmup: int, iters: int) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="ditnas-timer-") as tmp:
-        request, result = Path(tmp) / "request.pt", Path(tmp) / "rows.pt"
-        torch.save({"jobs": [(k, str(p), i) for k, p, i in jobs], "threads": threads, "warmup": warmup, "iters": iters}, request)
-        proc = subprocess.run([sys.executable, "-m", __name__, str(request), str(result)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not result.is_file():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
-            if message:
-                raise DitnasError(message)
-            tail = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
-            raise DitnasError(f"the timing process for {len(jobs)} .pte programs failed ({tail}); re-run with isolate=False to debug")
-        return torch.load(result, weights_only=True)  # plain rows: no pickle needed, none accepted
+    request = {"jobs": [(k, str(p), i) for k, p, i in jobs], "threads": threads, "warmup": warmup, "iters": iters}
+    return run_fresh(__name__, request, what=f"the timing process for {len(jobs)} .pte programs",
+                     debug="re-run with isolate=False to debug")  # plain rows: no pickle needed, none accepted
 
 
-def main(request: str, result: str) -> int:
-    spec = torch.load(request, weights_only=True)
-    jobs = [(k, Path(p), i) for k, p, i in spec["jobs"]]
-    try:
-        rows = time_here(jobs, spec["threads"], spec["warmup"], spec["iters"])
-    except DitnasError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    torch.save(rows, result)
-    return 0
+def _job(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return time_here([(k, Path(p), i) for k, p, i in spec["jobs"]], spec["threads"], spec["warmup"], spec["iters"])
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(serve(_job, sys.argv[1:3]))
