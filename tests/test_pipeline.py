@@ -58,7 +58,9 @@ def test_every_stage_ran_and_the_report_shows_them(finished):
     assert list(stages) == ["train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report"]
     assert all(s["status"] in ("done", "skipped") for s in stages.values())
     search = stages["search"]["metrics"]
-    assert search["budget_ms"] == pytest.approx(0.5 * search["max_net_ms"])  # the default budget
+    # the default budget: halfway from the cheapest reachable arch to the max net
+    assert search["cheapest_ms"] < search["budget_ms"] < search["max_net_ms"]
+    assert search["budget_ms"] == pytest.approx(0.5 * (search["cheapest_ms"] + search["max_net_ms"]))
     assert (finished / "export" / "student_xnnpack_fp32.pte").is_file()
     html = (finished / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5  # pareto, latency, layout, breakdown, curves, grids
