@@ -584,11 +584,29 @@ def run_all(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a folder written by `ditnas run`")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a folder written by `ditnas run`")],
+    check: Annotated[bool, typer.Option("--check/--no-check", help="then open it in headless Chromium: every image "
+                                        "loads, no console errors; skipped when no browser is installed")] = True,
+) -> None:
     """(Re)write the run's self-contained HTML report from its artifacts."""
     from ditnas.reports.report import write_report
 
-    typer.echo(f"wrote {write_report(run_dir)}")
+    path = write_report(run_dir)
+    typer.echo(f"wrote {path}")
+    if check:
+        from ditnas.reports.render_check import BrowserMissing, check_render
+
+        try:
+            result = check_render(path, path.with_name("report_screenshot.png"))
+        except BrowserMissing as exc:  # the report is written; only its check needs the browser
+            typer.echo(f"render check skipped: {exc}")
+            return
+        typer.echo(f"render check: {result.summary()}")
+        if not result.ok:
+            raise DitnasError(f"{path} does not render cleanly: {len(result.broken_images)} broken image(s) "
+                              f"{list(result.broken_images)[:3]}, console errors {list(result.console_errors)[:3]}; "
+                              "open it in a browser to see where (the run's artifacts are unchanged)")
 
 
 def main(argv: list[str] | None = None) -> None:
