@@ -564,6 +564,9 @@ def generate(
     typer.echo(line)
 
 
+DEFAULT_RUN_CONFIG = Path(__file__).parent / "configs" / "default.yaml"  # shipped as package data
+
+
 @app.command("run")
 def run_all(
     out: Annotated[Path, typer.Option(help="run folder (rerun continues from the last finished stage)")] = Path("runs/main"),
@@ -572,10 +575,11 @@ def run_all(
     stop_after: Annotated[Optional[str], typer.Option(help="stop after this stage (train, profile, search, extract, prune, kd, distill, export)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress")] = True,
 ) -> None:
-    """The main job: train -> profile -> search -> extract -> prune -> KD -> distill -> export -> report."""
+    """The main job: train -> profile -> search -> extract -> prune -> KD -> distill -> export -> report.
+    Without --config it runs the quick default, ditnas/configs/default.yaml."""
     from ditnas.pipeline import run_pipeline
 
-    cfg = load_run_config(config, overrides, {})
+    cfg = load_run_config(config or DEFAULT_RUN_CONFIG, overrides, {})
     manifest = run_pipeline(cfg, out, progress=progress, log=typer.echo, stop_after=stop_after)
     for name, rec in manifest.get("stages", {}).items():
         typer.echo(f"  {name:<8} {rec.get('status', ''):<8} {rec.get('wall_s', 0):8.1f} s")

@@ -111,6 +111,7 @@ class LatencyConfig:
     guidance: tuple[str, ...] = ("none", "cfg")  # sampler modes whose whole generations are timed (calibration)
     generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
     generation_iters: int = 5  # timed generations per (arch, steps, guidance), back to back in a fresh process
+    workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
 
     def check(self) -> LatencyConfig:
         if self.models < 0:
@@ -128,6 +129,8 @@ class LatencyConfig:
             raise ConfigFieldError("latency.generation_steps", f"{list(self.generation_steps)}: give step counts >= 1")
         if self.generation_iters < 1:
             raise ConfigFieldError("latency.generation_iters", f"{self.generation_iters} must be >= 1")
+        if self.workers < 0:
+            raise ConfigFieldError("latency.workers", f"{self.workers} must be >= 0 (0 = one per core)")
         return self
 
 

@@ -35,6 +35,8 @@ STAGES = ("train", "profile", "search", "extract", "prune", "kd", "distill", "ex
 # A fixed fraction of the max net alone can fall below the cheapest arch when fixed costs dominate
 # (a tiny space: the cheapest arch was 82% of the max net), and then the search has nothing to find.
 BUDGET_FRACTION = 0.5
+# backends whose programs are built on this host (lowered) before timing: worth lowering during training
+BACKGROUND_LOWERING = ("executorch-xnnpack",)
 Log = Callable[[str], None]
 
 
@@ -85,6 +87,11 @@ class Run:
         self.manifest["updated"] = _now()
         self.manifest["versions"] = versions("torch", "executorch", "optuna")
         write_json(self.root / RUN_MANIFEST, self.manifest)
+
+    def reusable(self, name: str, inputs: dict[str, Any]) -> bool:
+        """Whether `stage(name, inputs, ...)` would reuse the stage's earlier result."""
+        old = self.manifest["stages"].get(name)
+        return old is not None and old.get("status") in ("done", "skipped") and not _diff(old.get("inputs", {}), inputs)
 
     def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run stage `name` into `<run>/<name>` unless it is done with the same inputs; returns its record."""
@@ -154,7 +161,23 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
         return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt)},
                 "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"], "quality": m.get("quality", {})}}
 
-    records["train"] = run.stage("train", _section(cfg, "data", "space", "model", "train", "sample"), train)
+    # latency depends on the space and model dimensions, not on the weights: training longer keeps the
+    # table, and the profile's programs are lowered from a fresh supernet while the real one trains
+    profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
+                      if k != "latency.workers"}  # how many processes lower changes no figure
+    train_inputs = _section(cfg, "data", "space", "model", "train", "sample")
+    background = None
+    if (stop_after != "train" and not run.reusable("train", train_inputs) and not run.reusable("profile", profile_inputs)
+            and cfg.latency.backend in BACKGROUND_LOWERING):
+        from ditnas.latency_models.background_lowering import BackgroundLowering
+
+        background = BackgroundLowering(cfg, run.root / "profile")
+        log(f"[profile] lowering programs in the background while the supernet trains ({background.log_path})")
+    try:
+        records["train"] = run.stage("train", train_inputs, train)
+    finally:
+        if background is not None:
+            log(f"[profile] {background.finish()}")
     ckpt = Path(records["train"]["outputs"]["checkpoint"])
     if done("train"):
         return run.manifest
@@ -172,8 +195,7 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
                 "metrics": {"programs": int(len(session.summary())), "calibration": predictor.calibration.method,
                             "generation_fits": {g: f.method for g, f in predictor.generation.fits.items()}}}
 
-    # latency depends on the space and model dimensions, not on the weights: training longer keeps the table
-    records["profile"] = run.stage("profile", _section(cfg, "space", "model", "latency", "sample.cfg_scale"), profile)
+    records["profile"] = run.stage("profile", profile_inputs, profile)
     table_root = Path(records["profile"]["outputs"]["table"])
     if done("profile"):
         return run.manifest

@@ -128,13 +128,7 @@ def test_graph_xnnpack_cannot_load_is_a_clear_error(tmp_path) -> None:
     """A 7-D permute (how patchify was first written) passes the partitioner but fails in the runtime."""
     from ditnas.latency_models.programs import Cell, Program
 
-    class SevenD(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, c, t, h, w = x.shape
-            x = (x * 2.0).reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 4, 6, 1)
-            return x.reshape(b, t * (h // 2) * (w // 2), 4 * c)
-
-    prog = Program(Cell("patch_embed", tokens=16), SevenD().eval(), (torch.randn(1, 1, 1, 8, 8),))
+    prog = Program(Cell("patch_embed", tokens=16), _SevenD().eval(), (torch.randn(1, 1, 1, 8, 8),))
     with pytest.raises(DitnasError, match="cannot load .*more than 6 dims"):
         get_backend("executorch-xnnpack").prepare([prog], tmp_path)
 
@@ -151,6 +145,41 @@ def test_an_interrupted_profile_reuses_what_was_lowered(lowered, supernet: Elast
     assert backend.reuse(item.program, tmp_path) is None  # nothing built there yet
     (tmp_path / pte.name).write_bytes(pte.read_bytes())  # a .pte without its report: lowering was cut short
     assert backend.reuse(item.program, tmp_path) is None
+
+
+class _SevenD(torch.nn.Module):
+    """Module level, so a spawned lowering worker can unpickle it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        x = (x * 2.0).reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 4, 6, 1)
+        return x.reshape(b, t * (h // 2) * (w // 2), 4 * c)
+
+
+def test_lowering_in_worker_processes_builds_the_same_programs(lowered, tmp_path) -> None:
+    """prepare_all with 2 spawned workers writes byte-identical .pte files and the same reports as
+    lowering in this process, in the order given; a second call reuses all; a worker's failure is
+    the same clear error as in-process."""
+    from ditnas.latency_models.prepare_pool import prepare_all
+    from ditnas.latency_models.programs import Cell, Program
+
+    backend, serial, serial_dir = lowered
+    programs = [item.program for item in serial.values()][:4]  # 4: the smallest count a pool is used for
+    parallel = prepare_all(backend, programs, tmp_path, workers=2)
+    assert [p.key() for p in parallel] == [p.key() for p in programs]
+    assert all(a.program is b for a, b in zip(parallel, programs, strict=True))  # the caller's programs
+    for item in parallel:
+        twin = serial[item.key()]
+        assert item.artifacts["pte"].parent == tmp_path
+        assert item.artifacts["pte"].read_bytes() == twin.artifacts["pte"].read_bytes()
+        assert item.report["by_op"] == twin.report["by_op"]
+        assert item.report["parity_max_abs_err"] == twin.report["parity_max_abs_err"]
+    stamps = [p.artifacts["pte"].stat().st_mtime_ns for p in parallel]
+    again = prepare_all(backend, programs, tmp_path, workers=2)
+    assert [p.artifacts["pte"].stat().st_mtime_ns for p in again] == stamps  # reused, nothing lowered again
+    bad = Program(Cell("patch_embed", tokens=16), _SevenD().eval(), (torch.randn(1, 1, 1, 8, 8),))
+    with pytest.raises(DitnasError, match="cannot load .*more than 6 dims"):
+        prepare_all(backend, [*programs[:3], bad], tmp_path / "bad", workers=2)
 
 
 # Logs every ExecuTorch execute() as the file name of the .pte it runs. Installed in this process with

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.generation_profile import measure_generations
 from ditnas.latency_models.programs import (
     KINDS,
+    Cell,
     build_program,
     cells_for_space,
     model_cell,
@@ -30,6 +32,7 @@ from ditnas.latency_models.session import ProfilingSession
 from ditnas.supernet.model import ElasticDiT
 
 Progress = Callable[[int, int, str], None]
+DEFAULT_KINDS = ("block", "patch_embed", "final", "down", "up")
 
 
 def supernet_for_profiling(cfg: RunConfig, checkpoint: Path | None = None) -> ElasticDiT:
@@ -71,7 +74,7 @@ def profile_space(
     cfg: LatencyConfig,
     out: Path,
     *,
-    kinds: tuple[str, ...] = ("block", "patch_embed", "final", "down", "up"),
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
     progress: Progress | None = None,
     backend_options: dict | None = None,
     cfg_scale: float = SampleConfig.cfg_scale,
@@ -79,12 +82,42 @@ def profile_space(
     """Measure the space's cells and `cfg.models` whole models into the session folder `out`, then
     time whole generations of those models (`cfg.guidance` x `cfg.generation_steps`; guidance `cfg`
     at `cfg_scale`, the sampler's) for the generation pricing (generation_profile.py)."""
+    session, backend, cells, archs = _open_session(supernet, cfg, out, kinds, backend_options)
+    seed = cfg.seed
+    if not {c.key() for c in cells} <= session.measured_keys():  # else nothing new: no timing pass
+        # every program of the session (old ones too) is timed in one interleaved pass (session.py)
+        session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
+                    rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress,
+                    workers=lowering_workers(cfg))
+    measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress)
+    return session
+
+
+def lower_space(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, *, kinds: tuple[str, ...] = DEFAULT_KINDS,
+                progress: Progress | None = None, backend_options: dict | None = None) -> int:
+    """Build every program `profile_space` will time into its session folder `out`, timing none;
+    returns how many. Latency does not depend on weights, so a pipeline runs this on a fresh supernet
+    while the real one trains, and `profile_space` then only times."""
+    session, backend, cells, _ = _open_session(supernet, cfg, out, kinds, backend_options)
+    todo = [build_program(supernet, cell, seed=cfg.seed) for cell in cells if cell.key() not in session.measured_keys()]
+    return len(session.prepare(todo, backend, workers=lowering_workers(cfg), progress=progress))
+
+
+def lowering_workers(cfg: LatencyConfig) -> int:
+    from ditnas.latency_models.prepare_pool import default_workers
+
+    return cfg.workers or default_workers()
+
+
+def _open_session(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, kinds: tuple[str, ...],
+                  backend_options: dict | None) -> tuple[ProfilingSession, Any, list[Cell], list[Arch]]:
+    """The session folder (created or reopened), its backend, and the cells and whole-model archs to measure."""
     cfg.check()
-    warmup, iters, n_models, seed = cfg.warmup, cfg.iters, cfg.models, cfg.seed
     backend = get_backend(cfg.backend, threads=cfg.threads, **(backend_options or {}))
     model = json.loads(json.dumps(asdict(supernet.cfg)))  # as the manifest stores it (tuples -> lists)
-    session = ProfilingSession.open(out, backend, warmup=warmup, iters=iters,
-                                    notes={"space": str(supernet.space.max_arch()), "model": model, "n_models": n_models, "seed": seed})
+    session = ProfilingSession.open(out, backend, warmup=cfg.warmup, iters=cfg.iters,
+                                    notes={"space": str(supernet.space.max_arch()), "model": model,
+                                           "n_models": cfg.models, "seed": cfg.seed})
     # cell keys name op/width/ratio/tokens/stage, not the model's dimensions: a session of another
     # model would pass its cells (and reuse its .pte files) off as this one's
     was = session.manifest.get("notes", {}).get("model")
@@ -93,11 +126,6 @@ def profile_space(
         raise DitnasError(f"session {out} profiled another model ({changed}); its cells do not price this one -- "
                           "choose a new --out folder")
     cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
-    archs = sample_archs(supernet.space, n_models, seed)
+    archs = sample_archs(supernet.space, cfg.models, cfg.seed)
     cells += [model_cell(supernet, arch) for arch in archs]
-    if not {c.key() for c in cells} <= session.measured_keys():  # else nothing new: no timing pass
-        # every program of the session (old ones too) is timed in one interleaved pass (session.py)
-        session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
-                    rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress)
-    measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress)
-    return session
+    return session, backend, cells, archs

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, read_json, write_json
-from ditnas.latency_models.backends.base import Backend, package_version
+from ditnas.latency_models.backends.base import Backend, Prepared, package_version
 from ditnas.latency_models.programs import CELL_SCHEMA, Cell, Program
 
 MANIFEST = "manifest.json"
@@ -198,6 +198,12 @@ class ProfilingSession:
         return [Cell.from_fields(row) for row in rows.to_dict("records")]
 
     # ----- measuring -----------------------------------------------------------------------------
+    def _check_backend(self, backend: Backend) -> None:
+        if _identity(backend.info()) != _identity(self.device):
+            raise DitnasError(
+                f"session {self.root} belongs to {_describe(self.device)}; backend given is {_describe(backend.info())}"
+            )
+
     def run(
         self,
         programs: Sequence[Program],
@@ -205,17 +211,16 @@ class ProfilingSession:
         *,
         rebuild: Callable[[Cell], Program] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
+        workers: int = 1,
     ) -> list[str]:
         """Measure every program not yet in the session; returns the keys measured for the first time.
 
         When something is new and the backend `retimes_session`, the timing pass also re-times the
         session's other programs: those given, plus (with `rebuild`, cell -> program) every other
         cell the session holds. Their replaced samples move to samples_history.parquet.
+        Programs are built in `workers` processes (prepare_pool.py); timing is one pass regardless.
         """
-        if _identity(backend.info()) != _identity(self.device):
-            raise DitnasError(
-                f"session {self.root} belongs to {_describe(self.device)}; backend given is {_describe(backend.info())}"
-            )
+        self._check_backend(backend)
         keys = [p.key() for p in programs]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
@@ -230,16 +235,21 @@ class ProfilingSession:
             if rebuild is not None:
                 given = set(keys)
                 retime += [rebuild(cell) for cell in self.cells() if cell.key() not in given]
-        prepared = []
-        for index, program in enumerate(todo + retime):
-            if progress:
-                progress(index, len(todo) + len(retime), program.key())
-            prepared += [backend.reuse(program, self.artifacts_dir) or backend.prepare([program], self.artifacts_dir)[0]]
+        prepared = self.prepare(todo + retime, backend, workers=workers, progress=progress)
         if progress:
             progress(len(prepared), len(prepared), "timing")
         rows = backend.measure(prepared, self.manifest["warmup"], self.manifest["iters"])
         self._store([p.program for p in prepared], rows)
         return [p.key() for p in todo]
+
+    def prepare(self, programs: Sequence[Program], backend: Backend, *, workers: int = 1,
+                progress: Callable[[int, int, str], None] | None = None) -> list[Prepared]:
+        """Build (or reuse from artifacts/) every program without timing any: a pipeline lowers while
+        something else runs, then `run` finds them built."""
+        from ditnas.latency_models.prepare_pool import prepare_all
+
+        self._check_backend(backend)
+        return prepare_all(backend, programs, self.artifacts_dir, workers=workers, progress=progress)
 
     def _store(self, programs: Sequence[Program], rows: list[dict[str, Any]]) -> None:
         """Write one timing pass: its samples replace any older ones of the same programs."""

@@ -192,7 +192,8 @@ def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
 # ----- the document -------------------------------------------------------------------------------
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
-h2{border-bottom:1px solid #ddd;margin-top:2em}.grid img{margin-right:1em;vertical-align:top}code{background:#f4f4f4}"""
+h2{border-bottom:1px solid #ddd;margin-top:2em}img{max-width:100%;height:auto}.grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{margin:0;flex:1 1 30%;min-width:240px}
+.grid img{vertical-align:top;image-rendering:pixelated}code{background:#f4f4f4}"""
 
 
 def write_report(run_dir: Path) -> Path:
