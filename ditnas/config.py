@@ -58,6 +58,9 @@ class TrainConfig:
     sample_every: int = 0  # 0 = only at the end
     seed: int = 0
     threads: int = 0  # 0 = leave torch's default
+    # samples per reference arch of the quality check after training (FD; label accuracy on half):
+    # judged at the sampler's 28 steps, so this is most of the stage's time after the steps themselves
+    eval_samples: int = 1000
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,25 @@ def max_generation_ms(table_root: Path, predictor: Any, arch: Any, steps: int, g
     return float(predictor.predict_generation(arch, steps, guidance)), "predicted"
 
 
+# profile inputs a session cannot be resumed across (ProfilingSession.open / profile_space refuse them);
+# the others (models, guidance, generation steps, ...) only add programs to the same session
+SESSION_IDENTITY = ("space.", "model.", "latency.backend", "latency.threads", "latency.warmup", "latency.iters")
+
+
+def _set_aside_incompatible_session(run: Run, inputs: dict[str, Any], log: Log) -> None:
+    """A profile redone for another space, model or timing setting cannot resume the old session:
+    move it aside (kept, not deleted) so the stage starts a new one in `<run>/profile`."""
+    old = run.manifest["stages"].get("profile")
+    folder = run.root / "profile"
+    if old is None or not folder.exists():
+        return
+    changed = [k for k in _diff(old.get("inputs", {}), inputs) if k.startswith(SESSION_IDENTITY)]
+    if changed:
+        aside = run.root / f"profile.replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+        folder.rename(aside)
+        log(f"[profile] {', '.join(changed)} changed: the old session cannot be resumed, moved to {aside}")
+
+
 def cheapest_generation_ms(table: Any, predictor: Any, steps: int, guidance: str) -> float:
     """The predicted generation latency of the cheapest arch the space can reach (the DP's minimum)."""
     from ditnas.search.problem import min_reachable_ms
@@ -166,6 +185,7 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
                       if k != "latency.workers"}  # how many processes lower changes no figure
     train_inputs = _section(cfg, "data", "space", "model", "train", "sample")
+    _set_aside_incompatible_session(run, profile_inputs, log)
     background = None
     if (stop_after != "train" and not run.reusable("train", train_inputs) and not run.reusable("profile", profile_inputs)
             and cfg.latency.backend in BACKGROUND_LOWERING):

@@ -40,6 +40,7 @@ def test_background_lowering_leaves_the_profile_only_timing(tmp_path):
     assert set(session.summary()["n"]) == {cfg.latency.iters}  # every program timed once
 
 
+@pytest.mark.slow  # ~1 min more; reuse after a cut-short build is also covered by test_fault_profile (SIGKILL)
 def test_a_stopped_child_leaves_whole_programs_and_the_profile_builds_the_rest(tmp_path):
     cfg = load_config(None, TINY)
     folder = tmp_path / "profile"

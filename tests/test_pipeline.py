@@ -91,6 +91,13 @@ def test_rerun_reuses_and_a_changed_field_redoes_from_its_stage(searched, capsys
     assert stages["train"]["redone_because"] == ["input train.steps changed"]
     assert stages["profile"] == before["profile"]
     assert stages["search"]["redone_because"] == ["input checkpoint_sha256 changed"]
+    # a timing setting the old session cannot resume with: a new session, the old one kept aside
+    changed = TINY + ["search.trials=6", "train.steps=31", "latency.iters=4"]
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(changed), *stop], capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert stages["profile"]["redone_because"] == ["input latency.iters changed"]
+    assert "moved to" in out and len(list(searched.glob("profile.replaced-*"))) == 1
 
 
 def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):

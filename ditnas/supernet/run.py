@@ -13,6 +13,7 @@ import torch
 import ditnas
 from ditnas.config import RunConfig, dump_config
 from ditnas.console import progress_bar
+from ditnas.errors import ConfigFieldError
 from ditnas.io import atomic_write_text, write_error, write_json
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
@@ -72,6 +73,8 @@ class MetricsLog:
 
 def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
               stop_after: int | None = None) -> dict:
+    if evaluate and cfg.train.eval_samples < 2:  # refused before training, not after it
+        raise ConfigFieldError("train.eval_samples", f"{cfg.train.eval_samples} must be >= 2 (FD needs samples)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -125,7 +128,8 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         manifest["judge_val_accuracy"] = judge.val_accuracy
         manifest["quality"] = {
             name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
-                                   cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift)
+                                   cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift,
+                                   n_fd=cfg.train.eval_samples, n_label=max(1, cfg.train.eval_samples // 2))
             for name, arch in reference_archs(trainer.space).items()
         }
     write_json(out / "run.json", manifest)
