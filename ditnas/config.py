@@ -115,6 +115,7 @@ class LatencyConfig:
     generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
     generation_iters: int = 5  # timed generations per (arch, steps, guidance), back to back in a fresh process
     workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
+    lowering_cache: bool = True  # reuse programs lowered by earlier sessions on this machine (lowered_cache.py)
 
     def check(self) -> LatencyConfig:
         if self.models < 0:

@@ -183,7 +183,7 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     # latency depends on the space and model dimensions, not on the weights: training longer keeps the
     # table, and the profile's programs are lowered from a fresh supernet while the real one trains
     profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
-                      if k != "latency.workers"}  # how many processes lower changes no figure
+                      if k not in ("latency.workers", "latency.lowering_cache")}  # how programs get built changes no figure
     train_inputs = _section(cfg, "data", "space", "model", "train", "sample")
     _set_aside_incompatible_session(run, profile_inputs, log)
     background = None

@@ -16,7 +16,7 @@ pytest.importorskip("executorch")
 
 TINY = ["model.max_heads=2", "model.head_dim=8", "model.cond_dim=16", "model.cond_tokens=1", "space.depth=2",
         "space.stage_pattern=[0,0]", "space.skippable=[]", "space.widths=[1.0]", "space.mlp_ratios=[2]",
-        "space.ops=[sa,ssa]", "latency.models=1", "latency.iters=3", "latency.warmup=1", "latency.guidance=[none]",
+        "space.ops=[sa,ssa]", "latency.models=0", "latency.iters=3", "latency.warmup=1", "latency.guidance=[none]",
         "latency.generation_steps=[2]", "latency.generation_iters=1"]
 
 
@@ -34,7 +34,7 @@ def test_background_lowering_leaves_the_profile_only_timing(tmp_path):
     supernet = supernet_for_profiling(cfg)  # another initialisation than the child's: latency ignores weights
     steps: list[str] = []
     session = profile_space(supernet, cfg.latency, folder, progress=lambda i, n, key: steps.append(key))
-    assert len(built) == len(session.summary()) == 2 + 2 + 1  # sa, ssa blocks; patch embed, final; 1 model
+    assert len(built) == len(session.summary()) == 2 + 2  # sa, ssa blocks; patch embed, final
     assert _pte_stamps(folder) == built  # nothing lowered again
     assert f"{len(built)} built earlier, reused" in steps
     assert set(session.summary()["n"]) == {cfg.latency.iters}  # every program timed once
@@ -55,7 +55,7 @@ def test_a_stopped_child_leaves_whole_programs_and_the_profile_builds_the_rest(t
     finished = {p.name.replace(".delegation.json", ".pte") for p in (folder / "artifacts").glob("*.delegation.json")}
     assert finished and finished <= set(stamps)
     session = profile_space(supernet_for_profiling(cfg), cfg.latency, folder)
-    assert len(session.summary()) == 5 and set(session.summary()["n"]) == {cfg.latency.iters}
+    assert len(session.summary()) == 4 and set(session.summary()["n"]) == {cfg.latency.iters}
     after = _pte_stamps(folder)
-    assert len(after) == 5
+    assert len(after) == 4
     assert all(after[name] == stamps[name] for name in finished)  # reused as the child left them

@@ -72,6 +72,7 @@ def _finish_and_check(config: Path, out: Path) -> ProfilingSession:
     return session
 
 
+@pytest.mark.slow  # ~3 min here; the default run keeps the reuse contract (test_latency_backends, background lowering)
 @pytest.mark.timeout(1200)
 def test_sigkill_while_lowering_then_rerun_reuses_and_loses_nothing(tmp_path):
     config = tmp_path / "tiny.yaml"

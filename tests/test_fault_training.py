@@ -69,6 +69,7 @@ def _run_and_kill_at(out: Path, step: int, timeout: float = 240.0) -> int:
     return _logged_steps(out)[-1]
 
 
+@pytest.mark.slow  # ~80 s; test_train keeps resumed-equals-uninterrupted (in-process) in the default run
 @pytest.mark.timeout(900)
 def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
     clean = tmp_path / "clean"

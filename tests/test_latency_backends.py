@@ -156,16 +156,20 @@ class _SevenD(torch.nn.Module):
         return x.reshape(b, t * (h // 2) * (w // 2), 4 * c)
 
 
-def test_lowering_in_worker_processes_builds_the_same_programs(lowered, tmp_path) -> None:
+def test_lowering_in_worker_processes_builds_the_same_programs(lowered, tmp_path, monkeypatch) -> None:
     """prepare_all with 2 spawned workers writes byte-identical .pte files and the same reports as
     lowering in this process, in the order given; a second call reuses all; a worker's failure is
     the same clear error as in-process."""
+    from ditnas.latency_models import prepare_pool
     from ditnas.latency_models.prepare_pool import prepare_all
     from ditnas.latency_models.programs import Cell, Program
 
     backend, serial, serial_dir = lowered
-    programs = [item.program for item in serial.values()][:4]  # 4: the smallest count a pool is used for
-    parallel = prepare_all(backend, programs, tmp_path, workers=2)
+    monkeypatch.setattr(prepare_pool, "MIN_PROGRAMS_FOR_POOL", 1)  # a pool even for 2 programs (test time)
+    programs = [item.program for item in serial.values()][:2]
+    steps: list[tuple[int, int]] = []
+    parallel = prepare_all(backend, programs, tmp_path, workers=2, progress=lambda i, n, key: steps.append((i, n)))
+    assert steps == [(1, 2), (2, 2)]  # one line per finished program
     assert [p.key() for p in parallel] == [p.key() for p in programs]
     assert all(a.program is b for a, b in zip(parallel, programs, strict=True))  # the caller's programs
     for item in parallel:
@@ -179,7 +183,41 @@ def test_lowering_in_worker_processes_builds_the_same_programs(lowered, tmp_path
     assert [p.artifacts["pte"].stat().st_mtime_ns for p in again] == stamps  # reused, nothing lowered again
     bad = Program(Cell("patch_embed", tokens=16), _SevenD().eval(), (torch.randn(1, 1, 1, 8, 8),))
     with pytest.raises(DitnasError, match="cannot load .*more than 6 dims"):
-        prepare_all(backend, [*programs[:3], bad], tmp_path / "bad", workers=2)
+        prepare_all(backend, [bad], tmp_path / "bad", workers=2)
+
+
+def test_a_new_session_copies_lowered_programs_from_the_cache(lowered, supernet, tmp_path, monkeypatch) -> None:
+    """Programs one session lowered are copied, not lowered again, into another session's folder;
+    the key follows shapes (model dimensions), not weight values; a torn entry is a miss."""
+    from ditnas.latency_models.lowered_cache import LoweredCache
+    from ditnas.latency_models.prepare_pool import prepare_all
+
+    backend, serial, serial_dir = lowered
+    programs = [item.program for item in serial.values()][:2]
+    cache = LoweredCache(tmp_path / "cache")
+    for program in programs:
+        cache.store(backend, program, serial_dir)
+    calls: list = []
+    real = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda progs, wd: calls.append(progs) or real(progs, wd))
+    steps: list[str] = []
+    copied = prepare_all(backend, programs, tmp_path / "b", cache=cache, progress=lambda i, n, key: steps.append(key))
+    assert calls == [] and "2 from the cache" in steps[0]
+    for item in copied:
+        twin = serial[item.key()]
+        assert item.artifacts["pte"].read_bytes() == twin.artifacts["pte"].read_bytes()
+        report = item.artifacts["pte"].with_suffix(".delegation.json")
+        assert report.read_bytes() == twin.artifacts["pte"].with_suffix(".delegation.json").read_bytes()
+    cell = programs[0].cell
+    torch.manual_seed(1)
+    reseeded = ElasticDiT(supernet.space, CFG).eval()  # other weights, same shapes: same entry
+    assert cache.key(backend, build_program(reseeded, cell)) == cache.key(backend, programs[0])
+    wider = ElasticDiT(supernet.space, ModelConfig(max_heads=2, head_dim=8, cond_dim=32, cond_tokens=1)).eval()
+    assert cache.key(backend, build_program(wider, cell)) != cache.key(backend, programs[0])
+    entry = cache.root / "lowered" / cache.key(backend, programs[1])[:2] / cache.key(backend, programs[1])
+    next(entry.glob("*.delegation.json")).unlink()  # a torn entry: the report is missing
+    assert not cache.fetch(backend, programs[1], tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True
 
 
 # Logs every ExecuTorch execute() as the file name of the .pte it runs. Installed in this process with

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends.base import Backend, Prepared
+from ditnas.latency_models.lowered_cache import LoweredCache
 from ditnas.latency_models.programs import Program
 
 Progress = Callable[[int, int, str], None]
@@ -64,26 +65,38 @@ def _prepare_one(backend: Backend, program: Program, workdir: Path) -> Prepared:
 
 
 def prepare_all(backend: Backend, programs: Sequence[Program], workdir: Path, *, workers: int = 1,
-                progress: Progress | None = None) -> list[Prepared]:
+                progress: Progress | None = None, cache: LoweredCache | None = None) -> list[Prepared]:
     """`Prepared` for every program, in the order given: reused from `workdir` when built before,
-    else built (`workers` > 1: in that many spawned processes). `progress(done, total, key)`."""
+    else copied from `cache` when it holds the same program, else built (`workers` > 1: in that many
+    spawned processes) and stored in `cache`. `progress(done, total, key)`."""
     total = len(programs)
     out: dict[int, Prepared] = {}
     todo: list[int] = []
+    cached = 0
     for i, program in enumerate(programs):
         reused = backend.reuse(program, workdir)
+        if reused is None and cache is not None and cache.fetch(backend, program, workdir):
+            reused = backend.reuse(program, workdir)
+            cached += reused is not None
         if reused is not None:
             out[i] = reused
         else:
             todo.append(i)
     done = len(out)
     if progress and done:
-        progress(done, total, f"{done} built earlier, reused")
+        progress(done, total, f"{done - cached} built earlier, reused" + (f"; {cached} from the cache {cache.root}"
+                                                                          if cached else ""))
+
+    def built(i: int, item: Prepared) -> None:
+        out[i] = item
+        if cache is not None:
+            cache.store(backend, programs[i], workdir)
+
     if workers <= 1 or len(todo) < MIN_PROGRAMS_FOR_POOL:
         for i in todo:
             if progress:
                 progress(done, total, programs[i].key())
-            out[i] = backend.prepare([programs[i]], workdir)[0]
+            built(i, backend.prepare([programs[i]], workdir)[0])
             done += 1
     else:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -99,7 +112,7 @@ def prepare_all(backend: Backend, programs: Sequence[Program], workdir: Path, *,
                     for future in finished:
                         i = futures[future]
                         # a worker's DitnasError re-raises here, as in-process; keep the caller's program
-                        out[i] = replace(future.result(), program=programs[i])
+                        built(i, replace(future.result(), program=programs[i]))
                         done += 1
                         if progress:
                             progress(done, total, programs[i].key())

@@ -88,7 +88,7 @@ def profile_space(
         # every program of the session (old ones too) is timed in one interleaved pass (session.py)
         session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
                     rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress,
-                    workers=lowering_workers(cfg))
+                    workers=lowering_workers(cfg), cache=lowering_cache(cfg))
     measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress)
     return session
 
@@ -100,13 +100,21 @@ def lower_space(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, *, kinds: t
     while the real one trains, and `profile_space` then only times."""
     session, backend, cells, _ = _open_session(supernet, cfg, out, kinds, backend_options)
     todo = [build_program(supernet, cell, seed=cfg.seed) for cell in cells if cell.key() not in session.measured_keys()]
-    return len(session.prepare(todo, backend, workers=lowering_workers(cfg), progress=progress))
+    return len(session.prepare(todo, backend, workers=lowering_workers(cfg), progress=progress,
+                               cache=lowering_cache(cfg)))
 
 
 def lowering_workers(cfg: LatencyConfig) -> int:
     from ditnas.latency_models.prepare_pool import default_workers
 
     return cfg.workers or default_workers()
+
+
+def lowering_cache(cfg: LatencyConfig) -> Any:
+    """The per-user cache of lowered programs (lowered_cache.py), or None when turned off."""
+    from ditnas.latency_models.lowered_cache import LoweredCache
+
+    return LoweredCache.default() if cfg.lowering_cache else None
 
 
 def _open_session(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, kinds: tuple[str, ...],

@@ -212,6 +212,7 @@ class ProfilingSession:
         rebuild: Callable[[Cell], Program] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
         workers: int = 1,
+        cache: Any = None,
     ) -> list[str]:
         """Measure every program not yet in the session; returns the keys measured for the first time.
 
@@ -235,7 +236,7 @@ class ProfilingSession:
             if rebuild is not None:
                 given = set(keys)
                 retime += [rebuild(cell) for cell in self.cells() if cell.key() not in given]
-        prepared = self.prepare(todo + retime, backend, workers=workers, progress=progress)
+        prepared = self.prepare(todo + retime, backend, workers=workers, progress=progress, cache=cache)
         if progress:
             progress(len(prepared), len(prepared), "timing")
         rows = backend.measure(prepared, self.manifest["warmup"], self.manifest["iters"])
@@ -243,13 +244,13 @@ class ProfilingSession:
         return [p.key() for p in todo]
 
     def prepare(self, programs: Sequence[Program], backend: Backend, *, workers: int = 1,
-                progress: Callable[[int, int, str], None] | None = None) -> list[Prepared]:
-        """Build (or reuse from artifacts/) every program without timing any: a pipeline lowers while
-        something else runs, then `run` finds them built."""
+                progress: Callable[[int, int, str], None] | None = None, cache: Any = None) -> list[Prepared]:
+        """Build (or reuse from artifacts/, or copy from the lowered-program `cache`) every program
+        without timing any: a pipeline lowers while something else runs, then `run` finds them built."""
         from ditnas.latency_models.prepare_pool import prepare_all
 
         self._check_backend(backend)
-        return prepare_all(backend, programs, self.artifacts_dir, workers=workers, progress=progress)
+        return prepare_all(backend, programs, self.artifacts_dir, workers=workers, progress=progress, cache=cache)
 
     def _store(self, programs: Sequence[Program], rows: list[dict[str, Any]]) -> None:
         """Write one timing pass: its samples replace any older ones of the same programs."""

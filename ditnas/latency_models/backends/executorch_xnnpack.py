@@ -48,7 +48,7 @@ from ditnas.latency_models.backends.base import (
     register_backend,
 )
 from ditnas.latency_models.lowering import COMPUTE_OPS, delegation_report  # noqa: F401 -- old import path
-from ditnas.latency_models.lowering import Lowered, check_recipe, input_specs, recipe_fingerprint, write_pte
+from ditnas.latency_models.lowering import Lowered, check_recipe, input_specs, recipe_fingerprint, sidecar_path, write_pte
 from ditnas.latency_models.lowering import lower as lower_program
 from ditnas.latency_models.programs import Program
 
@@ -181,6 +181,18 @@ class ExecuTorchXnnpackBackend(Backend):
             return None
         # the report is written last by prepare(): its presence means the .pte passed every check
         return Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=load_delegation_report(report))
+
+    # ----- the per-user cache of lowered programs (lowered_cache.py) -------------------------
+    def cache_options(self) -> dict[str, Any]:
+        """What changes the files `prepare` writes (and which programs it accepts) besides the program."""
+        return {"strict": self.strict, "parity_atol": self.parity_atol}
+
+    def cache_files(self, program: Program, workdir: Path) -> list[Path]:
+        """The files of one finished build (none if it did not finish: its report is written last)."""
+        stem = Path(workdir) / file_stem(program.key())
+        files = [Path(f"{stem}{suffix}") for suffix in (".pte", ".etrecord", ".delegation.json")]
+        files.insert(1, sidecar_path(files[0]))
+        return files if all(f.is_file() for f in files) else []
 
     # ----- run ---------------------------------------------------------------------------------
     @staticmethod
