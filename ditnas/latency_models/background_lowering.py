@@ -13,8 +13,6 @@ and a program's delegation report last, so a half-built program is built again, 
 from __future__ import annotations
 
 import multiprocessing
-import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +23,9 @@ LOG = "lowering.log"
 
 
 def _child(cfg: RunConfig, folder: Path) -> None:
-    log = open(Path(folder) / LOG, "a", buffering=1)  # noqa: SIM115 -- lives as long as the process
-    os.dup2(log.fileno(), 1)  # the toolchain's C++ prints go to the log too, not the user's terminal
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
+    from ditnas.latency_models.prepare_pool import redirect_output
+
+    redirect_output(Path(folder) / LOG)  # the toolchain's prints (C++ too) go to the log, not the terminal
     import torch
 
     torch.set_num_threads(1)  # one core lowers; the other trains

@@ -1,7 +1,7 @@
 """Build (lower) a session's programs, in parallel worker processes when there are enough of them.
 
 Lowering is the slow half of profiling on ExecuTorch (to_edge_transform_and_lower runs dozens of
-FX passes: ~5 s per block program, ~35 s per whole model on this 2-core host) and each program is
+FX passes: ~15-20 s per block program, ~100 s per 6-block model at 1 thread on the 2-core AMD EPYC host) and each program is
 independent, so `prepare_all` hands them to `workers` spawned processes, each pinned to one torch
 thread. Timing never happens here: it stays one interleaved pass in one fresh process (session.py).
 
@@ -45,13 +45,18 @@ def default_workers() -> int:
 WORKER_LOG = "lowering_workers.log"
 
 
-def _init_worker(log_path: str) -> None:
-    # what the toolchain prints on import and per program (torchao, cpuinfo, pytree warnings) goes to
-    # a log beside the artifacts, not the user's terminal; errors come back as the task's exception
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 -- lives as long as the worker
+def redirect_output(log_path: str | Path) -> None:
+    """Send this process's stdout and stderr, C++ prints included, to `log_path` (appending)."""
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 -- lives as long as the process
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
+
+
+def _init_worker(log_path: str) -> None:
+    # what the toolchain prints on import and per program (torchao, cpuinfo, pytree warnings) goes to
+    # a log beside the artifacts, not the user's terminal; errors come back as the task's exception
+    redirect_output(log_path)
     import torch
 
     from ditnas.console import quiet_third_party
