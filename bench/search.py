@@ -87,10 +87,11 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, report
 
-from ditnas.arch import Arch, Slot
+from ditnas.arch import Arch
 from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.latency_models.stage import table_dir
+from ditnas.search.baselines import baseline_layouts
 from ditnas.search.objectives import EvalContext
 from ditnas.supernet.flow import EVAL_SEED
 from ditnas.search.problem import min_reachable_ms
@@ -159,38 +160,7 @@ def trials_to_reach(curve: list[float], target: float) -> tuple[int, bool]:
     return len(curve) + 1, False
 
 
-# ----- baselines -------------------------------------------------------------------------------------
-def interleave_pair(space) -> tuple[str, ...]:
-    for pair in (("lcha", "ssa"), ("sa", "ssa")):
-        if all(op in space.ops for op in pair):
-            return pair
-    return tuple(space.ops[:2]) if len(space.ops) >= 2 else tuple(space.ops)
-
-
-def widest_fitting(space, predictor, ops: tuple[str, ...], budget_ms: float, steps: int) -> dict:
-    """Every slot a block, slot i running ops[i % len(ops)] at the space's stage layout, one width and MLP
-    ratio for all slots: the widest width (then the largest ratio) whose predicted total latency fits."""
-    base = space.max_arch()
-    tried = []
-    for w in sorted(space.widths, reverse=True):
-        for r in sorted(space.mlp_ratios, reverse=True):
-            slots = [Slot(ops[i % len(ops)], w, r, s.stage) for i, s in enumerate(base.slots)]
-            try:
-                arch = space.validate(replace(base.with_slots(slots), steps=int(steps)))
-            except DitnasError as exc:
-                tried.append({"width": w, "mlp_ratio": r, "error": str(exc)})
-                continue
-            total = steps * float(predictor.predict(arch))
-            tried.append({"width": w, "mlp_ratio": r, "latency_ms": total})
-            if total <= budget_ms:
-                return {"arch": arch, "fits": True, "latency_ms": float(total)}
-    cheapest = min((t for t in tried if "latency_ms" in t), key=lambda t: t["latency_ms"], default=None)
-    return {"arch": None, "fits": False, "cheapest": cheapest,
-            "note": f"cannot fit the budget at any width (ops {'/'.join(ops)}); cheapest "
-                    + (f"{cheapest['latency_ms']:.4g} ms at width {cheapest['width']}, ratio {cheapest['mlp_ratio']}"
-                       if cheapest else "none valid")}
-
-
+# ----- baselines (ditnas.search.baselines) -------------------------------------------------------
 def describe_arch(arch: Arch, steps: int, obj_search, obj_final, budget_ms: float) -> dict:
     total = steps * obj_final.step_ms(arch)
     return {"arch": str(arch), "quality_val_loss_n512": obj_final.quality(arch),
@@ -399,13 +369,9 @@ def main() -> None:
     if len(seeded_feasible):
         row = seeded_feasible.sort_values(["quality", "latency_ms"]).iloc[0]
         best = describe_arch(space.parse(str(row["arch"])), args.steps, obj, fobj, budget)
-    pair = interleave_pair(space)
     baselines = {}
-    for name, ops in ((f"uniform_interleave_{'_'.join(pair)}", pair), ("all_sa", ("sa",))):
-        if "sa" not in space.ops and ops == ("sa",):
-            baselines[name] = {"fits": False, "note": "the space has no sa op"}
-            continue
-        fit = widest_fitting(space, predictor, ops, budget, args.steps)
+    # as before this bench's baselines are priced steps x the per-step prediction (its budget is per step x steps)
+    for name, fit in baseline_layouts(space, lambda a: args.steps * float(predictor.predict(a)), budget, args.steps).items():
         if fit["fits"]:
             entry = describe_arch(fit["arch"], args.steps, obj, fobj, budget)
             entry["fits"] = True

@@ -616,7 +616,13 @@ def report(
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, not standalone, *returns* that code: without this a
+        # Ctrl-C ended any verb silently with exit status 0
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except DitnasError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -10,7 +10,10 @@ metrics and outputs. Rerunning continues from the first stage that is not done; 
 fingerprint changed (a config field, a changed upstream artifact) is redone with every stage after
 it (their inputs hold the upstream hashes and fingerprints), and run.json says why (`redone_because`). The manifest is written after every stage, atomically,
 so an interrupted run loses at most the stage it was in (and that stage resumes from its own
-checkpoints where it has them: train, kd, distill).
+checkpoints where it has them: train, kd, distill). A done stage whose recorded output is gone or no
+longer matches its hash (`damaged_outputs`) is redone too: its folder is moved to
+`<stage>.damaged-<time>` and the stage runs again; later stages are redone only if the new artifact
+differs. A run folder another torch / executorch / optuna / ditnas wrote is refused, naming the versions.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ STAGES = ("train", "profile", "search", "extract", "prune", "kd", "distill", "ex
 BUDGET_FRACTION = 0.5
 # backends whose programs are built on this host (lowered) before timing: worth lowering during training
 BACKGROUND_LOWERING = ("executorch-xnnpack",)
+# a run folder is continued only by the tool versions that started it (run.json "versions")
+RUN_VERSIONS = ("torch", "executorch", "optuna")
 Log = Callable[[str], None]
 
 
@@ -82,27 +87,47 @@ class Run:
         path = self.root / RUN_MANIFEST
         self.manifest: dict[str, Any] = (read_json(path, missing="", damaged=f"delete {path} to start the run over")
                                          if path.exists() else {"kind": "ditnas.run", "created": _now(), "stages": {}})
+        self._check_folder(path)
+
+    def _check_folder(self, path: Path) -> None:
+        """Refuse a run folder that is not a ditnas run, or that other tool versions wrote: its checkpoints,
+        lowered programs and studies are not valid here (a .pte of another executorch is refused anyway)."""
+        if self.manifest.get("kind") != "ditnas.run" or not isinstance(self.manifest.get("stages"), dict):
+            raise DitnasError(f"{path} is not a ditnas run manifest; pass another --out folder (or delete {self.root})")
+        old, now = self.manifest.get("versions") or {}, versions(*RUN_VERSIONS)
+        differ = [f"{k} {old[k]} (now {now[k]})" for k in ("ditnas", *RUN_VERSIONS) if k in old and old[k] != now[k]]
+        if differ:
+            raise DitnasError(f"{self.root} was run with {', '.join(differ)}: its stages cannot be continued with this "
+                              f"install; start fresh with another --out folder, or delete {self.root}")
 
     def save(self) -> None:
         self.manifest["updated"] = _now()
-        self.manifest["versions"] = versions("torch", "executorch", "optuna")
+        self.manifest["versions"] = versions(*RUN_VERSIONS)
         write_json(self.root / RUN_MANIFEST, self.manifest)
 
     def reusable(self, name: str, inputs: dict[str, Any]) -> bool:
         """Whether `stage(name, inputs, ...)` would reuse the stage's earlier result."""
         old = self.manifest["stages"].get(name)
-        return old is not None and old.get("status") in ("done", "skipped") and not _diff(old.get("inputs", {}), inputs)
+        return (old is not None and old.get("status") in ("done", "skipped") and not _diff(old.get("inputs", {}), inputs)
+                and not damaged_outputs(old.get("outputs", {})))
 
     def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run stage `name` into `<run>/<name>` unless it is done with the same inputs; returns its record."""
         old = self.manifest["stages"].get(name)
         why: list[str] = []
         if old is not None and old.get("status") in ("done", "skipped"):
-            changed = _diff(old.get("inputs", {}), inputs)
-            if not changed:
+            why = [f"input {k} changed" for k in _diff(old.get("inputs", {}), inputs)]
+            damaged = [] if why else damaged_outputs(old.get("outputs", {}))  # changed inputs redo it anyway
+            if not why and not damaged:
                 self.log(f"[{name}] done earlier, inputs unchanged: reused")
                 return old
-            why = [f"input {k} changed" for k in changed]
+            if damaged:  # the stage resumes from its own folder: set the damaged one aside, keep it for a look
+                why += damaged
+                folder = self.root / name
+                if folder.exists():
+                    aside = self.root / f"{name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+                    folder.rename(aside)
+                    self.log(f"[{name}] {'; '.join(damaged)}: moved {folder} to {aside}")
         started = time.time()
         self.log(f"[{name}] {'redoing: ' + ', '.join(why) if why else 'running'}")
         result = fn(self.root / name)
@@ -114,6 +139,36 @@ class Run:
         self.save()
         self.log(f"[{name}] {record['status']} in {record['wall_s']:.1f} s")
         return record
+
+
+def damaged_outputs(outputs: dict[str, Any]) -> list[str]:
+    """Why a finished stage's recorded outputs can no longer be used: a path gone, a file whose sha256
+    changed (`<key>_sha256` beside it), a compression folder whose manifest's file hashes fail."""
+    from ditnas.compress.manifest import MANIFEST, check_files
+
+    why = []
+    for key, value in outputs.items():
+        if not isinstance(value, str) or key.endswith(("_sha256", "_id")) or key == "html":
+            continue
+        path = Path(value)
+        if not path.exists():
+            why.append(f"output {key} {path} is missing")
+        elif f"{key}_sha256" in outputs and path.is_file() and file_sha256(path) != outputs[f"{key}_sha256"]:
+            why.append(f"output {key} {path} changed on disk")
+        elif (path / MANIFEST).is_file() or (path.is_file() and (path.parent / MANIFEST).is_file()):
+            folder = path if path.is_dir() else path.parent
+            try:  # a stage folder's manifest: readable, and the files it names intact
+                manifest = read_json(folder / MANIFEST, missing="", damaged="")
+                files = manifest.get("files") if isinstance(manifest, dict) else None
+                if isinstance(files, dict):  # {name: sha256} (compression steps, extract)
+                    check_files(folder, manifest)
+                elif isinstance(files, list):  # names only (search tables)
+                    gone = [f for f in files if isinstance(f, str) and not (folder / f).exists()]
+                    if gone:
+                        why.append(f"output {key}: {folder / gone[0]} is missing")
+            except DitnasError as exc:
+                why.append(f"output {key}: {str(exc).split('; ')[0]}")
+    return why
 
 
 def max_generation_ms(table_root: Path, predictor: Any, arch: Any, steps: int, guidance: str) -> tuple[float, str]:

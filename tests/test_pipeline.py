@@ -21,6 +21,10 @@ TINY = ["model.max_heads=2", "model.head_dim=8", "model.cond_dim=16", "model.con
         "compress.distill.batch_size=8", "compress.distill.eval_samples=0", "compress.export.timing_iters=2"]
 
 
+# the config test_rerun_... leaves the `searched` run folder at (the tests after it continue that folder)
+LAST = TINY + ["search.trials=6", "train.steps=31", "latency.iters=4"]
+
+
 def _sets(items):
     return [a for item in items for a in ("--set", item)]
 
@@ -92,12 +96,53 @@ def test_rerun_reuses_and_a_changed_field_redoes_from_its_stage(searched, capsys
     assert stages["profile"] == before["profile"]
     assert stages["search"]["redone_because"] == ["input checkpoint_sha256 changed"]
     # a timing setting the old session cannot resume with: a new session, the old one kept aside
-    changed = TINY + ["search.trials=6", "train.steps=31", "latency.iters=4"]
+    changed = LAST
     code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(changed), *stop], capsys)
     assert code == 0, err
     stages = json.loads((searched / "run.json").read_text())["stages"]
     assert stages["profile"]["redone_because"] == ["input latency.iters changed"]
     assert "moved to" in out and len(list(searched.glob("profile.replaced-*"))) == 1
+    # a finished stage's artifact damaged on disk: that stage is redone (its folder kept aside), nothing else
+    before = json.loads((searched / "run.json").read_text())["stages"]
+    (searched / "search" / "manifest.json").write_text('{"trunc')
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(changed), *stop], capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert len(stages["search"]["redone_because"]) == 1 and "unreadable or truncated" in stages["search"]["redone_because"][0]
+    assert json.loads((searched / "search" / "manifest.json").read_text())["best"]
+    assert len(list(searched.glob("search.damaged-*"))) == 1
+    assert stages["train"] == before["train"] and stages["profile"] == before["profile"]
+
+
+def test_ctrl_c_in_a_stage_loses_no_finished_stage(searched, capsys, monkeypatch):
+    import ditnas.compress.kd as kd
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    args = ["run", "--out", str(searched), "--no-progress", *_sets(LAST), "--stop-after", "kd"]
+    monkeypatch.setattr(kd, "distill_kd", interrupted)
+    code, out, err = run(args, capsys)
+    assert code == 130 and "rerun the same command" in err, out + err
+    before = json.loads((searched / "run.json").read_text())["stages"]
+    assert "kd" not in before and before["extract"]["status"] == "done"
+    monkeypatch.undo()
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert stages["kd"]["status"] == "done" and out.count("inputs unchanged: reused") == len(before)
+    assert all(stages[name] == before[name] for name in before)
+
+
+def test_a_run_folder_of_other_tool_versions_is_refused(tmp_path, capsys):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"kind": "ditnas.run", "stages": {}, "versions": {"torch": "2.0.0"}}))
+    code, _, err = run(["run", "--out", str(folder), "--no-progress", *_sets(TINY)], capsys)
+    assert code == 2 and "torch 2.0.0 (now 2." in err and "start fresh with another --out folder" in err
+    (folder / "run.json").write_text(json.dumps({"kind": "ditnas.search"}))
+    code, _, err = run(["run", "--out", str(folder), "--no-progress", *_sets(TINY)], capsys)
+    assert code == 2 and "is not a ditnas run manifest" in err
 
 
 def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
@@ -106,5 +151,11 @@ def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
     html = (searched / "report.html").read_text()
     assert "Pareto" not in html or "data:image/png;base64," in html
     assert html.count("data:image/png;base64,") >= 4  # pareto, latency, layout, breakdown (+ curves, grid)
+    # the baselines the Pareto marks: priced as the trials, within the budget when they fit
+    search = json.loads((searched / "search" / "manifest.json").read_text())
+    assert set(search["baselines"]) == {"all_sa", "uniform_interleave_sa_lcha"}
+    for b in search["baselines"].values():
+        assert (b["fits"] and b["latency_ms"] <= search["budget_ms_total"] and b["quality"] > 0) or "cannot fit" in b["note"]
+    assert "baselines at the same budget" in html and "uniform_interleave_sa_lcha" in html
     code, _, err = run(["report", str(tmp_path)], capsys)
     assert code == 2 and "not a ditnas run folder" in err

@@ -59,7 +59,26 @@ def _jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _log_axes(ax: Any, *which: str) -> None:
+    """Log scale with labels on a few plain numbers only (matplotlib's minor labels overlap on short ranges)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for name in which:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        (ax.set_xscale if name == "x" else ax.set_yscale)("log")
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+
+
 # ----- sections ---------------------------------------------------------------------------------
+def _search_baselines(search_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((search_dir / "manifest.json").read_text()).get("baselines") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float | None) -> str:
     import matplotlib.pyplot as plt
 
@@ -70,12 +89,18 @@ def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float |
     df = df[df["state"] == "COMPLETE"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     feas = df[df["feasible"].astype(bool)]
-    ax.scatter(df["latency_ms"], df["quality"], s=12, c="#bbbbbb", label="infeasible / dominated")
-    ax.scatter(feas["latency_ms"], feas["quality"], s=14, c="#4c72b0", label="feasible trials")
+    ax.scatter(df["latency_ms"], df["quality"], s=12, c="#bbbbbb", label="over budget", zorder=1)
     front = search_dir / "pareto.csv"
     if front.is_file():
         f = pd.read_csv(front).sort_values("latency_ms")
-        ax.plot(f["latency_ms"], f["quality"], "-o", c="#c44e52", ms=4, label="Pareto front")
+        ax.step(f["latency_ms"], f["quality"], where="post", c="#c44e52", lw=1, alpha=0.7, zorder=2, label="Pareto front")
+    # feasible trials above the front's line, hollow, so points on the front stay visible
+    ax.scatter(feas["latency_ms"], feas["quality"], s=22, facecolors="none", edgecolors="#4c72b0", lw=1, zorder=3,
+               label="within budget")
+    for (name, b), marker in zip(sorted(_search_baselines(search_dir).items()), ("s", "D", "^", "v")):
+        if b.get("fits"):
+            ax.scatter([b["latency_ms"]], [b["quality"]], s=60, marker=marker, c="#55a868", edgecolors="k", zorder=4,
+                       label=f"baseline {name.replace('_', ' ')}")
     if best:
         ax.scatter([best["latency_ms"]], [best["quality"]], s=120, marker="*", c="gold", edgecolors="k", zorder=5,
                    label="chosen")
@@ -112,8 +137,7 @@ def latency_figure(table_root: Path) -> str:
     for label in dict.fromkeys(p[0] for p in points):
         sel = [p for p in points if p[0] == label]
         ax.scatter([p[1] for p in sel], [p[2] for p in sel], s=16, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax, "x", "y")
     ax.set_xlabel("measured ms")
     ax.set_ylabel("predicted ms")
     ax.set_title(f"{table.describe()} (in-sample)", fontsize=8)
@@ -171,13 +195,33 @@ def curves_figure(frame: pd.DataFrame, columns: list[str], title: str) -> str:
         return f"<p><i>no {title} curves</i></p>"
     fig, ax = plt.subplots(figsize=(6.5, 3))
     x = frame["step"] if "step" in frame.columns else range(len(frame))
-    for c in cols:
-        ax.plot(x, frame[c].rolling(10, min_periods=1).mean(), label=c)
-    ax.set_yscale("log")
+    for c, style in zip(cols, ("-", "--", ":", "-.") * 4):  # line styles: equal curves stay visible
+        ax.plot(x, frame[c].rolling(10, min_periods=1).mean(), style, lw=1.4, label=c)
+    _log_axes(ax, "y")
     ax.set_xlabel("step")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return _fig_to_img(fig)
+
+
+def subnet_grid(folder: Path, out: Path, steps: int, cfg_scale: float) -> str:
+    """Samples of every class from an extracted / pruned / distilled subnet (eager, `steps` Euler steps);
+    the PNG is kept and redrawn only when the subnet file is newer."""
+    import torch
+
+    from ditnas.supernet.extract import SUBNET_NAME, load_subnet
+    from ditnas.supernet.quality import generate, save_grid
+
+    source = folder / SUBNET_NAME
+    if not (out.is_file() and source.is_file() and out.stat().st_mtime >= source.stat().st_mtime):
+        sub = load_subnet(folder)
+        classes = sub.arch.num_classes
+        labels = torch.arange(classes).repeat_interleave(4)
+        with torch.no_grad():
+            x = generate(sub, labels, tuple(sub.arch.latent), steps=steps, cfg_scale=cfg_scale,
+                         null_label=classes, seed=0)
+        save_grid(x, out, nrow=4)
+    return _png(out)
 
 
 def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
@@ -224,6 +268,11 @@ def write_report(run_dir: Path) -> Path:
         if best:
             parts.append(f"<p>chosen: <code>{html.escape(best['arch'])}</code> — {best['latency_ms']:.4g} ms, loss "
                          f"{best['quality']:.4g} at {best['steps']} steps</p>")
+        baselines = _search_baselines(run_dir / "search")
+        if baselines:
+            parts.append("<p>baselines at the same budget (priced and scored as the trials):</p>" + _table(
+                [{"baseline": k, "arch": b.get("arch", ""), "ms": b.get("latency_ms", ""), "loss": b.get("quality", ""),
+                  "note": b.get("note", "")} for k, b in sorted(baselines.items())]))
         parts.append(pareto_figure(run_dir / "search", best, budget))
     profile = stages.get("profile", {})
     table_root = Path((profile.get("outputs") or {}).get("table", run_dir / "profile" / "table"))
@@ -242,6 +291,21 @@ def write_report(run_dir: Path) -> Path:
     grids = []
     if (run_dir / "train" / "samples_max.png").is_file():
         grids.append(f"<figure>{_png(run_dir / 'train' / 'samples_max.png')}<figcaption>max net, supernet weights</figcaption></figure>")
+    steps, cfg_scale = 28, float((manifest.get("config") or {}).get("sample", {}).get("cfg_scale", 2.0))
+    for stage, key, caption in (("extract", "chosen", "chosen subnet, supernet weights"),
+                                ("prune", "subnet", "pruned subnet"), ("kd", "subnet", "chosen subnet after KD")):
+        record = stages.get(stage, {})
+        folder = (record.get("outputs") or {}).get(key)
+        if record.get("status") != "done" or not folder or not Path(folder).is_dir():
+            if stage == "prune" and record.get("status") == "skipped":
+                grids.append(f"<figure><p><i>not pruned: {html.escape(str(record.get('metrics', {}).get('reason', '')))}"
+                             "</i></p><figcaption>pruned subnet</figcaption></figure>")
+            continue
+        try:
+            img = subnet_grid(Path(folder), run_dir / f"report_{stage}.png", steps, cfg_scale)
+            grids.append(f"<figure>{img}<figcaption>{caption}, {steps} steps, CFG {cfg_scale:g}</figcaption></figure>")
+        except DitnasError as exc:
+            grids.append(f"<p>{caption} samples unavailable: {html.escape(str(exc))}</p>")
     export = stages.get("export", {})
     pte = (export.get("outputs") or {}).get("pte")
     if pte and Path(pte).is_file():

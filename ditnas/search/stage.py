@@ -19,6 +19,7 @@ from typing import Any
 from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.io import versions, write_json
+from ditnas.search.baselines import score_baselines
 from ditnas.search.objectives import EvalContext
 from ditnas.search.optuna_search import open_storage, pareto_frame, run_study, trials_frame, write_tables
 from ditnas.search.problem import check_coverage
@@ -114,6 +115,9 @@ def run_search(
         progress=(lambda d, t, w: progress("search", d, t, w)) if progress else None,
     )
 
+    # the obvious layouts at the same budget, priced and scored as the trials (the report marks them)
+    baselines = score_baselines(ctx.objectives, space, budget, steps[0])
+
     out.mkdir(parents=True, exist_ok=True)
     all_trials = trials_frame(study)
     front = pareto_frame(study)
@@ -157,6 +161,7 @@ def run_search(
         "pareto_size": len(front),
         "best": None if best is None else {"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
                                             "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
+        "baselines": baselines,
         "files": files + sens_file,
         "seconds_this_call": round(time.time() - started, 2),
         "versions": versions("optuna", "torch"),
