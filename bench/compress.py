@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -107,7 +106,7 @@ class Scorer:
         return {**self.score(name, x), "steps": steps, "shift": shift}
 
 
-def half_latency_subnet(cfg, run: Path, manifest: dict, work: Path, log) -> dict:
+def half_latency_subnet(cfg, manifest: dict, work: Path, log) -> dict:
     """`ditnas run`'s search..KD rerun at 50% of the max net's measured generation (train/profile reused)."""
     metrics = manifest["stages"]["search"]["metrics"]
     max_ms, cheapest = float(metrics["max_net_ms"]), float(metrics["cheapest_ms"])
@@ -186,7 +185,7 @@ def main() -> None:
         seconds["teacher_quality"] = time.time() - t
 
         t = time.time()
-        half = half_latency_subnet(cfg, args.run, manifest, args.work, log)
+        half = half_latency_subnet(cfg, manifest, args.work, log)
         seconds["half_latency_search_kd"] = time.time() - t
         half_model = load_subnet(Path(half["kd_subnet"]))
         half["quality"] = scorer.euler("half-latency subnet, 28 steps", half_model, 28, 1.0)

@@ -111,6 +111,14 @@ class Run:
         return (old is not None and old.get("status") in ("done", "skipped") and not _diff(old.get("inputs", {}), inputs)
                 and not damaged_outputs(old.get("outputs", {})))
 
+    def set_aside(self, name: str, why_tag: str, reason: str) -> None:
+        """Move `<run>/<name>` to `<run>/<name>.<why_tag>-<time>` (kept, not deleted) so the stage starts anew."""
+        folder = self.root / name
+        if folder.exists():
+            aside = self.root / f"{name}.{why_tag}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+            folder.rename(aside)
+            self.log(f"[{name}] {reason}: {folder.name} moved to {aside}")
+
     def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run stage `name` into `<run>/<name>` unless it is done with the same inputs; returns its record."""
         old = self.manifest["stages"].get(name)
@@ -123,11 +131,7 @@ class Run:
                 return old
             if damaged:  # the stage resumes from its own folder: set the damaged one aside, keep it for a look
                 why += damaged
-                folder = self.root / name
-                if folder.exists():
-                    aside = self.root / f"{name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-                    folder.rename(aside)
-                    self.log(f"[{name}] {'; '.join(damaged)}: moved {folder} to {aside}")
+                self.set_aside(name, "damaged", "; ".join(damaged))
         started = time.time()
         self.log(f"[{name}] {'redoing: ' + ', '.join(why) if why else 'running'}")
         result = fn(self.root / name)
@@ -189,18 +193,15 @@ def max_generation_ms(table_root: Path, predictor: Any, arch: Any, steps: int, g
 SESSION_IDENTITY = ("space.", "model.", "latency.backend", "latency.threads", "latency.warmup", "latency.iters")
 
 
-def _set_aside_incompatible_session(run: Run, inputs: dict[str, Any], log: Log) -> None:
+def _set_aside_incompatible_session(run: Run, inputs: dict[str, Any]) -> None:
     """A profile redone for another space, model or timing setting cannot resume the old session:
     move it aside (kept, not deleted) so the stage starts a new one in `<run>/profile`."""
     old = run.manifest["stages"].get("profile")
-    folder = run.root / "profile"
-    if old is None or not folder.exists():
+    if old is None:
         return
     changed = [k for k in _diff(old.get("inputs", {}), inputs) if k.startswith(SESSION_IDENTITY)]
     if changed:
-        aside = run.root / f"profile.replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-        folder.rename(aside)
-        log(f"[profile] {', '.join(changed)} changed: the old session cannot be resumed, moved to {aside}")
+        run.set_aside("profile", "replaced", f"{', '.join(changed)} changed: the old session cannot be resumed")
 
 
 def cheapest_generation_ms(table: Any, predictor: Any, steps: int, guidance: str) -> float:
@@ -240,7 +241,7 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
                       if k not in ("latency.workers", "latency.lowering_cache")}  # how programs get built changes no figure
     train_inputs = _section(cfg, "data", "space", "model", "train", "sample")
-    _set_aside_incompatible_session(run, profile_inputs, log)
+    _set_aside_incompatible_session(run, profile_inputs)
     background = None
     if (stop_after != "train" and not run.reusable("train", train_inputs) and not run.reusable("profile", profile_inputs)
             and cfg.latency.backend in BACKGROUND_LOWERING):

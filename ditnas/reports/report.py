@@ -79,7 +79,8 @@ def _search_baselines(search_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float | None) -> str:
+def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float | None,
+                  baselines: dict[str, Any] | None = None) -> str:
     import matplotlib.pyplot as plt
 
     trials = search_dir / "trials.csv"
@@ -97,7 +98,7 @@ def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float |
     # feasible trials above the front's line, hollow, so points on the front stay visible
     ax.scatter(feas["latency_ms"], feas["quality"], s=22, facecolors="none", edgecolors="#4c72b0", lw=1, zorder=3,
                label="within budget")
-    for (name, b), marker in zip(sorted(_search_baselines(search_dir).items()), ("s", "D", "^", "v")):
+    for (name, b), marker in zip(sorted((baselines or {}).items()), ("s", "D", "^", "v")):
         if b.get("fits"):
             ax.scatter([b["latency_ms"]], [b["quality"]], s=60, marker=marker, c="#55a868", edgecolors="k", zorder=4,
                        label=f"baseline {name.replace('_', ' ')}")
@@ -273,7 +274,7 @@ def write_report(run_dir: Path) -> Path:
             parts.append("<p>baselines at the same budget (priced and scored as the trials):</p>" + _table(
                 [{"baseline": k, "arch": b.get("arch", ""), "ms": b.get("latency_ms", ""), "loss": b.get("quality", ""),
                   "note": b.get("note", "")} for k, b in sorted(baselines.items())]))
-        parts.append(pareto_figure(run_dir / "search", best, budget))
+        parts.append(pareto_figure(run_dir / "search", best, budget, baselines))
     profile = stages.get("profile", {})
     table_root = Path((profile.get("outputs") or {}).get("table", run_dir / "profile" / "table"))
     if (table_root / "table.json").exists():
