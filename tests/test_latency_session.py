@@ -402,3 +402,22 @@ def test_summary_statistics_and_high_variance_flags(tmp_path, four) -> None:
         assert np.isclose(row["p50_rel_se"], 1.2533 * 1.4826 * mad / 2 / np.median(v))
     flagged = s.flag_high_variance(threshold_cv=0.2)
     assert list(flagged["key"]) == [noisy]
+
+
+def test_lower_space_builds_the_slowest_programs_first(tmp_path, supernet) -> None:
+    """Whole models, then blocks widest first, then transitions: when `ditnas run` stops its background
+    lowering (training finished first) what is left is cheap and spreads over the worker processes."""
+    from ditnas.latency_models.profile import lower_space
+
+    keys: list[str] = []
+    cfg = replace(TINY_PROFILE, models=2, workers=1)
+    n = lower_space(supernet, cfg, tmp_path, progress=lambda done, total, key: keys.append(key))
+    assert n == len(keys) > 4
+    kinds = [k.split(":")[0] for k in keys]
+    first_block, last_block = kinds.index("block"), len(kinds) - 1 - kinds[::-1].index("block")
+    assert kinds[:2] == ["model", "model"] and set(kinds[2:first_block]) == set()
+    assert set(kinds[first_block:last_block + 1]) == {"block"} and "model" not in kinds[last_block:]
+    assert kinds[-1] not in ("model", "block")
+    sizes = [float(k.split(":w")[1].split(":")[0]) * (1 + float(k.split(":r")[1].split(":")[0]))
+             for k in keys if k.startswith("block:")]
+    assert sizes == sorted(sizes, reverse=True)

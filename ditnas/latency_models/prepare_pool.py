@@ -28,9 +28,10 @@ from ditnas.latency_models.lowered_cache import LoweredCache
 from ditnas.latency_models.programs import Program
 
 Progress = Callable[[int, int, str], None]
-# below this many programs to build, a pool costs more than it saves (a spawned worker imports
-# torch + executorch, ~5 s) and programs are built in this process
-MIN_PROGRAMS_FOR_POOL = 4
+# below this many programs to build, programs are built in this process: a spawned worker imports
+# torch + executorch (~5 s), a block program takes 5-12 s to lower and a whole model 30-40 s here, so
+# two programs on two cores already finish sooner in a pool
+MIN_PROGRAMS_FOR_POOL = 2
 
 
 def default_workers() -> int:

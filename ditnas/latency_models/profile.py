@@ -99,9 +99,19 @@ def lower_space(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, *, kinds: t
     returns how many. Latency does not depend on weights, so a pipeline runs this on a fresh supernet
     while the real one trains, and `profile_space` then only times."""
     session, backend, cells, _ = _open_session(supernet, cfg, out, kinds, backend_options)
-    todo = [build_program(supernet, cell, seed=cfg.seed) for cell in cells if cell.key() not in session.measured_keys()]
+    missing = sorted((c for c in cells if c.key() not in session.measured_keys()), key=lowering_cost, reverse=True)
+    todo = [build_program(supernet, cell, seed=cfg.seed) for cell in missing]
     return len(session.prepare(todo, backend, workers=lowering_workers(cfg), progress=progress,
                                cache=lowering_cache(cfg)))
+
+
+def lowering_cost(cell: Cell) -> tuple[int, float]:
+    """Sort key, larger = slower to lower: whole models (30-40 s each here), then blocks by size (5-12 s),
+    then the transitions (~1 s). Lowering the slowest first leaves the cheap programs for last, so when a
+    background lowering is stopped (training finished first) little work is lost and what remains
+    spreads evenly over the profile stage's worker processes."""
+    rank = {"model": 2, "block": 1}.get(cell.kind, 0)
+    return rank, cell.width * (1.0 + cell.mlp_ratio)
 
 
 def lowering_workers(cfg: LatencyConfig) -> int:
