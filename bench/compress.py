@@ -1,8 +1,5 @@
 """Benchmark: what compression buys, measured on a finished `ditnas run` folder.
 
-Status 2026-12-02: written, NOT yet run end to end (no bench/results/compress.json); run it after
-bench/run.py and fix what it finds before trusting it.
-
     python bench/compress.py --run runs/bench_run [--out bench/results/compress.json] [--work runs/bench_compress]
                              [--samples 1000] [--rounds 5] [--iters 4] [--grid docs/compress_samples.png]
 
@@ -131,7 +128,7 @@ def export_pte(cfg, subnet: Path, out: Path, name: str, steps: int, cfg_scale: f
     """A 28-step (or any) .pte through the shipped recipe, reused when already written."""
     export_cfg = replace(cfg.compress.export, steps=steps, cfg_scale=cfg_scale, time_shift=1.0)
     if (out / "manifest.json").is_file():
-        return out / read_json(out / "manifest.json")["artifact"]
+        return out / read_json(out / "manifest.json", missing="", damaged=f"delete {out} and rerun")["artifact"]
     m = export_subnet(export_cfg, subnet, out, name=name, measure=False)
     return out / m["artifact"]
 
@@ -223,7 +220,8 @@ def main() -> None:
         result[f"{prefix}_fd_ratio_vs_unguided_teacher"] = result[key]["fd"] / teacher_fd
         result[f"{prefix}_label_accuracy"] = result[key]["label_accuracy"]
     result["end_to_end_speedup"] = timing["teacher_28_cfg"]["median_ms"] / timing["student"]["median_ms"]
-    export_metrics = read_json(student_pte.parent / "manifest.json")["metrics"]
+    export_metrics = read_json(student_pte.parent / "manifest.json", missing=f"finish the export stage of {args.run}",
+                               damaged=f"rerun `ditnas run --out {args.run}` (the damaged export is redone)")["metrics"]
     parity = export_metrics["parity"]
     result["pte_speedup_vs_eager"] = export_metrics.get("timing", {}).get("pte_speedup_vs_eager")
     result["pte_rel_err"] = max(parity["max_step_rel_error"], parity["generation_rel_error"])
@@ -238,12 +236,15 @@ def main() -> None:
         save_grid(torch.cat([scorer.samples[n] for n in names]), args.grid, nrow=split.num_classes)
         result["grid"] = {"path": str(args.grid), "rows": names}
 
+    lower_is_better = {"fd_ratio_at_half_latency", "student_fd_ratio", "pte_rel_err"}
+    result["goals_met"] = {k: None if result[k] is None else bool(result[k] <= g if k in lower_is_better else result[k] >= g)
+                           for k, g in result["goals"].items()}
+
     def met(key: str) -> str:
-        goal, value = result["goals"][key], result[key]
+        goal, value, ok = result["goals"][key], result[key], result["goals_met"][key]
         if value is None:
             return "not measured"
-        ok = value <= goal if key.endswith(("ratio", "err")) else value >= goal
-        return f"{value:.4g} (goal {'<=' if key.endswith(('ratio', 'err')) else '>='} {goal:g}: {'met' if ok else 'MISSED'})"
+        return f"{value:.4g} (goal {'<=' if key in lower_is_better else '>='} {goal:g}: {'met' if ok else 'MISSED'})"
 
     rows = [("max net (teacher) 28 steps", f"FD {teacher_fd:.2f} (cfg {cfg_scale:g}: {teacher_cfg_fd:.2f}, "
                                           f"acc {result['teacher_28_cfg']['label_accuracy']:.3f})"),
