@@ -2,6 +2,7 @@
 
     python bench/compress.py --run runs/bench_run [--out bench/results/compress.json] [--work runs/bench_compress]
                              [--samples 1000] [--rounds 5] [--iters 4] [--grid docs/compress_samples.png]
+                             [--half-kd-steps N]
 
 `--run` is a run folder whose stages up to export are done (bench/run.py writes runs/bench_run); its
 supernet, latency table, teacher (the max net), KD subnet, K-DMD student and student .pte are reused,
@@ -103,8 +104,9 @@ class Scorer:
         return {**self.score(name, x), "steps": steps, "shift": shift}
 
 
-def half_latency_subnet(cfg, manifest: dict, work: Path, log) -> dict:
-    """`ditnas run`'s search..KD rerun at 50% of the max net's measured generation (train/profile reused)."""
+def half_latency_subnet(cfg, manifest: dict, work: Path, log, kd_steps: int | None = None) -> dict:
+    """`ditnas run`'s search..KD rerun at 50% of the max net's measured generation (train/profile reused);
+    `kd_steps` overrides `compress.kd.steps` for it (the run's own when None)."""
     metrics = manifest["stages"]["search"]["metrics"]
     max_ms, cheapest = float(metrics["max_net_ms"]), float(metrics["cheapest_ms"])
     budget, rule = 0.5 * max_ms, "0.5 x max net measured"
@@ -118,15 +120,18 @@ def half_latency_subnet(cfg, manifest: dict, work: Path, log) -> dict:
         seed["stages"] = {s: manifest["stages"][s] for s in ("train", "profile")}
         write_json(folder / RUN_MANIFEST, seed)
     half_cfg = replace(cfg, search=replace(cfg.search, budget_ms=budget))
+    if kd_steps is not None:
+        half_cfg = replace(half_cfg, compress=replace(cfg.compress, kd=replace(cfg.compress.kd, steps=kd_steps)))
     out = run_pipeline(half_cfg, folder, progress=False, log=log, stop_after="kd")
     return {"budget_ms": budget, "budget_rule": rule, "max_net_ms": max_ms, "cheapest_ms": cheapest,
+            "kd_steps": half_cfg.compress.kd.steps,
             "arch": out["stages"]["search"]["outputs"]["best"]["arch"], "pruned": out["stages"]["prune"]["status"] == "done",
             "kd_subnet": out["stages"]["kd"]["outputs"]["subnet"], "folder": str(folder)}
 
 
 def export_pte(cfg, subnet: Path, out: Path, name: str, steps: int, cfg_scale: float) -> Path:
     """A 28-step (or any) .pte through the shipped recipe, reused when already written."""
-    export_cfg = replace(cfg.compress.export, steps=steps, cfg_scale=cfg_scale, time_shift=1.0)
+    export_cfg = replace(cfg.compress.export, steps=steps, cfg_scale=cfg_scale, time_shift=1.0, sampler="host-loop")
     if (out / "manifest.json").is_file():
         return out / read_json(out / "manifest.json", missing="", damaged=f"delete {out} and rerun")["artifact"]
     m = export_subnet(export_cfg, subnet, out, name=name, measure=False)
@@ -154,6 +159,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4, help="timed generations per job and round")
     ap.add_argument("--grid", type=Path, default=Path("docs/compress_samples.png"))
+    ap.add_argument("--half-kd-steps", type=int, default=None,
+                    help="KD steps of the half-latency subnet (default: the run's compress.kd.steps)")
     args = ap.parse_args()
     started = time.time()
     manifest = _finished_run(args.run)
@@ -182,7 +189,7 @@ def main() -> None:
         seconds["teacher_quality"] = time.time() - t
 
         t = time.time()
-        half = half_latency_subnet(cfg, manifest, args.work, log)
+        half = half_latency_subnet(cfg, manifest, args.work, log, args.half_kd_steps)
         seconds["half_latency_search_kd"] = time.time() - t
         half_model = load_subnet(Path(half["kd_subnet"]))
         half["quality"] = scorer.euler("half-latency subnet, 28 steps", half_model, 28, 1.0)
@@ -250,7 +257,7 @@ def main() -> None:
                                           f"acc {result['teacher_28_cfg']['label_accuracy']:.3f})"),
             ("real FD floor", f"{result['real_fd_floor']:.2f}"),
             ("half-latency budget", f"{half['budget_ms']:.4g} ms ({half['budget_rule']}); {half['arch']}"
-                                    f"{' pruned' if half['pruned'] else ''}"),
+                                    f"{' pruned' if half['pruned'] else ''}; KD {half['kd_steps']} steps"),
             ("half-latency subnet 28 steps", f"FD {half['quality']['fd']:.2f}  {timing['half_28']['median_ms']:.2f} ms vs "
                                              f"{timing['teacher_28']['median_ms']:.2f} ms")]
     rows += [(k, met(k)) for k in ("fd_ratio_at_half_latency", "measured_speedup_at_half_latency")]

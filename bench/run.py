@@ -51,7 +51,9 @@ def summarize(manifest: dict, wall: float) -> dict:
     distill = _get(stages, "distill", "metrics", default={}) or {}
     timing = _get(stages, "export", "metrics", "timing", default={}) or {}
     search = _get(stages, "search", "metrics", default={}) or {}
-    student_ms = timing.get("pte_generation_ms")
+    sampler = _get(stages, "export", "metrics", "sampler", default={}) or {}
+    # the shipped program's whole generation: the unrolled one when the export chose it (compress.export.sampler)
+    student_ms = sampler.get("unrolled_ms") if sampler.get("shipped") == "unrolled" else timing.get("pte_generation_ms")
     max_net_ms = search.get("max_net_ms")
     table_threads = 1  # the profile's latency.threads default; the export check's threads are recorded
     same_threads = timing.get("threads") == table_threads
@@ -70,6 +72,7 @@ def summarize(manifest: dict, wall: float) -> dict:
         "student_fd_ratio": (distill["fd"] / teacher["fd"]) if distill.get("fd") and teacher.get("fd") else None,
         "student_generation_ms_measured": student_ms,
         "student_generation_threads": timing.get("threads"),
+        "student_sampler": {k: sampler.get(k) for k in ("shipped", "why", "host_loop_ms", "unrolled_ms")},
         "max_net_generation_ms": max_net_ms,
         "max_net_generation_source": "measured" if "measured" in str(search.get("budget_source")) else "predicted",
         "speedup_vs_max_net": speedup,

@@ -233,6 +233,7 @@ PRUNE_UNITS = ("blocks", "heads", "channels")
 SENSITIVITY = ("masked", "taylor")
 DISTILL_METHODS = ("kd", "kdmd", "adversarial")
 EXPORT_BACKENDS = ("xnnpack", "coreml", "mlpackage")
+EXPORT_SAMPLERS = ("host-loop", "unrolled", "fastest")
 
 
 @dataclass(frozen=True)
@@ -365,8 +366,17 @@ class ExportConfig:
     threads: int = 1  # runtime threads for the post-export check
     time_shift: float = 1.0  # SD3 time shift of the shipped sampler's grid (flow.time_grid); 1 = uniform
     timing_iters: int = 20  # timed runs (after 3 warm-ups) of each eager / .pte timing after export
+    # host-loop: the denoiser program + a host loop of Euler steps (any step count; what the tables price);
+    # unrolled: all `steps` calls in one program (noise, y) -> x0; fastest: export both, time both on
+    # this host's runtime, ship the faster (the manifest records both times and why)
+    sampler: str = "fastest"
 
     def check(self) -> ExportConfig:
+        if self.sampler not in EXPORT_SAMPLERS:
+            raise ConfigFieldError("compress.export.sampler", f"unknown {self.sampler!r}; choose one of {', '.join(EXPORT_SAMPLERS)}")
+        if self.sampler == "unrolled" and self.backend == "mlpackage":
+            raise ConfigFieldError("compress.export.sampler", "an unrolled sampler is exported as a .pte only; use host-loop "
+                                   "or fastest with backend mlpackage")
         if self.backend not in EXPORT_BACKENDS:
             raise ConfigFieldError("compress.export.backend", f"unknown {self.backend!r}; choose one of {', '.join(EXPORT_BACKENDS)}")
         if self.dtype not in ("fp32", "fp16"):

@@ -34,6 +34,10 @@ from ditnas.io import file_sha256, read_json, versions, write_json
 
 RUN_MANIFEST = "run.json"
 STAGES = ("train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report")
+# stages whose folder holds a checkpoint of one set of inputs (KD and distillation refuse another's):
+# with changed inputs they start in a fresh folder, the old one kept aside. train, profile and search
+# continue in theirs on purpose: training further, a session that resumes, trials added to one study
+FRESH_ON_CHANGE = ("extract", "prune", "kd", "distill", "export")
 # default budget: halfway from the cheapest reachable arch's generation to the max net's (measured).
 # A fixed fraction of the max net alone can fall below the cheapest arch when fixed costs dominate
 # (a tiny space: the cheapest arch was 82% of the max net), and then the search has nothing to find.
@@ -132,6 +136,8 @@ class Run:
             if damaged:  # the stage resumes from its own folder: set the damaged one aside, keep it for a look
                 why += damaged
                 self.set_aside(name, "damaged", "; ".join(damaged))
+            elif name in FRESH_ON_CHANGE:
+                self.set_aside(name, "changed", "; ".join(why))
         started = time.time()
         self.log(f"[{name}] {'redoing: ' + ', '.join(why) if why else 'running'}")
         result = fn(self.root / name)

@@ -70,9 +70,20 @@ def exported(tmp_path_factory):
 def test_export_writes_a_checked_pte_and_manifest(exported) -> None:
     cfg, subnet, out, manifest, _ = exported
     pte = out / "tiny_xnnpack_fp32.pte"
-    assert manifest["artifact"] == pte.name == artifact_name("tiny", "xnnpack", "fp32")
+    unrolled = out / "tiny-unrolled4_xnnpack_fp32.pte"
+    assert pte.name == artifact_name("tiny", "xnnpack", "fp32")
     assert read_manifest(out, "ditnas.export") == manifest
-    assert set(manifest["files"]) == {pte.name, sidecar_path(pte).name, "tiny_xnnpack_fp32.etrecord", "tiny_xnnpack_fp32.etdp"}
+    assert set(manifest["files"]) == {pte.name, sidecar_path(pte).name, "tiny_xnnpack_fp32.etrecord", "tiny_xnnpack_fp32.etdp",
+                                      unrolled.name, sidecar_path(unrolled).name}
+    # sampler "fastest": both programs timed, the faster one is the artifact, the other its alternative
+    choice = manifest["metrics"]["sampler"]
+    assert choice["host_loop_ms"] > 0 and choice["unrolled_ms"] > 0 and choice["samples"] == 2 * cfg.timing_iters
+    faster = unrolled if choice["unrolled_ms"] < choice["host_loop_ms"] else pte
+    assert manifest["artifact"] == faster.name and manifest["alternative"] == ({pte, unrolled} - {faster}).pop().name
+    assert choice["shipped"] == ("unrolled" if faster == unrolled else "host-loop") and "faster" in choice["why"]
+    assert manifest["generation"]["kind"] == ("unrolled" if faster == unrolled else "denoiser")
+    u = manifest["metrics"]["unrolled"]
+    assert u["delegated_share"] == 1.0 and 0 < u["parity"]["generation_rel_error"] <= cfg.parity_rtol
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging / tmp file left
     side = check_recipe(pte)
     assert side["recipe"] == manifest["recipe"] and manifest["recipe"]["name"] == "ditnas-xnnpack-v1"
@@ -88,6 +99,33 @@ def test_export_writes_a_checked_pte_and_manifest(exported) -> None:
     assert t["pte_speedup_vs_eager"] == pytest.approx(t["eager_generation_ms"] / t["pte_generation_ms"])
     assert manifest["generation"]["cfg_scale"] == 2.0 and manifest["generation"]["steps"] == 4
     assert manifest["arch"] == "[patch=2 latent=1x1x16x16 classes=10 steps=28] lcha:1:2"
+
+
+def test_the_unrolled_sampler_generates_what_the_host_loop_does(exported) -> None:
+    cfg, subnet, out, _, _ = exported
+    sub = load_subnet(subnet)
+    images, timing = generate_from_pte(out / "tiny-unrolled4_xnnpack_fp32.pte", label=4, n=3, seed=11)
+    want = euler_sample(sub, torch.full((3,), 4), sub.arch.latent, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                        null_label=10, generator=torch.Generator().manual_seed(11))
+    rel = float((images - want).abs().max()) / float(want.abs().max())
+    assert rel <= 1e-3, rel
+    assert timing["steps"] == 4
+    with pytest.raises(DitnasError, match="unrolled 4-step sampler and generates with 4 steps only, not 2"):
+        generate_from_pte(out / "tiny-unrolled4_xnnpack_fp32.pte", label=4, n=1, steps=2)
+
+
+def test_host_loop_sampler_exports_no_unrolled_program(exported, tmp_path, monkeypatch) -> None:
+    import ditnas.compress.export as export_module
+
+    cfg, subnet, _, _, lowered = exported
+    calls = []
+    monkeypatch.setattr(export_module, "lower", lambda *a, **k: calls.append(a[0]) or lowered)
+    m = export_subnet(replace(cfg, sampler="host-loop"), subnet, tmp_path / "h", name="tiny", measure=False)
+    assert m["artifact"] == "tiny_xnnpack_fp32.pte" and m["alternative"] is None and len(calls) == 1
+    assert m["metrics"]["sampler"] == {"shipped": "host-loop", "why": "compress.export.sampler is host-loop"}
+    assert not (tmp_path / "h" / "tiny-unrolled4_xnnpack_fp32.pte").exists()
+    long = export_subnet(replace(cfg, steps=28), subnet, tmp_path / "l", name="tiny", measure=False)
+    assert long["metrics"]["sampler"]["shipped"] == "host-loop" and len(calls) == 2  # fastest, untimed: not unrolled
 
 
 def test_generate_from_pte_equals_the_eager_sampler(exported) -> None:
@@ -154,6 +192,10 @@ def test_export_config_is_checked(exported, tmp_path) -> None:
         export_subnet(ExportConfig(dtype="fp16"), subnet, tmp_path)
     with pytest.raises(ConfigFieldError, match="compress.export.time_shift"):
         ExportConfig(time_shift=0.0).check()
+    with pytest.raises(ConfigFieldError, match="compress.export.sampler: unknown 'loop'; choose one of host-loop, unrolled, fastest"):
+        ExportConfig(sampler="loop").check()
+    with pytest.raises(ConfigFieldError, match="compress.export.sampler: an unrolled sampler is exported as a .pte only"):
+        ExportConfig(backend="mlpackage", dtype="fp16", sampler="unrolled").check()
     with pytest.raises(DitnasError, match="name 'a/b'"):
         export_subnet(ExportConfig(), subnet, tmp_path, name="a/b")
 

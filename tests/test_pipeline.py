@@ -132,6 +132,12 @@ def test_ctrl_c_in_a_stage_loses_no_finished_stage(searched, capsys, monkeypatch
     stages = json.loads((searched / "run.json").read_text())["stages"]
     assert stages["kd"]["status"] == "done" and out.count("inputs unchanged: reused") == len(before)
     assert all(stages[name] == before[name] for name in before)
+    # a changed KD setting: KD starts in a fresh folder (its checkpoint belongs to the old settings), kept aside
+    code, out, err = run([*args[:-2], "--set", "compress.kd.steps=4", *args[-2:]], capsys)
+    assert code == 0, err
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert stages["kd"]["redone_because"] == ["input compress.kd.steps changed"] and stages["kd"]["metrics"]["steps"] == 4
+    assert len(list(searched.glob("kd.changed-*"))) == 1 and all(stages[name] == before[name] for name in before)
 
 
 def test_a_run_folder_of_other_tool_versions_is_refused(tmp_path, capsys):

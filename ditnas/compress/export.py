@@ -18,6 +18,13 @@ nothing under the final name; the whole cfg.steps generation is compared too. Th
 written and read with the devtools Inspector (per-op breakdown), and eager vs .pte time of one
 denoiser call and of one whole generation are measured (fresh process, generation.time_generation).
 
+`cfg.sampler`: besides the host-loop program, `fastest` (the default) and `unrolled` lower
+`generation.UnrolledSampler` -- the `cfg.steps` Euler steps in one program (noise, y) -> x0, checked
+against the eager unrolled sampler -- and `fastest` times both whole generations in fresh processes
+(both orders) and ships the faster: the manifest's `artifact` names it, `sampler` records both times
+and why, and the other program stays beside it. The host loop runs any step count; the unrolled
+program saves the per-call overhead but only runs its own steps.
+
 Core ML (`backend: coreml` .pte or `mlpackage`) converts on Linux but cannot run here (no
 CoreMLBackend in the runtime, no Core ML in coremltools off macOS): the manifest says so and records
 no parity / timing instead of inventing them.
@@ -45,10 +52,12 @@ from ditnas.io import write_json
 from ditnas.latency_models.backends.base import time_calls
 from ditnas.latency_models.generation import (
     DenoiserProgram,
+    UnrolledSampler,
     generation_spec,
     run_generation,
     time_in_fresh_process,
 )
+from ditnas.latency_models.generation_profile import time_generations_in_fresh_process
 from ditnas.latency_models.lowering import (
     Lowered,
     check_recipe,
@@ -177,6 +186,92 @@ def measure_timings(pte: Path, program: DenoiserProgram, sub: SubDiT, cfg: Expor
             "device": {"host": platform.node(), "machine": platform.machine(), "backend": "executorch-xnnpack"}}
 
 
+@torch.no_grad()
+def export_unrolled(cfg: ExportConfig, sub: SubDiT, program: DenoiserProgram, out: Path, name: str,
+                    gen: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """`cfg.steps` steps of `program` unrolled into one program, lowered with the same recipe and checked
+    against the eager unrolled sampler on seeded noise; returns (its .pte, metrics)."""
+    sampler = UnrolledSampler(program, cfg.steps, cfg.time_shift).eval()
+    example = (torch.zeros(1, *sub.arch.latent), torch.zeros(1, dtype=torch.long))
+    lowered = lower(sampler, example, backend=cfg.backend, etrecord=False, what=f"unrolled {cfg.steps}-step sampler of {name}")
+    final = out / artifact_name(f"{name}-unrolled{cfg.steps}", cfg.backend, cfg.dtype)
+    staged = out / f".{final.name}.staging.pte"
+    metrics: dict[str, Any] = {"delegated_share": lowered.report["delegated_share"],
+                               "non_delegated_compute_ops": lowered.report["non_delegated_compute_ops"]}
+    try:
+        write_pte(lowered, staged, extra={"generation": {**gen, **sampler.describe()},
+                                          "export": {"name": name, "backend": cfg.backend, "dtype": cfg.dtype}})
+        if runtime_can_run(cfg.backend):
+            method = _load_method(staged)
+            g = torch.Generator().manual_seed(0)
+            errors = []
+            for label in PARITY_LABELS:
+                noise, y = torch.randn((1, *sub.arch.latent), generator=g), torch.tensor([min(label, sub.arch.num_classes - 1)])
+                errors.append(_rel(method.execute([noise, y])[0], sampler(noise, y)))
+            if not max(errors) <= cfg.parity_rtol:
+                raise DitnasError(f"export of {name}: the unrolled sampler .pte differs from eager by {max(errors):.3g} "
+                                  f"(relative) > compress.export.parity_rtol {cfg.parity_rtol:g}; use compress.export.sampler "
+                                  "host-loop")
+            metrics["parity"] = {"checked": True, "inputs": f"{len(errors)} seeded noises", "generation_rel_error": max(errors),
+                                 "rtol": cfg.parity_rtol}
+        else:
+            metrics["parity"] = {"checked": False, "reason": LINUX_COREML}
+        _publish(staged, final)
+    finally:
+        for leftover in (staged, sidecar_path(staged)):
+            leftover.unlink(missing_ok=True)
+    return final, metrics
+
+
+# assumption: `fastest` tries the unrolled program only for few-step samplers: its lowering grows with the
+# steps (~8 s per step for the quick default's student here), while the per-call overhead it saves is a
+# shrinking share of a long generation
+MAX_UNROLLED_STEPS = 8
+
+
+def unrolled_skipped(cfg: ExportConfig, measure: bool) -> str | None:
+    """Why no unrolled program is exported, or None when one is."""
+    if cfg.sampler == "unrolled":
+        return None
+    if cfg.sampler == "host-loop":
+        return "compress.export.sampler is host-loop"
+    if cfg.backend == "mlpackage":
+        return "a Core ML package ships the host-loop denoiser only"
+    if not runtime_can_run(cfg.backend):
+        return f"sampler fastest needs both programs timed, and {cfg.backend} programs cannot run here: host loop shipped"
+    if not measure:
+        return "sampler fastest needs timing, and this export was not timed (measure=False): host loop shipped"
+    if cfg.steps > MAX_UNROLLED_STEPS:
+        return (f"sampler fastest tries unrolling only up to {MAX_UNROLLED_STEPS} steps ({cfg.steps} asked); set "
+                "compress.export.sampler unrolled to force it")
+    return None
+
+
+def choose_sampler(cfg: ExportConfig, host_loop: Path, unrolled: Path | None) -> dict[str, Any]:
+    """Which program ships, with both whole-generation times when this host can run them."""
+    if unrolled is None:
+        return {"shipped": "host-loop", "why": f"compress.export.sampler is {cfg.sampler}"}
+    if not runtime_can_run(cfg.backend):
+        shipped = "unrolled" if cfg.sampler == "unrolled" else "host-loop"
+        return {"shipped": shipped, "why": f"compress.export.sampler is {cfg.sampler}; neither program can be timed here "
+                                           f"({LINUX_COREML})"}
+    jobs = [("host-loop", host_loop, cfg.steps, None), ("unrolled", unrolled, cfg.steps, None)]
+    runs: dict[str, list[float]] = {"host-loop": [], "unrolled": []}
+    for order in (jobs, jobs[::-1]):  # both orders: neither program always runs first
+        for key, times in time_generations_in_fresh_process(order, cfg.threads, TIMING_WARMUP, cfg.timing_iters).items():
+            runs[key] += times
+    host_ms, unrolled_ms = statistics.median(runs["host-loop"]), statistics.median(runs["unrolled"])
+    timed = (f"whole {cfg.steps}-step generation: unrolled {unrolled_ms:.4g} ms, host loop {host_ms:.4g} ms (median of "
+             f"{len(runs['unrolled'])} each, 2 fresh processes, {cfg.threads} thread(s))")
+    if cfg.sampler == "unrolled":
+        shipped, why = "unrolled", f"compress.export.sampler is unrolled; {timed}"
+    else:
+        shipped = "unrolled" if unrolled_ms < host_ms else "host-loop"
+        why = f"the {'unrolled program' if shipped == 'unrolled' else 'host loop'} is faster: {timed}"
+    return {"shipped": shipped, "why": why, "host_loop_ms": host_ms, "unrolled_ms": unrolled_ms,
+            "threads": cfg.threads, "samples": len(runs["unrolled"])}
+
+
 def _save_etrecord(lowered: Lowered, path: Path) -> None:
     from ditnas.latency_models.backends.executorch_xnnpack import _save_etrecord as save
 
@@ -250,10 +345,17 @@ def export_subnet(cfg: ExportConfig, subnet: Path, out: Path, *, name: str | Non
             metrics["timing"] = measure_timings(final, program, sub, cfg)
     else:
         metrics["timing"] = {"measured": False, "reason": LINUX_COREML}
+    unrolled, skip = None, unrolled_skipped(cfg, measure)
+    if skip is None:
+        unrolled, metrics["unrolled"] = export_unrolled(cfg, sub, program, out, name, gen)
+        files += [unrolled.name, sidecar_path(unrolled).name]
+    metrics["sampler"] = choose_sampler(cfg, final, unrolled) if skip is None else {"shipped": "host-loop", "why": skip}
+    shipped, other = (unrolled, final) if metrics["sampler"]["shipped"] == "unrolled" else (final, unrolled)
     return write_manifest(
         out, KIND, inputs={"subnet": subnet}, config=cfg, metrics=metrics, files=files,
-        extra={"arch": str(sub.arch), "arch_key": sub.arch.key(), "artifact": final.name, "recipe": lowered.recipe,
-               "generation": gen, "params": sub.num_params()},
+        extra={"arch": str(sub.arch), "arch_key": sub.arch.key(), "artifact": shipped.name, "recipe": lowered.recipe,
+               "generation": read_sidecar(shipped)["generation"], "params": sub.num_params(),
+               "alternative": other.name if other is not None else None},
     )
 
 
@@ -303,11 +405,11 @@ def _export_meta(pte: Path) -> dict[str, Any]:
         raise DitnasError(f"{pte} does not exist; pass a .pte written by `ditnas export`")
     side = check_recipe(pte)
     gen = side.get("generation")
-    if not isinstance(gen, dict) or gen.get("kind") != "denoiser" or "latent" not in gen:
+    if not isinstance(gen, dict) or gen.get("kind") not in ("denoiser", "unrolled") or "latent" not in gen:
         raise DitnasError(f"{pte} is not a ditnas export (its sidecar names no denoiser program); run `ditnas export` on a subnet")
     if (pte.parent / MANIFEST).is_file():
         manifest = read_manifest(pte.parent)
-        if manifest.get("kind") == KIND and manifest.get("artifact") == pte.name:
+        if manifest.get("kind") == KIND and pte.name in (manifest.get("artifact"), manifest.get("alternative")):
             check_files(pte.parent, manifest)
     return gen
 
@@ -328,6 +430,10 @@ def generate_from_pte(pte: Path, *, label: int, n: int, steps: int | None = None
     steps = int(gen["steps"] if steps is None else steps)
     if n < 1 or steps < 1:
         raise DitnasError(f"generate_from_pte: n={n} and steps={steps} must be >= 1")
+    unrolled = gen["kind"] == "unrolled"
+    if unrolled and steps != gen["steps"]:
+        raise DitnasError(f"{pte} is an unrolled {gen['steps']}-step sampler and generates with {gen['steps']} steps only, "
+                          f"not {steps}; use the host-loop program beside it (the export manifest's `alternative`)")
     if not 0 <= label < gen["num_classes"]:
         raise DitnasError(f"generate_from_pte: label {label} is outside 0..{gen['num_classes'] - 1} of {pte}")
     set_et_threads(threads)
@@ -335,15 +441,20 @@ def generate_from_pte(pte: Path, *, label: int, n: int, steps: int | None = None
     meta = method.metadata
     latent = [1, *gen["latent"]]
     shapes = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
-    if meta.num_inputs() != 3 or shapes[0] != latent or shapes[1] != [1] or shapes[2] != [1]:
-        raise DitnasError(f"{pte} takes inputs {shapes}, its sidecar says (x {latent}, t [1], y [1]): the program is "
+    want = [latent, [1]] if unrolled else [latent, [1], [1]]
+    if shapes != want:
+        said = f"(noise {latent}, y [1])" if unrolled else f"(x {latent}, t [1], y [1])"
+        raise DitnasError(f"{pte} takes inputs {shapes}, its sidecar says {said}: the program is "
                           "another model's or the sidecar was copied from another export; export again")
     noise = torch.randn((n, *gen["latent"]), generator=torch.Generator().manual_seed(seed))
     y = torch.tensor([label])
     images, times = [], []
     for i in range(n):
         t0 = time.perf_counter_ns()
-        images.append(run_generation(method, noise[i : i + 1], y, steps, gen["cfg_scale"], gen["shift"]))
+        if unrolled:
+            images.append(method.execute([noise[i : i + 1], y])[0])
+        else:
+            images.append(run_generation(method, noise[i : i + 1], y, steps, gen["cfg_scale"], gen["shift"]))
         times.append((time.perf_counter_ns() - t0) / 1e6)
     timing = {"ms_per_image": times, "median_ms": statistics.median(times), "steps": steps, "threads": threads,
               "cfg_scale": gen["cfg_scale"], "note": "in this process, after lowering nothing: no warm-up excluded"}
