@@ -488,7 +488,8 @@ def distill(
 
 
 EXPORT_FLAGS = {"compress.export.backend": "--backend", "compress.export.dtype": "--dtype",
-                "compress.export.steps": "--steps", "compress.export.cfg_scale": "--cfg-scale"}
+                "compress.export.steps": "--steps", "compress.export.cfg_scale": "--cfg-scale",
+                "compress.export.sampler": "--sampler"}
 
 
 @app.command()
@@ -499,6 +500,8 @@ def export(
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | fp16 (compress.export.dtype)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="denoising steps of the shipped sampler (compress.export.steps)")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option(help="guidance baked into the denoiser; 0 = none (compress.export.cfg_scale)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="host-loop | unrolled | fastest: ship the faster of the two, timed here "
+                                                       "(compress.export.sampler)")] = None,
     name: Annotated[Optional[str], typer.Option(help="file name stem (default dit_<arch key>)")] = None,
     measure: Annotated[bool, typer.Option(help="time eager vs .pte (one call and one whole generation) after export")] = True,
     config: ConfigOpt = None,
@@ -508,7 +511,7 @@ def export(
     from ditnas.compress.export import export_subnet
 
     flags = {"compress.export.backend": backend, "compress.export.dtype": dtype, "compress.export.steps": steps,
-             "compress.export.cfg_scale": cfg_scale}
+             "compress.export.cfg_scale": cfg_scale, "compress.export.sampler": sampler}
     with field_flags(EXPORT_FLAGS):
         cfg = load_run_config(config, overrides, flags)
         manifest = export_subnet(cfg.compress.export, subnet, out, name=name, measure=measure)
@@ -524,6 +527,9 @@ def export(
     if timing.get("pte_speedup_vs_eager") is not None:
         typer.echo(f"{timing.get('steps', cfg.compress.export.steps)}-step generation: .pte {timing.get('pte_generation_ms', float('nan')):.2f} ms, "
                    f"eager {timing.get('eager_generation_ms', float('nan')):.2f} ms ({timing['pte_speedup_vs_eager']:.2f}x)")
+    choice = metrics.get("sampler") or {}
+    if choice:
+        typer.echo(f"shipped sampler: {choice['shipped']} ({choice['why']})")
     typer.echo(f"wrote {out / manifest['artifact']} and {out / 'manifest.json'}")
 
 

@@ -38,6 +38,7 @@ def test_distill_kd_then_prune_then_export_then_generate(env, tmp_path, capsys):
     assert code == 0, err
     pte = shipped / "tiny_xnnpack_fp32.pte"
     assert pte.is_file() and "delegated share" in out and "parity vs eager" in out
+    assert "shipped sampler: host-loop (sampler fastest needs timing" in out  # --no-measure: nothing to compare
 
     code, out, err = run(["generate", "--pte", str(pte), "--label", "3", "--n", "2", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0, err
@@ -56,6 +57,8 @@ def test_bad_inputs_are_one_clear_error(env, tmp_path, capsys):
     assert code == 2 and "--method (compress.distill.method)" in err and "kdmd" in err
     code, _, err = run(["export", "--subnet", str(env["student"]), "--out", str(tmp_path / "e"), "--backend", "tflite"], capsys)
     assert code == 2 and "--backend (compress.export.backend)" in err
+    code, _, err = run(["export", "--subnet", str(env["student"]), "--out", str(tmp_path / "e"), "--sampler", "loop"], capsys)
+    assert code == 2 and "--sampler (compress.export.sampler): unknown 'loop'" in err
     assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists()
     code, _, err = run(["prune", "--subnet", str(env["student"]), "--out", str(tmp_path / "p"), "--units", "rows"], capsys)
     assert code == 2 and "--units (compress.prune.units)" in err
