@@ -2,7 +2,7 @@
 
     python bench/compress.py --run runs/bench_run [--out bench/results/compress.json] [--work runs/bench_compress]
                              [--samples 1000] [--rounds 5] [--iters 4] [--grid docs/compress_samples.png]
-                             [--half-kd-steps N]
+                             [--half-kd-steps N] [--pruned FOLDER]
 
 `--run` is a run folder whose stages up to export are done (bench/run.py writes runs/bench_run); its
 supernet, latency table, teacher (the max net), KD subnet, K-DMD student and student .pte are reused,
@@ -15,7 +15,9 @@ nothing there is changed. Into `--work` it adds what the run does not make:
 - the KD-only 4-step student (the KD subnet sampled at 4 steps on the student's time grid) and an
   adversarially step-distilled student (`compress.distill` with method adversarial, same updates);
 - .pte programs of the teacher: 28 steps with the sampler's CFG (the shipped guided sampler) and 28
-  steps without guidance, and of the half-latency subnet (28 steps, no guidance).
+  steps without guidance, and of the half-latency subnet (28 steps, no guidance);
+- with `--pruned FOLDER` (a pruned subnet, e.g. bench/prune_ablation.py's `tri-level`): its FD, .pte
+  timing and the same two ratios as the half-latency subnet, and a row in the sample grid.
 
 Figures (JSON keys; goals from the compression issue):
 - `fd_ratio_at_half_latency` (<= 1.10) and `measured_speedup_at_half_latency` (>= 2): FD of the
@@ -159,6 +161,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4, help="timed generations per job and round")
     ap.add_argument("--grid", type=Path, default=Path("docs/compress_samples.png"))
+    ap.add_argument("--pruned", type=Path, default=None,
+                    help="a pruned subnet folder (e.g. bench/prune_ablation.py's tri-level) to score and time beside the rest")
     ap.add_argument("--half-kd-steps", type=int, default=None,
                     help="KD steps of the half-latency subnet (default: the run's compress.kd.steps)")
     args = ap.parse_args()
@@ -195,6 +199,10 @@ def main() -> None:
         half["quality"] = scorer.euler("half-latency subnet, 28 steps", half_model, 28, 1.0)
         half["params"], half["teacher_params"] = half_model.num_params(), teacher.num_params()
         result["half_latency"] = half
+        if args.pruned:
+            pruned_model = load_subnet(args.pruned)
+            result["pruned"] = {"folder": str(args.pruned), "arch": str(pruned_model.arch), "params": pruned_model.num_params(),
+                                "quality": scorer.euler("pruned subnet, 28 steps", pruned_model, 28, 1.0)}
 
         t = time.time()
         result["kd_only"] = scorer.few_step("KD only, 4 steps", load_subnet(kd_dir), dcfg.student_steps, dcfg.shift)
@@ -210,17 +218,22 @@ def main() -> None:
         teacher_cfg_pte = export_pte(cfg, teacher_dir, args.work / "teacher_cfg", "teacher-cfg", 28, cfg_scale)
         teacher_pte = export_pte(cfg, teacher_dir, args.work / "teacher", "teacher", 28, 0.0)
         half_pte = export_pte(cfg, Path(half["kd_subnet"]), args.work / "half_export", "half", 28, 0.0)
+        jobs = [("teacher_28_cfg", teacher_cfg_pte, 28, None), ("student", student_pte, dcfg.student_steps, None),
+                ("teacher_28", teacher_pte, 28, None), ("half_28", half_pte, 28, None)]
+        if args.pruned:
+            jobs.append(("pruned_28", export_pte(cfg, args.pruned, args.work / "pruned_export", "pruned", 28, 0.0), 28, None))
         seconds["exports"] = time.time() - t
         t = time.time()
-        timing = time_rounds([("teacher_28_cfg", teacher_cfg_pte, 28, None), ("student", student_pte, dcfg.student_steps, None),
-                              ("teacher_28", teacher_pte, 28, None), ("half_28", half_pte, 28, None)],
-                             args.threads, args.rounds, args.iters)
+        timing = time_rounds(jobs, args.threads, args.rounds, args.iters)
         seconds["timing"] = time.time() - t
     result["timing"] = timing
 
     teacher_fd, teacher_cfg_fd = result["teacher_28"]["fd"], result["teacher_28_cfg"]["fd"]
     result["fd_ratio_at_half_latency"] = half["quality"]["fd"] / teacher_fd
     result["measured_speedup_at_half_latency"] = timing["teacher_28"]["median_ms"] / timing["half_28"]["median_ms"]
+    if args.pruned:  # the same two figures for the pruned subnet
+        result["pruned"]["fd_ratio"] = result["pruned"]["quality"]["fd"] / teacher_fd
+        result["pruned"]["measured_speedup"] = timing["teacher_28"]["median_ms"] / timing["pruned_28"]["median_ms"]
     for key in ("kdmd", "kd_only", "adversarial"):
         prefix = "student" if key == "kdmd" else f"{key}_student"
         result[f"{prefix}_fd_ratio"] = result[key]["fd"] / teacher_cfg_fd
@@ -261,6 +274,10 @@ def main() -> None:
             ("half-latency subnet 28 steps", f"FD {half['quality']['fd']:.2f}  {timing['half_28']['median_ms']:.2f} ms vs "
                                              f"{timing['teacher_28']['median_ms']:.2f} ms")]
     rows += [(k, met(k)) for k in ("fd_ratio_at_half_latency", "measured_speedup_at_half_latency")]
+    if args.pruned:
+        pr = result["pruned"]
+        rows.append(("pruned subnet 28 steps", f"FD {pr['quality']['fd']:.2f} (ratio {pr['fd_ratio']:.3g})  "
+                                               f"{timing['pruned_28']['median_ms']:.2f} ms ({pr['measured_speedup']:.3g}x)  {pr['arch']}"))
     for key in ("kdmd", "kd_only", "adversarial"):
         rows.append((f"{key} student {dcfg.student_steps} steps", f"FD {result[key]['fd']:.2f}  acc {result[key]['label_accuracy']:.3f}"))
     rows += [(k, met(k)) for k in ("student_fd_ratio", "student_label_accuracy", "end_to_end_speedup", "pte_speedup_vs_eager",

@@ -163,5 +163,17 @@ def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
     for b in search["baselines"].values():
         assert (b["fits"] and b["latency_ms"] <= search["budget_ms_total"] and b["quality"] > 0) or "cannot fit" in b["note"]
     assert "baselines at the same budget" in html and "uniform_interleave_sa_lcha" in html
+    # every latency names its device and kind; the published phone rows sit in their own table, labelled paper
+    from ditnas.reports.report import PAPER_DEVICE, PAPER_ROWS, latency_figures
+
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    figures = latency_figures(stages, searched / "profile" / "table")
+    backend = json.loads((searched / "profile" / "table" / "table.json").read_text())["identity"]["backend"]
+    assert {r["kind"] for r in figures} >= {"measured", "predicted"} and all(backend in r["device"] for r in figures
+                                                                         if not r["figure"].startswith("student"))
+    if ((stages.get("export") or {}).get("metrics") or {}).get("timing"):
+        assert any(r["figure"].startswith("student .pte") and r["ms"] > 0 and "ExecuTorch" in r["device"] for r in figures)
+    figures_html, paper_html = html.split("<h2>Latency figures</h2>")[1].split("published, for scale")[:2]
+    assert "paper" not in figures_html and paper_html.count(">paper<") == len(PAPER_ROWS) and PAPER_DEVICE in paper_html
     code, _, err = run(["report", str(tmp_path)], capsys)
     assert code == 2 and "not a ditnas run folder" in err

@@ -248,6 +248,52 @@ h2{border-bottom:1px solid #ddd;margin-top:2em}img{max-width:100%;height:auto}.g
 .grid img{vertical-align:top;image-rendering:pixelated}code{background:#f4f4f4}"""
 
 
+# Published on-device figures (SnapGen++, arXiv 2601.08303, Tab. 2 and its supplement: iPhone 16 Pro Max, Core ML,
+# 1024x1024 images, text-to-image). Shown apart from this run's figures, labelled "paper": never measured here.
+IMAGE_NOTE = "K-DMD student; the image time includes the VAE decoder (120 ms) and overhead (supp. table)"
+PAPER_ROWS = (
+    {"model": "SnapGen (U-Net, 0.4B)", "figure": "one denoiser forward", "ms": 274.0, "note": "28-step base model"},
+    {"model": "SnapGen++ tiny (DiT, 0.3B)", "figure": "one step / one 4-step image", "ms": "280 / 1200", "note": IMAGE_NOTE},
+    {"model": "SnapGen++ small (DiT, 0.4B)", "figure": "one step / one 4-step image", "ms": "360 / 1800", "note": IMAGE_NOTE},
+    {"model": "SnapGen++ full (DiT, 1.6B, 4-bit)", "figure": "one step / one 4-step image", "ms": "1580 / 6700",
+     "note": IMAGE_NOTE + "; palettized weights"},
+)
+PAPER_DEVICE = "iPhone 16 Pro Max, Core ML (published)"
+
+
+def latency_figures(stages: dict[str, Any], table_root: Path) -> list[dict[str, Any]]:
+    """Every latency this run produced, each naming its device and whether it was measured or predicted."""
+    device = "?"
+    try:
+        ident = read_json(table_root / "table.json", missing="", damaged="").get("identity", {})
+        device = (f"{ident.get('device_id', '?')} {ident.get('device_model', '')}, {ident.get('backend', '?')}, "
+                  f"{ident.get('threads', '?')} thread(s)")
+    except (DitnasError, AttributeError):  # no or a damaged table: the figures still show, device unknown
+        pass
+    rows = []
+    search = (stages.get("search") or {}).get("metrics") or {}
+    if search.get("max_net_ms") is not None:
+        kind = "measured" if "measured" in str(search.get("budget_source", "")) else "predicted"
+        rows.append({"figure": "max net, one generation (search's reference)", "ms": search["max_net_ms"], "device": device,
+                     "kind": kind})
+    if search.get("budget_ms") is not None:
+        rows.append({"figure": "search budget, one generation", "ms": search["budget_ms"], "device": device,
+                     "kind": "budget (" + str(search.get("budget_source", "")) + ")"})
+    best = ((stages.get("search") or {}).get("outputs") or {}).get("best")
+    if best:
+        rows.append({"figure": f"chosen arch, {best.get('steps')} steps", "ms": best.get("latency_ms"), "device": device,
+                     "kind": "predicted"})
+    timing = ((stages.get("export") or {}).get("metrics") or {}).get("timing") or {}
+    if timing.get("pte_generation_ms") is not None:
+        where = f"{timing.get('device', {}).get('host', 'this host')}, ExecuTorch XNNPACK, {timing.get('threads')} thread(s)"
+        rows.append({"figure": f"student .pte, one {timing.get('steps')}-step generation", "ms": timing["pte_generation_ms"],
+                     "device": where, "kind": "measured"})
+        rows.append({"figure": f"student in eager torch, one {timing.get('steps')}-step generation",
+                     "ms": timing.get("eager_generation_ms"), "device": where.replace("ExecuTorch XNNPACK", "eager torch"),
+                     "kind": "measured"})
+    return rows
+
+
 def write_report(run_dir: Path) -> Path:
     """Write `<run_dir>/report.html` from the run's artifacts; returns its path."""
     run_dir = Path(run_dir)
@@ -317,6 +363,9 @@ def write_report(run_dir: Path) -> Path:
         except DitnasError as exc:
             grids.append(f"<p>student samples unavailable: {html.escape(str(exc))}</p>")
     parts.append("<h2>Samples</h2><div class='grid'>" + ("".join(grids) or "<p><i>none yet</i></p>") + "</div>")
+    parts.append("<h2>Latency figures</h2><p>this run, on the devices named:</p>" + _table(latency_figures(stages, table_root)))
+    parts.append(f"<p>published, for scale (not measured by ditnas; 1024&times;1024 text-to-image on {PAPER_DEVICE}):</p>"
+                 + _table([{**r, "device": PAPER_DEVICE, "kind": "paper"} for r in PAPER_ROWS]))
     rows = [{"stage": k, **{mk: mv for mk, mv in (v.get("metrics") or {}).items() if not isinstance(mv, (dict, list))}}
             for k, v in stages.items()]
     parts.append("<h2>Stage metrics</h2>" + _table(rows))
