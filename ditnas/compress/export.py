@@ -38,6 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -195,31 +196,26 @@ def export_unrolled(cfg: ExportConfig, sub: SubDiT, program: DenoiserProgram, ou
     example = (torch.zeros(1, *sub.arch.latent), torch.zeros(1, dtype=torch.long))
     lowered = lower(sampler, example, backend=cfg.backend, etrecord=False, what=f"unrolled {cfg.steps}-step sampler of {name}")
     final = out / artifact_name(f"{name}-unrolled{cfg.steps}", cfg.backend, cfg.dtype)
-    staged = out / f".{final.name}.staging.pte"
+
+    def parity(staged: Path) -> dict[str, Any]:
+        method = _load_method(staged)
+        g = torch.Generator().manual_seed(0)
+        errors = []
+        for label in PARITY_LABELS:
+            noise, y = torch.randn((1, *sub.arch.latent), generator=g), torch.tensor([min(label, sub.arch.num_classes - 1)])
+            errors.append(_rel(method.execute([noise, y])[0], sampler(noise, y)))
+        if not max(errors) <= cfg.parity_rtol:
+            raise DitnasError(f"export of {name}: the unrolled sampler .pte differs from eager by {max(errors):.3g} "
+                              f"(relative) > compress.export.parity_rtol {cfg.parity_rtol:g}; use compress.export.sampler "
+                              "host-loop")
+        return {"checked": True, "inputs": f"{len(errors)} seeded noises", "generation_rel_error": max(errors),
+                "rtol": cfg.parity_rtol}
+
     metrics: dict[str, Any] = {"delegated_share": lowered.report["delegated_share"],
                                "non_delegated_compute_ops": lowered.report["non_delegated_compute_ops"]}
-    try:
-        write_pte(lowered, staged, extra={"generation": {**gen, **sampler.describe()},
-                                          "export": {"name": name, "backend": cfg.backend, "dtype": cfg.dtype}})
-        if runtime_can_run(cfg.backend):
-            method = _load_method(staged)
-            g = torch.Generator().manual_seed(0)
-            errors = []
-            for label in PARITY_LABELS:
-                noise, y = torch.randn((1, *sub.arch.latent), generator=g), torch.tensor([min(label, sub.arch.num_classes - 1)])
-                errors.append(_rel(method.execute([noise, y])[0], sampler(noise, y)))
-            if not max(errors) <= cfg.parity_rtol:
-                raise DitnasError(f"export of {name}: the unrolled sampler .pte differs from eager by {max(errors):.3g} "
-                                  f"(relative) > compress.export.parity_rtol {cfg.parity_rtol:g}; use compress.export.sampler "
-                                  "host-loop")
-            metrics["parity"] = {"checked": True, "inputs": f"{len(errors)} seeded noises", "generation_rel_error": max(errors),
-                                 "rtol": cfg.parity_rtol}
-        else:
-            metrics["parity"] = {"checked": False, "reason": LINUX_COREML}
-        _publish(staged, final)
-    finally:
-        for leftover in (staged, sidecar_path(staged)):
-            leftover.unlink(missing_ok=True)
+    metrics["parity"] = publish_checked(lowered, final, {"generation": {**gen, **sampler.describe()},
+                                                         "export": {"name": name, "backend": cfg.backend, "dtype": cfg.dtype}},
+                                        cfg.backend, parity)
     return final, metrics
 
 
@@ -247,14 +243,12 @@ def unrolled_skipped(cfg: ExportConfig, measure: bool) -> str | None:
     return None
 
 
-def choose_sampler(cfg: ExportConfig, host_loop: Path, unrolled: Path | None) -> dict[str, Any]:
-    """Which program ships, with both whole-generation times when this host can run them."""
-    if unrolled is None:
-        return {"shipped": "host-loop", "why": f"compress.export.sampler is {cfg.sampler}"}
+def choose_sampler(cfg: ExportConfig, host_loop: Path, unrolled: Path) -> dict[str, Any]:
+    """Which program ships, with both whole-generation times when this host can run them (it cannot only when
+    `unrolled` was asked for: `unrolled_skipped` spares `fastest` an export it could not time)."""
     if not runtime_can_run(cfg.backend):
-        shipped = "unrolled" if cfg.sampler == "unrolled" else "host-loop"
-        return {"shipped": shipped, "why": f"compress.export.sampler is {cfg.sampler}; neither program can be timed here "
-                                           f"({LINUX_COREML})"}
+        return {"shipped": "unrolled", "why": f"compress.export.sampler is unrolled; neither program can be timed here "
+                                              f"({LINUX_COREML})"}
     jobs = [("host-loop", host_loop, cfg.steps, None), ("unrolled", unrolled, cfg.steps, None)]
     runs: dict[str, list[float]] = {"host-loop": [], "unrolled": []}
     for order in (jobs, jobs[::-1]):  # both orders: neither program always runs first
@@ -282,6 +276,22 @@ def _publish(staged: Path, final: Path) -> None:
     """Move a staged .pte (sidecar first, then the program) under its final name."""
     os.replace(sidecar_path(staged), sidecar_path(final))
     os.replace(staged, final)
+
+
+def publish_checked(lowered: Lowered, final: Path, extra: dict[str, Any], backend: str,
+                    parity: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write `lowered` under a staging name beside `final`, run `parity` on it (it raises on a miss) when this
+    host's runtime can run `backend`, then publish it; nothing is left under `final` or the staging name when
+    the check fails. Returns the parity record."""
+    staged = final.with_name(f".{final.name}.staging.pte")
+    try:
+        write_pte(lowered, staged, extra=extra)
+        checked = parity(staged) if runtime_can_run(backend) else {"checked": False, "reason": LINUX_COREML}
+        _publish(staged, final)
+    finally:
+        for leftover in (staged, sidecar_path(staged)):
+            leftover.unlink(missing_ok=True)
+    return checked
 
 
 def student_sampler(cfg: ExportConfig, subnet: Path) -> ExportConfig:
@@ -316,25 +326,20 @@ def export_subnet(cfg: ExportConfig, subnet: Path, out: Path, *, name: str | Non
         return _export_mlpackage(cfg, subnet, out, final, program, sub, gen)
 
     lowered = lower(program, _example_inputs(sub), backend=cfg.backend, etrecord=True, what=f"subnet {subnet}")
-    staged = out / f".{final.name}.staging.pte"
     metrics: dict[str, Any] = {"delegation": {k: v for k, v in lowered.report.items() if k != "by_op"},
                                "delegated_share": lowered.report["delegated_share"]}
     files = [final.name, sidecar_path(final).name]
-    try:
-        write_pte(lowered, staged, extra={"generation": gen, "export": {"name": name, "backend": cfg.backend, "dtype": cfg.dtype}})
-        if runtime_can_run(cfg.backend):
-            parity = check_parity(staged, program, sub, cfg)
-            worst = max(parity["max_step_rel_error"], parity["generation_rel_error"])
-            if not worst <= cfg.parity_rtol:
-                raise DitnasError(f"export of {subnet}: the .pte differs from eager by {worst:.3g} (relative) > "
-                                  f"compress.export.parity_rtol {cfg.parity_rtol:g}; nothing was written under {final}")
-        else:
-            parity = {"checked": False, "reason": LINUX_COREML}
-        metrics["parity"] = parity
-        _publish(staged, final)
-    finally:
-        for leftover in (staged, sidecar_path(staged)):
-            leftover.unlink(missing_ok=True)
+
+    def parity(staged: Path) -> dict[str, Any]:
+        checked = check_parity(staged, program, sub, cfg)
+        worst = max(checked["max_step_rel_error"], checked["generation_rel_error"])
+        if not worst <= cfg.parity_rtol:
+            raise DitnasError(f"export of {subnet}: the .pte differs from eager by {worst:.3g} (relative) > "
+                              f"compress.export.parity_rtol {cfg.parity_rtol:g}; nothing was written under {final}")
+        return checked
+
+    metrics["parity"] = publish_checked(lowered, final, {"generation": gen, "export": {"name": name, "backend": cfg.backend,
+                                                                                        "dtype": cfg.dtype}}, cfg.backend, parity)
     if runtime_can_run(cfg.backend):
         etrecord = final.with_suffix(".etrecord")
         _save_etrecord(lowered, etrecord)
