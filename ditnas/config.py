@@ -61,6 +61,9 @@ class TrainConfig:
     # samples per reference arch of the quality check after training (FD; label accuracy on half):
     # judged at the sampler's 28 steps, so this is most of the stage's time after the steps themselves
     eval_samples: int = 1000
+    # which reference subnets (supernet/run.py reference_archs) that check samples: each costs
+    # eval_samples x 28 steps with CFG; `ditnas run` needs only max (the student's FD is read against it)
+    quality_archs: tuple[str, ...] = ("max", "narrowest", "min")
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,19 @@ def test_section_checks_name_the_field():
         assert err.value.with_flag("--flag") == f"--flag ({name}): {err.value.detail}"
     with pytest.raises(ConfigFieldError, match="search.budget_ms: missing"):
         SearchConfig().needs_budget()
+
+
+@pytest.mark.parametrize("names", ["[biggest]", "[]"])
+def test_train_refuses_unknown_quality_archs_before_training(tmp_path, names):
+    from ditnas.supernet.run import train_run
+    cfg = load_config(None, [f"train.quality_archs={names}"])
+    with pytest.raises(ConfigFieldError, match="train.quality_archs"):
+        train_run(cfg, tmp_path / "train", progress=False, evaluate=True)
+    assert not (tmp_path / "train").exists()  # refused before any folder or step
+
+
+def test_default_config_evaluates_only_the_max_net():
+    from pathlib import Path
+    import ditnas
+    cfg = load_config(Path(ditnas.__file__).parent / "configs" / "default.yaml")
+    assert cfg.train.quality_archs == ("max",)

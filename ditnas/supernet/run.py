@@ -34,6 +34,9 @@ def val_losses(trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
     return {name: eval_flow_loss(velocity_fn(model, arch), batch) for name, arch in reference_archs(space).items()}
 
 
+REFERENCE_NAMES = ("max", "narrowest", "min")
+
+
 def reference_archs(space) -> dict:
     """The subnets every run reports on: the largest, the max layout at the smallest width, the smallest."""
     return {"max": space.max_arch(), "narrowest": space.narrowest_arch(), "min": space.min_arch()}
@@ -75,6 +78,10 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
               stop_after: int | None = None) -> dict:
     if evaluate and cfg.train.eval_samples < 2:  # refused before training, not after it
         raise ConfigFieldError("train.eval_samples", f"{cfg.train.eval_samples} must be >= 2 (FD needs samples)")
+    unknown = sorted(set(cfg.train.quality_archs) - set(REFERENCE_NAMES))
+    if evaluate and (unknown or not cfg.train.quality_archs):
+        raise ConfigFieldError("train.quality_archs", f"{list(cfg.train.quality_archs)} must name one or more of "
+                               f"{', '.join(REFERENCE_NAMES)}" + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -130,7 +137,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
             name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
                                    cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift,
                                    n_fd=cfg.train.eval_samples, n_label=max(1, cfg.train.eval_samples // 2))
-            for name, arch in reference_archs(trainer.space).items()
+            for name, arch in reference_archs(trainer.space).items() if name in cfg.train.quality_archs
         }
     write_json(out / "run.json", manifest)
     return manifest
