@@ -5,12 +5,15 @@
   per minute, whichever comes first) with the elapsed time and an ETA (`LineProgress`).
 - `quiet_third_party()`: torch/executorch/coremltools emit the same deprecation warnings hundreds of
   times during lowering (one per exported program, e.g. pytree's `LeafSpec` FutureWarning); those
-  are dropped, ditnas's own warnings and every other category are kept.
+  are dropped, and so are the UserWarnings ExecuTorch's devtools (ETDump inspector, debug-format
+  schema) print for every timed program ("Unsupported kwarg encountered", "Output Buffer not found":
+  debug data ditnas does not read); ditnas's own warnings and every other category are kept.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -21,6 +24,7 @@ import ditnas
 
 NOISY = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 OWN = str(Path(ditnas.__file__).parent)
+NOISY_USER_WARNING_SOURCES = (f"executorch{os.sep}devtools{os.sep}",)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -120,6 +124,8 @@ def quiet_third_party() -> None:
 
     def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 -- warnings' signature
         if issubclass(category, NOISY) and not _is_own(filename):
+            return
+        if issubclass(category, UserWarning) and any(src in str(filename) for src in NOISY_USER_WARNING_SOURCES):
             return
         shown(message, category, filename, lineno, file, line)
 

@@ -45,7 +45,11 @@ warnings.simplefilter("always")
 warnings.warn_explicit("LeafSpec is deprecated", FutureWarning, "/usr/lib/python3.11/copyreg.py", 105)
 warnings.warn_explicit("ours is deprecated", FutureWarning, console.__file__, 1)
 warnings.warn_explicit("a real problem", UserWarning, "/site-packages/torch/x.py", 3)
+warnings.warn_explicit("Output Buffer not found.", UserWarning, "/site-packages/executorch/devtools/inspector/_inspector.py", 9)
+warnings.warn_explicit("Unsupported kwarg encountered: a", UserWarning, "/site-packages/executorch/devtools/debug_format/et_schema.py", 9)
+warnings.warn_explicit("a real executorch problem", UserWarning, "/site-packages/executorch/exir/x.py", 3)
 """
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "LeafSpec" not in err
-    assert "ours is deprecated" in err and "a real problem" in err
+    assert "ours is deprecated" in err and "a real problem" in err and "a real executorch problem" in err
+    assert "Output Buffer" not in err and "Unsupported kwarg" not in err
