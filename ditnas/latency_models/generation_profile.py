@@ -6,7 +6,9 @@ of `latency.generation_steps`, `latency.generation_iters` generations are timed 
 
 - executorch-xnnpack: `none` reuses the session's lowered batch-1 model program (its .pte went through
   the recipe); `cfg` lowers the exported sampler's denoiser (`generation.DenoiserProgram`, the batch-2
-  [cond, null] call and the combination inside) into `<session>/generations/`. Timed in a fresh process.
+  [cond, null] call and the combination inside) into `<session>/generations/` (all missing ones first, in
+  `latency.workers` spawned processes: not the per-user cache, which holds table programs). Timed in a
+  fresh process.
 - host-torch: the same loop over the eager module, in this process, at the session's threads.
 - phone backends: not timed here (their tables price generations uncalibrated, and refuse `cfg`).
 
@@ -70,11 +72,68 @@ def _time_eager(module: torch.nn.Module, supernet: ElasticDiT, steps: int, cfg_s
         return time_calls(lambda: run_generation(module, x, y, steps, cfg_scale), warmup, iters)
 
 
+def _cfg_pte_path(session: ProfilingSession, arch: Arch, cfg_scale: float) -> Path:
+    from ditnas.latency_models.backends.executorch_xnnpack import file_stem
+
+    return session.root / "generations" / f"{file_stem(generation_key(str(arch), 0, 'cfg'))}_cfg{cfg_scale:g}.pte"
+
+
+def _usable(pte: Path) -> bool:
+    from ditnas.latency_models.lowering import check_recipe
+
+    if not pte.is_file():
+        return False
+    try:
+        check_recipe(pte)
+        return True
+    except DitnasError:
+        return False  # another recipe or tool version, or an interrupted write: lower again
+
+
+def _lower_cfg_denoiser(sub: torch.nn.Module, cfg_scale: float, inputs: tuple[torch.Tensor, ...], pte: Path) -> Path:
+    """Lower the exported sampler's batch-2 CFG denoiser of one subnet to `pte` (in a worker or here)."""
+    from ditnas.latency_models.generation import DenoiserProgram
+    from ditnas.latency_models.lowering import lower, write_pte
+
+    program = DenoiserProgram(sub, cfg_scale)
+    lowered = lower(program, inputs, what=f"cfg denoiser of {sub.arch}")
+    pte.parent.mkdir(parents=True, exist_ok=True)
+    return write_pte(lowered, pte, extra={"generation": {"kind": "denoiser", **program.describe()}})
+
+
+def lower_cfg_denoisers(session: ProfilingSession, supernet: ElasticDiT, archs: list[Arch], cfg_scale: float, *,
+                        workers: int = 1, progress: Progress | None = None) -> None:
+    """Lower every missing CFG denoiser .pte of `archs`, in `workers` spawned processes when there are enough
+    of them (each is a whole model at batch 2: ~30-50 s here, so serial lowering was most of a cfg profile)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from ditnas.latency_models.prepare_pool import MIN_PROGRAMS_FOR_POOL, WORKER_LOG, init_worker
+
+    todo = [a for a in archs if not _usable(_cfg_pte_path(session, a, cfg_scale))]
+    inputs = _model_inputs(supernet, 0)
+    if workers <= 1 or len(todo) < MIN_PROGRAMS_FOR_POOL:
+        for i, arch in enumerate(todo):
+            if progress:
+                progress(i, len(todo), f"lowering cfg denoiser: {arch}")
+            _lower_cfg_denoiser(supernet.extract(arch).eval(), cfg_scale, inputs, _cfg_pte_path(session, arch, cfg_scale))
+        return
+    log = session.root / "generations" / WORKER_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+                             initializer=init_worker, initargs=(str(log),)) as pool:
+        futures = [pool.submit(_lower_cfg_denoiser, supernet.extract(a).eval(), cfg_scale, inputs,
+                               _cfg_pte_path(session, a, cfg_scale)) for a in todo]
+        for i, future in enumerate(as_completed(futures)):
+            future.result()  # a worker's DitnasError re-raises here; finished files stay for the rerun
+            if progress:
+                progress(i + 1, len(todo), "lowering cfg denoisers")
+
+
 def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidance: str, cfg_scale: float) -> Path:
     """The .pte one generation of `arch` with `guidance` runs (lowered with the recipe, reused if present)."""
     from ditnas.latency_models.backends.executorch_xnnpack import file_stem
-    from ditnas.latency_models.generation import DenoiserProgram
-    from ditnas.latency_models.lowering import check_recipe, lower, write_pte
+    from ditnas.latency_models.lowering import check_recipe
     from ditnas.latency_models.programs import model_cell
 
     if guidance == "none":
@@ -84,18 +143,10 @@ def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidan
                               "`ditnas profile` on the session so it lowers it")
         check_recipe(pte)
         return pte
-    pte = session.root / "generations" / f"{file_stem(generation_key(str(arch), 0, guidance))}_cfg{cfg_scale:g}.pte"
-    if pte.is_file():
-        try:
-            check_recipe(pte)
-            return pte
-        except DitnasError:
-            pass  # another recipe or tool version: lower again
-    sub = supernet.extract(arch).eval()
-    x, t, y = _model_inputs(supernet, 0)
-    lowered = lower(DenoiserProgram(sub, cfg_scale), (x, t, y), what=f"cfg denoiser of {arch}")
-    pte.parent.mkdir(parents=True, exist_ok=True)
-    return write_pte(lowered, pte, extra={"generation": {"kind": "denoiser", **DenoiserProgram(sub, cfg_scale).describe()}})
+    pte = _cfg_pte_path(session, arch, cfg_scale)
+    if not _usable(pte):
+        _lower_cfg_denoiser(supernet.extract(arch).eval(), cfg_scale, _model_inputs(supernet, 0), pte)
+    return pte
 
 
 def time_generations_in_fresh_process(jobs: list[tuple[str, Path, int, float]], threads: int, warmup: int,
@@ -126,6 +177,7 @@ def measure_generations(
     *,
     cfg_scale: float = 2.0,
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Time whole generations of `archs` into `<session>/generations.parquet`; returns every sample."""
     backend = session.device.get("backend")
@@ -139,6 +191,10 @@ def measure_generations(
     by_arch: dict[str, list[tuple[Arch, str, int]]] = {}
     for job in todo:
         by_arch.setdefault(str(job[0]), []).append(job)
+    if backend == "executorch-xnnpack" and "cfg" in cfg.guidance:
+        lower_cfg_denoisers(session, supernet, [jobs[0][0] for jobs in by_arch.values()
+                                                if any(g == "cfg" for _, g, _ in jobs)], cfg_scale,
+                            workers=workers, progress=progress)
     for i, (arch_text, arch_jobs) in enumerate(by_arch.items()):
         arch = arch_jobs[0][0]
         if progress:

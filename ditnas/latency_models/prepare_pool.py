@@ -54,7 +54,7 @@ def redirect_output(log_path: str | Path) -> None:
     sys.stdout = sys.stderr = log
 
 
-def _init_worker(log_path: str) -> None:
+def init_worker(log_path: str) -> None:
     # what the toolchain prints on import and per program (torchao, cpuinfo, pytree warnings) goes to
     # a log beside the artifacts, not the user's terminal; errors come back as the task's exception
     redirect_output(log_path)
@@ -109,7 +109,7 @@ def prepare_all(backend: Backend, programs: Sequence[Program], workdir: Path, *,
         context = multiprocessing.get_context("spawn")  # fork after torch/OpenMP init can deadlock
         log = Path(workdir) / WORKER_LOG
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
-                                 initializer=_init_worker, initargs=(str(log),)) as pool:
+                                 initializer=init_worker, initargs=(str(log),)) as pool:
             futures = {pool.submit(_prepare_one, backend, programs[i], Path(workdir)): i for i in todo}
             pending = set(futures)
             try:

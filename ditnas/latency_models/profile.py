@@ -89,7 +89,8 @@ def profile_space(
         session.run([build_program(supernet, cell, seed=seed) for cell in cells], backend,
                     rebuild=lambda cell: build_program(supernet, cell, seed=seed), progress=progress,
                     workers=lowering_workers(cfg), cache=lowering_cache(cfg))
-    measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress)
+    measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress,
+                        workers=lowering_workers(cfg))
     return session
 
 
