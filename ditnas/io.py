@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,57 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def digest_path(path: Path) -> Path:
+    """`<file>.sha256`, beside every torch file ditnas writes: a flipped bit in tensor data still loads, so
+    torch's reader alone cannot tell a damaged checkpoint from a good one."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
 def atomic_torch_save(path: Path, payload: Any) -> None:
-    _atomic(path, lambda h: torch.save(payload, h))
+    """Write a torch file and its digest. The digest goes first and keeps the previous file's hash too, so a
+    kill between the two renames leaves the old file still accepted, never a good file refused."""
+    path = Path(path)
+    buffer = BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    previous = file_sha256(path) if path.is_file() else None
+    side = digest_path(path)
+    atomic_write_text(side, json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "previous": previous}) + "\n")
+    try:
+        atomic_write_bytes(path, data)
+    except DitnasError:  # the disk refused the file: the digest goes back to naming what is there
+        if previous is None:
+            side.unlink(missing_ok=True)
+        else:
+            try:
+                atomic_write_text(side, json.dumps({"sha256": previous, "previous": None}) + "\n")
+            except DitnasError:
+                pass  # the digest still lists the old file's hash as `previous`: it loads
+        raise
+
+
+def verify_digest(path: Path, what: str) -> None:
+    """Refuse a torch file whose sha256 is not the one its `.sha256` recorded (a file without one, written by
+    an older ditnas or by hand, is loaded as it is)."""
+    side = digest_path(path)
+    if not side.is_file():
+        return
+    record = read_json(side, missing="", damaged=f"delete it to load {path} unchecked, or re-run the step that wrote it")
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise DitnasError(f"{side} is not a ditnas digest; delete it to load {path} unchecked, or re-run the step that wrote it")
+    actual = file_sha256(path)
+    if actual not in (record.get("sha256"), record.get("previous")):
+        raise DitnasError(f"{what} {path} does not match the sha256 in {side.name} (changed or damaged since it was "
+                          f"written); restore it from a copy, or delete it and its {side.name} and re-run the step that wrote it")
 
 
 def torch_load(path: Path, what: str = "checkpoint") -> Any:
-    """`torch.load(weights_only=True)` with one clear error for missing or damaged files."""
+    """`torch.load(weights_only=True)` with one clear error for missing or damaged files (digest checked)."""
     path = Path(path)
     if not path.is_file():
         raise DitnasError(f"{what} {path} does not exist; check the path (train writes <out>/checkpoint.pt)")
+    verify_digest(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated zips/pickles

@@ -21,7 +21,7 @@ from torch import nn
 
 from ditnas.data import DatasetSplit
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_torch_save
+from ditnas.io import atomic_torch_save, verify_digest
 
 FORMAT = "ditnas-judge"
 # Bump when the architecture or training recipe changes, so cached judges are retrained.
@@ -142,6 +142,7 @@ class Judge(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise DitnasError(f"judge file {path} does not exist; train one with load_or_train_judge")
+        verify_digest(path, "judge file")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             header, state = payload["header"], payload["state_dict"]

@@ -39,6 +39,15 @@ def _umount(where: Path) -> None:
     where.rmdir()
 
 
+def _fill(where: Path) -> None:
+    with open(where / "filler", "wb", buffering=0) as handle:  # unbuffered: close() has nothing left to flush
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     where = _mount("4m")
@@ -51,14 +60,7 @@ def test_disk_full_mid_training_is_one_error_and_the_last_checkpoint_survives(tm
     code, _, err = run([*TRAIN, "--out", str(out), "--set", "train.steps=6"], capsys)  # fits: one checkpoint
     assert code == 0, err
     before = (out / "checkpoint.pt").read_bytes()
-    # fill the disk, then ask for more steps: the next checkpoint cannot be written
-    with open(full_disk / "filler", "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
+    _fill(full_disk)  # then ask for more steps: the next checkpoint cannot be written
     code, _, err = run([*TRAIN, "--out", str(out), "--set", "train.steps=48"], capsys)
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert "cannot write" in err and str(out) in err and "No space left on device" in err
@@ -87,3 +89,27 @@ def test_a_refused_torch_save_is_reported_as_a_write_error(tmp_path):
         assert list(where.iterdir()) == []  # the temporary file is gone too
     finally:
         _umount(where)
+
+
+def test_disk_full_mid_distillation_is_one_error_and_the_last_state_survives(tmp_path, full_disk, capsys):
+    from test_fault_distill import SETTINGS
+
+    from ditnas.compress.distill import STATE_NAME
+    from ditnas.search.threads import torch_threads
+    from test_compress_dmd import build_pair
+
+    with torch_threads(1):
+        pair = build_pair(tmp_path / "pair")
+    out = full_disk / "distill"
+    base = ["distill", "--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--out", str(out),
+            "--method", "kdmd", "--no-progress", *[a for item in SETTINGS for a in ("--set", item)]]
+    code, _, err = run([*base, "--steps", "3"], capsys)  # fits: a state at 3 generator updates
+    assert code == 0, err
+    before = (out / STATE_NAME).read_bytes()
+    _fill(full_disk)
+    code, _, err = run([*base, "--steps", "12"], capsys)  # the next state cannot be written
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "cannot write" in err and str(out) in err and "No space left on device" in err
+    assert (out / STATE_NAME).read_bytes() == before  # the last good state is untouched and still loads
+    assert int(torch_load(out / STATE_NAME)["iteration"]) == 6
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -50,12 +50,21 @@ def test_arch_strings_parse_or_fail_with_a_clear_error(text):
 
 
 # ----- config overrides -----------------------------------------------------------------------------
-def _fields() -> list[str]:
+def _fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every settable field, nested sections included (compress.kd.steps, ...), and each section's own name."""
     names = []
-    for section in dataclasses.fields(RunConfig):
-        for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section.name]):
-            names.append(f"{section.name}.{f.name}")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            names += ([name] if prefix else []) + _fields(hints[f.name], f"{name}.")
+        else:
+            names.append(name)
     return names
+
+
+def test_the_fuzzed_fields_reach_the_compression_sections():
+    assert {"compress.kd.steps", "compress.distill.method", "compress.export.sampler", "compress.prune"} <= set(_fields())
 
 
 VALUES = ["1", "0", "-1", "2.5", "1e9", "true", "no", "null", "[]", "[1, 2]", "[a, b]", "{a: 1}", "sa", "'x'",
@@ -73,20 +82,26 @@ def test_config_overrides_load_or_fail_with_a_clear_error(items):
         assert str(exc) and "\n" not in str(exc)
         return
     assert isinstance(cfg, RunConfig)
-    for section in (cfg.latency, cfg.search):
+    for section in (cfg.latency, cfg.search, cfg.sweep, cfg.compress):
         try:
             section.check()
         except DitnasError as exc:
-            assert str(exc).split(":")[0].count(".") == 1  # names `section.field`
+            named = str(exc).split(":")[0]
+            assert named.startswith(("latency.", "search.", "sweep.", "compress.")), exc  # names `section.field`
+            assert "\n" not in str(exc)
 
 
 # ----- CLI argument combinations ----------------------------------------------------------------------
 VERBS = [["extract"], ["sample"], ["search"], ["sweep"], ["latency", "predict"], ["latency", "validate"],
-         ["latency", "show"], ["profile", "ingest"], ["extract", "--help"]]
+         ["latency", "show"], ["profile", "ingest"], ["extract", "--help"], ["prune"], ["distill"], ["export"],
+         ["generate"], ["report"]]
 FLAGS = ["--arch", "--checkpoint", "--table", "--out", "--budget-ms", "--steps", "--trials", "--seeds", "--sampler",
-         "--budgets", "--tables", "--set", "--config", "--n", "--session", "--storage", "--bogus", "--memory-mb"]
+         "--budgets", "--tables", "--set", "--config", "--n", "--session", "--storage", "--bogus", "--memory-mb",
+         "--subnet", "--teacher", "--student", "--method", "--name", "--units", "--pte", "--label", "--cfg-scale",
+         "--dtype", "--backend"]
 ARGS = ["max", "min", "sa:1:4*6", "x", "-1", "0", "1e9", "nan", "train.steps=x", "search.trials=-1", "a,b", "1,,2",
-        "MISSING", "FILE", "postgresql://u:pw@127.0.0.1:1/db", ""]
+        "MISSING", "FILE", "postgresql://u:pw@127.0.0.1:1/db", "", "kdmd", "adversarial", "compress.kd.steps=0",
+        "compress.distill.student_steps=x", "compress.export.sampler=nope", "blocks,heads", "fp16"]
 
 
 @pytest.fixture(scope="module")

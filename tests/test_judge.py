@@ -167,7 +167,7 @@ def test_judge_needs_labels(digits: DatasetSplit) -> None:
 def test_save_load_round_trip(judge: Judge, digits: DatasetSplit, tmp_path: Path) -> None:
     path = tmp_path / "sub" / "judge.pt"
     judge.save(path)
-    assert [p.name for p in path.parent.iterdir()] == ["judge.pt"]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["judge.pt", "judge.pt.sha256"]  # no temp file left behind
     loaded = Judge.load(path)
     assert not loaded.training
     assert loaded.val_accuracy == judge.val_accuracy

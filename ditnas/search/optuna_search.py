@@ -100,7 +100,8 @@ def open_storage(storage: str | None, out: Path) -> tuple[Any, str]:
         try:
             return JournalStorage(JournalFileBackend(str(path))), str(path)
         except Exception as exc:  # noqa: BLE001
-            raise DitnasError(f"cannot open journal storage {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise DitnasError(f"cannot open journal storage {path}: {type(exc).__name__}: {_first_line(exc)}; if the file "
+                              "was damaged, restore it from a copy or choose a new --storage/--out (it is left as it is)") from None
     url = rdb_url(str(storage))
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "postgres")):
