@@ -119,6 +119,10 @@ class LatencyConfig:
     generation_iters: int = 5  # timed generations per (arch, steps, guidance), back to back in a fresh process
     workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
     lowering_cache: bool = True  # reuse programs lowered by earlier sessions on this machine (lowered_cache.py)
+    # executorch-xnnpack: per program an ETRecord (op names) + an ETDump of a few runs (per-op events), for
+    # `ditnas profile ingest`-style op breakdowns. The ETRecord is ~30% of each lowering (measured: a block
+    # 8.3 s with it, 5.7 s without); the table and the predictor never read either
+    op_events: bool = True
 
     def check(self) -> LatencyConfig:
         if self.models < 0:

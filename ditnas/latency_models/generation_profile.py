@@ -96,7 +96,7 @@ def _lower_cfg_denoiser(sub: torch.nn.Module, cfg_scale: float, inputs: tuple[to
     from ditnas.latency_models.lowering import lower, write_pte
 
     program = DenoiserProgram(sub, cfg_scale)
-    lowered = lower(program, inputs, what=f"cfg denoiser of {sub.arch}")
+    lowered = lower(program, inputs, etrecord=False, what=f"cfg denoiser of {sub.arch}")  # timed, never inspected
     pte.parent.mkdir(parents=True, exist_ok=True)
     return write_pte(lowered, pte, extra={"generation": {"kind": "denoiser", **program.describe()}})
 

@@ -132,7 +132,10 @@ def _open_session(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, kinds: tu
                   backend_options: dict | None) -> tuple[ProfilingSession, Any, list[Cell], list[Arch]]:
     """The session folder (created or reopened), its backend, and the cells and whole-model archs to measure."""
     cfg.check()
-    backend = get_backend(cfg.backend, threads=cfg.threads, **(backend_options or {}))
+    options = dict(backend_options or {})
+    if cfg.backend == "executorch-xnnpack":
+        options.setdefault("etdump", cfg.op_events)  # the ETRecord follows it (executorch_xnnpack.py)
+    backend = get_backend(cfg.backend, threads=cfg.threads, **options)
     model = json.loads(json.dumps(asdict(supernet.cfg)))  # as the manifest stores it (tuples -> lists)
     session = ProfilingSession.open(out, backend, warmup=cfg.warmup, iters=cfg.iters,
                                     notes={"space": str(supernet.space.max_arch()), "model": model,

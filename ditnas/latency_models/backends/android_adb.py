@@ -113,7 +113,8 @@ class AndroidAdbBackend(Backend):
         # a cross-compiled executor_runner on this host to push; None: it is already on the device
         self.runner = Path(runner) if runner is not None else None
         self.timeout_s = timeout_s
-        self._xnnpack = ExecuTorchXnnpackBackend(threads, strict=strict, parity_atol=parity_atol, etdump=False)
+        self._xnnpack = ExecuTorchXnnpackBackend(threads, strict=strict, parity_atol=parity_atol, etdump=False,
+                                                etrecord=True)  # the phone writes the ETDumps; their op names
         # device fields known without adb (e.g. from an artifact's deviceInfo when ingesting)
         self._device = dict(device_info) if device_info else None
         self._checked = False  # `adb devices` asked once per backend object

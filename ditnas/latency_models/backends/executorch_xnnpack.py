@@ -117,6 +117,7 @@ class ExecuTorchXnnpackBackend(Backend):
         etdump: bool = True,
         etdump_runs: int = 3,
         isolate: bool = True,
+        etrecord: bool | None = None,
     ) -> None:
         super().__init__(threads)
         self.isolate = isolate  # time in a fresh interpreter that never lowered anything (pte_timer.py)
@@ -124,6 +125,8 @@ class ExecuTorchXnnpackBackend(Backend):
         self.parity_atol = parity_atol  # None skips the .pte-vs-eager check
         self.etdump = etdump
         self.etdump_runs = etdump_runs
+        # the ETRecord only names the ops of an ETDump; without ETDumps it is ~30% of each lowering for nothing
+        self.etrecord = etdump if etrecord is None else etrecord
 
     def tool_versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch"), "executorch": package_version("executorch")}
@@ -132,7 +135,7 @@ class ExecuTorchXnnpackBackend(Backend):
     def lower(self, program: Program) -> tuple[Any, dict[str, Any]]:
         """ExportedProgram -> ExecutorchProgramManager and the delegation report, by the one recipe
         (lowering.py) every shipped .pte follows too."""
-        lowered = lower_program(program.module, tuple(program.inputs), backend="xnnpack", etrecord=True,
+        lowered = lower_program(program.module, tuple(program.inputs), backend="xnnpack", etrecord=self.etrecord,
                                 what=f"program {program.key()}")
         return lowered.program, lowered.report
 
@@ -152,8 +155,11 @@ class ExecuTorchXnnpackBackend(Backend):
             # the .pte and its recipe sidecar (lowering.check_recipe accepts profiled programs too)
             write_pte(Lowered(et, report, recipe_fingerprint("xnnpack"), input_specs(program.inputs)), pte)
             (workdir / f"{stem}.etdp").unlink(missing_ok=True)  # an ETDump of an older build is stale
-            _save_etrecord(et.get_etrecord(), etrecord)
-            item = Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=report)
+            artifacts = {"pte": pte}
+            if self.etrecord:
+                _save_etrecord(et.get_etrecord(), etrecord)
+                artifacts["etrecord"] = etrecord
+            item = Prepared(program, artifacts=artifacts, report=report)
             if self.parity_atol is not None:
                 err, scale = self.parity(item)
                 # assumption: the tolerance is absolute for unit-scale outputs and relative above
@@ -173,24 +179,26 @@ class ExecuTorchXnnpackBackend(Backend):
     def reuse(self, program: Program, workdir: Path) -> Prepared | None:
         workdir, stem = Path(workdir), file_stem(program.key())
         pte, etrecord, report = (workdir / f"{stem}{suffix}" for suffix in (".pte", ".etrecord", ".delegation.json"))
-        if not (pte.is_file() and etrecord.is_file() and report.is_file()):
+        if not (pte.is_file() and report.is_file() and (etrecord.is_file() or not self.etrecord)):
             return None
         try:  # lowered before the recipe sidecar existed, or by another recipe / tool version: lower again
             check_recipe(pte, "xnnpack")
         except DitnasError:
             return None
         # the report is written last by prepare(): its presence means the .pte passed every check
-        return Prepared(program, artifacts={"pte": pte, "etrecord": etrecord}, report=load_delegation_report(report))
+        artifacts = {"pte": pte, **({"etrecord": etrecord} if etrecord.is_file() else {})}
+        return Prepared(program, artifacts=artifacts, report=load_delegation_report(report))
 
     # ----- the per-user cache of lowered programs (lowered_cache.py) -------------------------
     def cache_options(self) -> dict[str, Any]:
         """What changes the files `prepare` writes (and which programs it accepts) besides the program."""
-        return {"strict": self.strict, "parity_atol": self.parity_atol}
+        return {"strict": self.strict, "parity_atol": self.parity_atol, "etrecord": self.etrecord}
 
     def cache_files(self, program: Program, workdir: Path) -> list[Path]:
         """The files of one finished build (none if it did not finish: its report is written last)."""
         stem = Path(workdir) / file_stem(program.key())
-        files = [Path(f"{stem}{suffix}") for suffix in (".pte", ".etrecord", ".delegation.json")]
+        suffixes = (".pte", ".etrecord", ".delegation.json") if self.etrecord else (".pte", ".delegation.json")
+        files = [Path(f"{stem}{suffix}") for suffix in suffixes]
         files.insert(1, sidecar_path(files[0]))
         return files if all(f.is_file() for f in files) else []
 
