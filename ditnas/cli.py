@@ -52,13 +52,19 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the checkpoint in --out if there is one")] = True,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="judge max/min samples (label accuracy, FD)")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps (train.device)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 autocast (train.precision)")] = None,
 ) -> None:
-    """Train the elastic supernet (sandwich rule + in-place distillation)."""
-    from ditnas.config import load_config
+    """Train the elastic supernet (sandwich rule + in-place distillation). Under `torchrun --nproc-per-node N`
+    the N ranks train data-parallel on shards of the global batch (train.batch_size)."""
     from ditnas.supernet.run import train_run
 
-    cfg = load_config(config, overrides or [])
-    manifest = train_run(cfg, out, resume=resume, progress=progress, evaluate=evaluate)
+    flags = {"train.device": device, "train.precision": precision}
+    cfg = load_run_config(config, overrides, flags)
+    with field_flags({"train.device": "--device", "train.precision": "--precision"}):
+        manifest = train_run(cfg, out, resume=resume, progress=progress, evaluate=evaluate)
+    if manifest.get("kind") == "ditnas.supernet.rank":  # a torchrun rank other than 0: rank 0 reports
+        return
     loss = manifest["val_flow_loss_ema"]
     typer.echo(f"trained {manifest['step']} steps -> {out / manifest['checkpoint']}")
     typer.echo("val flow loss (EMA): " + "  ".join(f"{name} {value:.4f}" for name, value in loss.items()))

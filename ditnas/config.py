@@ -64,6 +64,10 @@ class TrainConfig:
     # which reference subnets (supernet/run.py reference_archs) that check samples: each costs
     # eval_samples x 28 steps with CFG; `ditnas run` needs only max (the student's FD is read against it)
     quality_archs: tuple[str, ...] = ("max", "narrowest", "min")
+    # where the supernet trains (ditnas/device.py): auto takes a CUDA GPU, then Apple MPS, then the CPU;
+    # under torchrun each rank takes its LOCAL_RANK's GPU and batch_size is the global batch
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights, optimiser and EMA stay fp32)
 
 
 @dataclass(frozen=True)

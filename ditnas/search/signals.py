@@ -64,10 +64,10 @@ def batch_on(batch: EvalBatch, device: torch.device) -> EvalBatch:
 
 def recipe_hash(cfg: Any, split: Any) -> str:
     """sha256 of what a from-scratch run depends on: the data and the data/space/model/train config
-    (train.seed excluded: the seed is its own part of a cache key; train.threads excluded: it does not
-    change the numbers)."""
+    (train.seed excluded: the seed is its own part of a cache key; train.threads and train.device excluded:
+    they do not change the numbers beyond float rounding)."""
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("seed", "threads", "checkpoint_every", "sample_every", "steps")}
+    train = {k: v for k, v in d["train"].items() if k not in ("seed", "threads", "device", "checkpoint_every", "sample_every", "steps")}
     payload = {"data": d["data"], "space": d["space"], "model": d["model"], "train": train,
                "sample_steps": d["sample"]["steps"], "data_fingerprint": split.fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

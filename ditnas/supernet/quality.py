@@ -24,11 +24,17 @@ from ditnas.supernet.model import ElasticDiT
 
 
 def velocity_fn(model: torch.nn.Module, arch: Arch | None = None) -> VelocityFn:
-    """A (x_t, t, y) -> v function for a supernet subnet (`run`) or a standalone model."""
+    """A (x_t, t, y) -> v function for a supernet subnet (`run`) or a standalone model. Samplers and losses
+    keep their tensors (and RNGs) on the CPU; a model on a GPU gets its inputs moved there and back."""
     if isinstance(model, ElasticDiT):
         target = arch or model.space.max_arch()
-        return lambda x, t, y: model.run(target, x, t, y)
-    return lambda x, t, y: model(x, t, y)
+        fn = lambda x, t, y: model.run(target, x, t, y)  # noqa: E731
+    else:
+        fn = lambda x, t, y: model(x, t, y)  # noqa: E731
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return fn
+    return lambda x, t, y: fn(x.to(device), t.to(device), y.to(device)).to(x.device)
 
 
 @torch.no_grad()

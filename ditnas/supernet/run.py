@@ -15,6 +15,7 @@ from ditnas.config import RunConfig, dump_config
 from ditnas.console import progress_bar
 from ditnas.errors import ConfigFieldError
 from ditnas.io import atomic_write_text, write_error, write_json
+from ditnas.supernet.distributed import env_ranks
 from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH, eval_flow_loss, fixed_eval_batch
 from ditnas.supernet.quality import generate, save_grid, velocity_fn
 from ditnas.supernet.train import CHECKPOINT_NAME, Trainer, train_supernet
@@ -84,10 +85,12 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
                                f"{', '.join(REFERENCE_NAMES)}" + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    main = env_ranks()[0] == 0  # under torchrun only rank 0 writes logs, samples and the manifest
+    if main:
+        dump_config(cfg, out / "config.yaml")
     metrics = MetricsLog(out / "metrics.jsonl")
     started = time.time()
-    bar = progress_bar(progress)
+    bar = progress_bar(progress and main)
     task = None
     window: list[float] = []
 
@@ -98,12 +101,16 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         rate = len(window) / sum(window)
         bar.update(task, completed=trainer.step,
                    info=f"loss max {stats.loss_max:.4f} sub {stats.loss_subnets:.4f}  {rate:.1f} steps/s")
-        metrics.append({"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets,
-                        "distill": stats.distill, "seconds": stats.seconds})
+        if main:
+            metrics.append({"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets,
+                            "distill": stats.distill, "seconds": stats.seconds})
 
     with bar:
         task = bar.add_task("train", total=cfg.train.steps, phase="train", info="starting")
         trainer = train_supernet(cfg, out, resume=resume, stop_after=stop_after, on_step=on_step)
+    trainer.group.close()
+    if not main:
+        return {"kind": "ditnas.supernet.rank", "rank": trainer.group.rank, "step": trainer.step}
     ema = _ema_model(trainer)
     split = trainer.split
     per_class = 8
@@ -125,6 +132,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         "val_flow_loss_ema": val_losses(trainer, ema),
         "samples": grid.name,
         "seconds_this_call": round(time.time() - started, 1),
+        "device": {"type": trainer.device.type, "precision": cfg.train.precision, "ranks": trainer.group.world},
         "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     if evaluate and split.num_classes:

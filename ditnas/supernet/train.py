@@ -9,11 +9,16 @@ k picked from `attentive_trials` random candidates by minibatch loss, BestUp or 
 
 Checkpoints are written atomically every `checkpoint_every` steps with model, optimizer, EMA, every RNG
 state and the data sampler's position, so a resumed run equals an uninterrupted one.
+
+Devices: `train.device` (auto | cpu | cuda | mps) and `train.precision` (fp32 | bf16 autocast); data and
+RNGs stay on the CPU, so the batches are the same on every device. Under `torchrun` every rank trains the
+same subnets on its shard of the global batch, gradients averaged once per step (distributed.py).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -26,8 +31,10 @@ from torch import Tensor
 from ditnas.arch import Arch, SearchSpace
 from ditnas.config import RunConfig, config_from_dict
 from ditnas.data import BatchSampler, DatasetSplit, load_split
+from ditnas.device import autocast, check_precision, resolve_device
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, torch_load
+from ditnas.supernet.distributed import Group, env_ranks, join
 from ditnas.supernet.flow import interpolate, mse, sample_time, velocity_target
 from ditnas.supernet.model import ElasticDiT
 
@@ -65,7 +72,8 @@ class Ema:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.shadow = {k: v.clone() for k, v in state.items()}
+        device = {k: v.device for k, v in self.shadow.items()}  # a checkpoint loads on the CPU
+        self.shadow = {k: v.to(device.get(k, v.device), copy=True) for k, v in state.items()}
 
 
 @dataclass
@@ -129,10 +137,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, split: DatasetSplit | None = None):
         self.cfg, self.out = cfg, Path(out)
         tc = cfg.train
+        self.device = resolve_device(tc.device, local_rank=env_ranks()[2])
+        check_precision(tc.precision, self.device)
+        self.group: Group = join(self.device, tc.batch_size)
         self.split = split or load_split(cfg.data)
         self.space = build_space(cfg, self.split)
-        torch.manual_seed(tc.seed)  # weight init
-        self.model = build_supernet(cfg, self.space)
+        torch.manual_seed(tc.seed)  # weight init, on the CPU: the same start on every device and rank
+        self.model = build_supernet(cfg, self.space).to(self.device)
         self.null_label = self.space.num_classes
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.ema = Ema(self.model, tc.ema_decay)
@@ -149,40 +160,46 @@ class Trainer:
         tc = self.cfg.train
         start = time.perf_counter()
         self.model.train()
-        x_t, t, y, target = flow_batch(self.batches, self.noise, tc, self.null_label)
+        group, device = self.group, self.device
+        # the global batch on every rank (same RNG draws), then this rank's shard of it
+        batch = group.shard(*flow_batch(self.batches, self.noise, tc, self.null_label))
+        x_t, t, y, target = (a.to(device) for a in batch)
         set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
 
-        v_max = self.model.run(self.max_arch, x_t, t, y)
+        def run(arch: Arch) -> Tensor:
+            with autocast(device, tc.precision):
+                return self.model.run(arch, x_t, t, y).float()  # losses in fp32
+
+        v_max = run(self.max_arch)
         loss_max = mse(v_max, target)
         loss_max.backward()
         teacher = v_max.detach()  # in-place distillation target: no gradient flows through it
 
-        def score(arch: Arch) -> float:
+        def score(arch: Arch) -> float:  # the global batch's loss, so every rank picks the same subnet
             with torch.no_grad():
-                return mse(self.model.run(arch, x_t, t, y), target).item()
+                return group.mean([mse(run(arch), target).item()], device)[0]
 
         archs = self.subnets.choose(self.arch_rng, score)
+        group.check_same(f"the subnets of step {self.step + 1}", " ".join(a.layout() for a in archs), device)
         sub_losses, distill_losses = [], []
         for arch in archs:
-            v = self.model.run(arch, x_t, t, y)
+            v = run(arch)
             diff, dist = mse(v, target), mse(v, teacher)
             (diff + tc.distill_weight * dist).backward()  # SnapGen++ keeps L_diff on subnets too
             sub_losses.append(diff.item())
             distill_losses.append(dist.item())
+        group.average_gradients(self.model.parameters())  # one all-reduce for all the step's backward passes
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        stats = StepStats(
-            self.step,
-            loss_max.item(),
-            sum(sub_losses) / max(len(sub_losses), 1),
-            sum(distill_losses) / max(len(distill_losses), 1),
-            time.perf_counter() - start,
-            [a.layout() for a in archs],
-        )
+        loss_max_mean, sub_mean, distill_mean = group.mean(
+            [loss_max.item(), sum(sub_losses) / max(len(sub_losses), 1), sum(distill_losses) / max(len(distill_losses), 1)],
+            device)
+        stats = StepStats(self.step, loss_max_mean, sub_mean, distill_mean, time.perf_counter() - start,
+                          [a.layout() for a in archs])
         self.history.append(
             {"step": stats.step, "loss_max": stats.loss_max, "loss_subnets": stats.loss_subnets, "distill": stats.distill}
         )
@@ -207,9 +224,20 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> Path:
+        """Rank 0 writes (every rank holds the same state); the others wait until the file is there."""
         path = Path(path or self.out / CHECKPOINT_NAME)
-        atomic_torch_save(path, self.state())
+        if self.group.is_main:
+            atomic_torch_save(path, self.state())
+        self.group.barrier()
         return path
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights (rank agreement at start: same init or the same checkpoint restored)."""
+        h = hashlib.sha256()
+        for name, value in self.model.state_dict().items():
+            h.update(name.encode())
+            h.update(value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def restore(self, path: Path) -> None:
         state = torch_load(path)
@@ -295,6 +323,7 @@ def train_supernet(
         if not resume:
             raise DitnasError(f"{ckpt} exists; pass --resume to continue it or choose a new --out")
         trainer.restore(ckpt)
+    trainer.group.check_same("the starting weights", f"{trainer.step} {trainer.weights_digest()}", trainer.device)
     target = cfg.train.steps if stop_after is None else min(cfg.train.steps, trainer.step + stop_after)
     threads = cfg.train.threads
     previous_threads = torch.get_num_threads()
@@ -328,6 +357,7 @@ class StandaloneTrainer:
         if init is None:
             torch.manual_seed(tc.seed)
             self.model = ElasticDiT(space, cfg.model).extract(arch)  # fresh init, adaLN-Zero kept
+            self.model.to(resolve_device(tc.device))
         else:
             init_arch = getattr(init, "arch", None)
             if init_arch is not None and init_arch.layout() != arch.layout():
@@ -335,6 +365,7 @@ class StandaloneTrainer:
                                   "pass the model extracted for this arch")
             self.model = copy.deepcopy(init)
         self.device = next(self.model.parameters()).device
+        check_precision(tc.precision, self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.ema = Ema(self.model, tc.ema_decay)
@@ -348,7 +379,9 @@ class StandaloneTrainer:
         x_t, t, y, target = (a.to(self.device) for a in flow_batch(self.batches, self.noise, tc, self.null))
         set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = mse(self.model(x_t, t, y), target)
+        with autocast(self.device, tc.precision):
+            v = self.model(x_t, t, y).float()
+        loss = mse(v, target)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
