@@ -48,7 +48,9 @@ def _get(d: dict, *path: str, default=None):
 
 def summarize(manifest: dict, wall: float) -> dict:
     stages = manifest.get("stages", {})
-    train_q = _get(stages, "train", "metrics", "quality", default={}) or {}
+    # the quality stage's since it runs in the background; a run folder of older ditnas kept it in train
+    train_q = _get(stages, "quality", "metrics", "quality", default=None) or _get(stages, "train", "metrics", "quality",
+                                                                                   default={}) or {}
     teacher = train_q.get("max") or next(iter(train_q.values()), {}) if isinstance(train_q, dict) else {}
     distill = _get(stages, "distill", "metrics", default={}) or {}
     timing = _get(stages, "export", "metrics", "timing", default={}) or {}

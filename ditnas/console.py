@@ -112,6 +112,15 @@ def progress_bar(enabled: bool, stream: TextIO | None = None):
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not enabled)
 
 
+def redirect_output(log_path: str | Path) -> None:
+    """Send this process's stdout and stderr, C++ prints included, to `log_path` (appending): for the
+    background processes of a run, whose output belongs in a log beside their artifacts."""
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 -- lives as long as the process
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+
+
 def _is_own(filename: str) -> bool:
     return str(filename).startswith(OWN)
 

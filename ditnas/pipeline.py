@@ -1,7 +1,8 @@
 """`ditnas run`: every stage chained through its artifacts in one run folder, resumable.
 
     train -> profile -> search -> extract -> prune (only if the budget is not met) -> kd -> distill
-          -> export -> report
+          -> export -> report;  quality (judge + the max net's FD) runs in the background from the end
+          of profile and is recorded before distill, which reuses its judge
 
 Each stage is one call of its entry function (the same the single verbs call) writing into
 `<run>/<stage>/`. `<run>/run.json` records per stage: status (done | skipped), the fingerprint of its
@@ -33,7 +34,9 @@ from ditnas.errors import DitnasError
 from ditnas.io import file_sha256, read_json, versions, write_json
 
 RUN_MANIFEST = "run.json"
-STAGES = ("train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report")
+# quality: the judge and the max net's FD / label accuracy, computed in a background process from the end of
+# the profile stage on (supernet/background_quality.py); recorded when the distillation needs its judge
+STAGES = ("train", "profile", "search", "extract", "prune", "kd", "quality", "distill", "export", "report")
 # stages whose folder holds a checkpoint of one set of inputs (KD and distillation refuse another's):
 # with changed inputs they start in a fresh folder, the old one kept aside. train, profile and search
 # continue in theirs on purpose: training further, a session that resumes, trials added to one study
@@ -224,6 +227,19 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     """Run (or continue) every stage on `cfg` into the run folder `out`; returns run.json's content."""
     if stop_after is not None and stop_after not in STAGES:
         raise DitnasError(f"stop_after {stop_after!r} is not a stage; choose one of {', '.join(STAGES)}")
+    jobs: list[Any] = []  # background processes started for a later stage: stopped on any way out
+    try:
+        return _run_stages(cfg, out, progress=progress, log=log, stop_after=stop_after, jobs=jobs)
+    finally:
+        for job in jobs:
+            job.stop()
+
+
+def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_after: str | None,
+                jobs: list[Any]) -> dict[str, Any]:
+    from ditnas.supernet.run import check_quality_settings
+
+    check_quality_settings(cfg)
     cfg.search.check(), cfg.latency.check(), cfg.compress.check()
     run = Run(out, cfg, log)
     dump_config(cfg, run.root / "config.yaml")
@@ -237,16 +253,18 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     def train(folder: Path) -> dict[str, Any]:
         from ditnas.supernet.run import train_run
 
-        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=True)
+        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=False)  # quality: its own stage
         ckpt = folder / m["checkpoint"]
         return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt)},
-                "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"], "quality": m.get("quality", {})}}
+                "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"]}}
 
     # latency depends on the space and model dimensions, not on the weights: training longer keeps the
     # table, and the profile's programs are lowered from a fresh supernet while the real one trains
     profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
                       if k not in ("latency.workers", "latency.lowering_cache")}  # how programs get built changes no figure
-    train_inputs = _section(cfg, "data", "space", "model", "train", "sample")
+    # the post-training quality check is the quality stage's: its settings do not redo training
+    train_inputs = {k: v for k, v in _section(cfg, "data", "space", "model", "train", "sample").items()
+                    if k not in ("train.eval_samples", "train.quality_archs")}
     _set_aside_incompatible_session(run, profile_inputs)
     background = None
     if (stop_after != "train" and not run.reusable("train", train_inputs) and not run.reusable("profile", profile_inputs)
@@ -281,6 +299,19 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     table_root = Path(records["profile"]["outputs"]["table"])
     if done("profile"):
         return run.manifest
+
+    # ----- the reference quality, in the background from here on: the timing pass is over, and the
+    # search, KD and distillation leave a core idle (they run at 1 thread)
+    from ditnas.supernet.background_quality import RESULT, BackgroundQuality, compute
+
+    quality_inputs = {**_section(cfg, "data", "train.eval_samples", "train.quality_archs", "sample"),
+                      "checkpoint_sha256": records["train"]["outputs"]["checkpoint_sha256"]}
+    wanted = stop_after is None or STAGES.index(stop_after) >= STAGES.index("quality")
+    job = None
+    if wanted and not run.reusable("quality", quality_inputs):
+        job = BackgroundQuality(cfg, ckpt, run.root / "quality.work")
+        jobs.append(job)
+        log(f"[quality] judging the max net's samples in the background ({job.folder / 'quality.log'})")
 
     # ----- 3. search --------------------------------------------------------------------------
     from ditnas.latency_models.stage import load_predictor
@@ -366,11 +397,35 @@ def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log =
     if done("kd"):
         return run.manifest
 
+    # ----- the reference quality: wait for the background check (its wall time is the wait) ----------
+    def quality(folder: Path) -> dict[str, Any]:
+        import shutil
+
+        if job is not None:
+            job.result()
+            if folder.exists():
+                shutil.rmtree(folder)
+            job.folder.rename(folder)  # published whole: the stage folder never holds a partial result
+            m = read_json(folder / RESULT, missing="rerun the same command", damaged="rerun the same command")
+        else:  # not started in the background (a run stopped before this stage): here, now
+            m = compute(cfg, ckpt, folder, progress=progress)
+        judge = {"judge": str(folder / "judge")} if (folder / "judge").is_dir() else {}  # none without labels
+        return {"outputs": {"quality": str(folder / RESULT), **judge},
+                "metrics": {"quality": m["quality"], "judge_val_accuracy": m["judge_val_accuracy"],
+                            "seconds_in_background" if job is not None else "seconds": m["seconds"]}}
+
+    records["quality"] = run.stage("quality", quality_inputs, quality)
+    judge_cache = Path(records["quality"]["outputs"].get("judge") or run.root / "quality" / "judge")
+    if done("quality"):
+        return run.manifest
+
     # ----- 7. step distillation to a few-step student -------------------------------------------
     def distill(folder: Path) -> dict[str, Any]:
         from ditnas.compress.distill import distill_steps
 
-        m = distill_steps(cfg.compress.distill, teacher, Path(records["kd"]["outputs"]["subnet"]), folder, data_cfg=cfg.data)
+        # the quality stage's judge: the same network (data + seed), trained once per run
+        m = distill_steps(cfg.compress.distill, teacher, Path(records["kd"]["outputs"]["subnet"]), folder,
+                          data_cfg=cfg.data, judge_cache=judge_cache)
         return {"outputs": {"subnet": str(folder)}, "metrics": m.get("metrics", {})}
 
     records["distill"] = run.stage("distill", {**_section(cfg, "compress.distill"), "kd": records["kd"].get("fingerprint")},

@@ -59,7 +59,7 @@ def searched(tmp_path_factory):
 def test_every_stage_ran_and_the_report_shows_them(finished):
     manifest = json.loads((finished / "run.json").read_text())
     stages = manifest["stages"]
-    assert list(stages) == ["train", "profile", "search", "extract", "prune", "kd", "distill", "export", "report"]
+    assert list(stages) == ["train", "profile", "search", "extract", "prune", "kd", "quality", "distill", "export", "report"]
     assert all(s["status"] in ("done", "skipped") for s in stages.values())
     search = stages["search"]["metrics"]
     # the default budget: halfway from the cheapest reachable arch to the max net
@@ -177,3 +177,28 @@ def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
     assert "paper" not in figures_html and paper_html.count(">paper<") == len(PAPER_ROWS) and PAPER_DEVICE in paper_html
     code, _, err = run(["report", str(tmp_path)], capsys)
     assert code == 2 and "not a ditnas run folder" in err
+
+
+def test_the_quality_check_runs_in_the_background_and_its_judge_is_shared(searched, capsys):
+    """The judge + max-net FD leave the train stage: a background process from the profile stage's end on,
+    recorded as the quality stage; its settings do not redo training; the distillation reuses its judge."""
+    items = [*LAST, "compress.kd.steps=4", "train.eval_samples=8"]
+    before = json.loads((searched / "run.json").read_text())["stages"]
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets(items), "--stop-after", "quality"], capsys)
+    assert code == 0, err
+    assert "judging the max net's samples in the background" in out
+    stages = json.loads((searched / "run.json").read_text())["stages"]
+    assert list(stages)[-1] == "quality" and stages["quality"]["status"] == "done"
+    q = stages["quality"]["metrics"]
+    assert q["quality"]["max"]["n_fd"] == 8 and q["quality"]["max"]["fd"] > 0 and q["judge_val_accuracy"] > 0.9
+    assert "seconds_in_background" in q
+    assert (searched / "quality" / "quality.json").is_file() and any((searched / "quality" / "judge").glob("*.pt"))
+    assert not (searched / "quality.work").exists()  # published whole
+    assert all(stages[name] == before[name] for name in before)  # eval settings do not touch training
+
+    code, out, err = run(["run", "--out", str(searched), "--no-progress", *_sets([*items[:-1], "train.eval_samples=10"]),
+                          "--stop-after", "quality"], capsys)
+    assert code == 0, err
+    again = json.loads((searched / "run.json").read_text())["stages"]
+    assert again["train"] == stages["train"] and again["quality"]["redone_because"] == ["input train.eval_samples changed"]
+    assert again["quality"]["metrics"]["quality"]["max"]["n_fd"] == 10

@@ -23,7 +23,7 @@ LOG = "lowering.log"
 
 
 def _child(cfg: RunConfig, folder: Path) -> None:
-    from ditnas.latency_models.prepare_pool import redirect_output
+    from ditnas.console import redirect_output
 
     redirect_output(Path(folder) / LOG)  # the toolchain's prints (C++ too) go to the log, not the terminal
     import torch

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 
+from ditnas.console import redirect_output
 from ditnas.errors import DitnasError
 from ditnas.latency_models.backends.base import Backend, Prepared
 from ditnas.latency_models.lowered_cache import LoweredCache
@@ -44,14 +44,6 @@ def default_workers() -> int:
 
 
 WORKER_LOG = "lowering_workers.log"
-
-
-def redirect_output(log_path: str | Path) -> None:
-    """Send this process's stdout and stderr, C++ prints included, to `log_path` (appending)."""
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 -- lives as long as the process
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
 
 
 def init_worker(log_path: str) -> None:

@@ -75,14 +75,34 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
 
-def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
-              stop_after: int | None = None) -> dict:
-    if evaluate and cfg.train.eval_samples < 2:  # refused before training, not after it
+def check_quality_settings(cfg: RunConfig) -> None:
+    """The post-training quality check's settings, refused before training rather than after it."""
+    if cfg.train.eval_samples < 2:
         raise ConfigFieldError("train.eval_samples", f"{cfg.train.eval_samples} must be >= 2 (FD needs samples)")
     unknown = sorted(set(cfg.train.quality_archs) - set(REFERENCE_NAMES))
-    if evaluate and (unknown or not cfg.train.quality_archs):
+    if unknown or not cfg.train.quality_archs:
         raise ConfigFieldError("train.quality_archs", f"{list(cfg.train.quality_archs)} must name one or more of "
                                f"{', '.join(REFERENCE_NAMES)}" + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
+
+
+def reference_quality(ema: torch.nn.Module, cfg: RunConfig, split, judge_dir: Path, *, progress: bool = True) -> dict:
+    """Label accuracy and Fréchet distance (digits judge, trained once and cached in `judge_dir`) of the
+    samples of each `train.quality_archs` subnet of the (EMA) supernet, at the sampler's steps and CFG."""
+    from ditnas.judge import load_or_train_judge
+    from ditnas.supernet.quality import evaluate_quality
+
+    judge = load_or_train_judge(split, judge_dir, seed=0, progress=progress)
+    quality = {name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
+                                      cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift,
+                                      n_fd=cfg.train.eval_samples, n_label=max(1, cfg.train.eval_samples // 2))
+               for name, arch in reference_archs(ema.space).items() if name in cfg.train.quality_archs}
+    return {"judge_val_accuracy": judge.val_accuracy, "quality": quality}
+
+
+def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
+              stop_after: int | None = None) -> dict:
+    if evaluate:
+        check_quality_settings(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     main = env_ranks()[0] == 0  # under torchrun only rank 0 writes logs, samples and the manifest
@@ -136,16 +156,6 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     if evaluate and split.num_classes:
-        from ditnas.judge import load_or_train_judge
-        from ditnas.supernet.quality import evaluate_quality
-
-        judge = load_or_train_judge(split, out / "judge", seed=0)
-        manifest["judge_val_accuracy"] = judge.val_accuracy
-        manifest["quality"] = {
-            name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
-                                   cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift,
-                                   n_fd=cfg.train.eval_samples, n_label=max(1, cfg.train.eval_samples // 2))
-            for name, arch in reference_archs(trainer.space).items() if name in cfg.train.quality_archs
-        }
+        manifest.update(reference_quality(ema, cfg, split, out / "judge", progress=progress))
     write_json(out / "run.json", manifest)
     return manifest
