@@ -49,6 +49,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     sampler: str = "sandwich"  # uniform | sandwich | attentive
     num_random: int = 1  # random subnets per step besides max (and min for sandwich)
+    fair_sampling: bool = False  # random subnets' per-slot ops, widths, MLP ratios drawn from shuffled decks (FairNAS)
     attentive_trials: int = 3  # AttentiveNAS num_trials
     attentive_mode: str = "worstup"  # bestup | worstup
     distill_weight: float = 1.0  # lambda_d on ||v_s - sg(v_max)||^2 (SnapGen++ Eq. 5; weight [NF], 1 assumed)

@@ -230,3 +230,37 @@ def test_standalone_trainer_trains_exactly_the_arch(split):
     trainer.train_step()
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and trainer.step == 1
+
+
+def test_fair_sampling_draws_every_choice_of_every_slot_equally_often(split):
+    """Per slot, the ops (+ skip), widths and MLP ratios of the random subnets cycle through decks: after
+    any number of draws their counts differ by at most one (uniform draws drift further apart)."""
+    from ditnas.supernet.fair_sampling import FairDraw
+
+    cfg = load_config(None, TINY)
+    space = Trainer(cfg, "/nonexistent", split).space
+    fair, rng = FairDraw(space), random.Random(0)
+    for n in (1, 7, 40, 123):
+        archs = [fair.sample(rng) for _ in range(n)] if n == 1 else archs + [fair.sample(rng) for _ in range(n - len(archs))]
+        for i in range(space.depth):
+            ops = Counter(a.slots[i].op for a in archs)
+            choices = (*space.ops, "skip") if i in space.skippable else space.ops
+            counts = [ops.get(c, 0) for c in choices]
+            assert max(counts) - min(counts) <= 1, (n, i, counts)
+            kept = [a.slots[i] for a in archs if a.slots[i].op != "skip"]
+            for field, values in (("width", space.widths), ("mlp_ratio", space.mlp_ratios)):
+                got = Counter(getattr(s, field) for s in kept)
+                assert max(got.get(v, 0) for v in values) - min(got.get(v, 0) for v in values) <= 1, (n, i, field)
+    uniform = [space.sample(random.Random(0)) for _ in range(1)] + [space.sample(rng) for _ in range(122)]
+    spread = max(max(c.values()) - min(c.values()) for c in (Counter(a.slots[i].op for a in uniform) for i in range(space.depth)))
+    assert spread > 1  # the control: independent draws are not this even
+
+
+def test_fair_sampling_resumed_run_equals_uninterrupted(tmp_path, split):
+    cfg = load_config(None, TINY + ["train.fair_sampling=true", "train.num_random=2"])
+    straight = train_supernet(cfg, tmp_path / "a", split=split)
+    train_supernet(cfg, tmp_path / "b", stop_after=2, split=split)  # the decks are mid-cycle here
+    resumed = train_supernet(cfg, tmp_path / "b", split=split)
+    _same_state(straight.model.state_dict(), resumed.model.state_dict())
+    assert [h["loss_subnets"] for h in straight.history] == [h["loss_subnets"] for h in resumed.history]
+    assert straight.subnets.fair.state_dict() == resumed.subnets.fair.state_dict()

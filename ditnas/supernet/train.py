@@ -35,6 +35,7 @@ from ditnas.device import autocast, check_precision, resolve_device
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, torch_load
 from ditnas.supernet.distributed import Group, env_ranks, join
+from ditnas.supernet.fair_sampling import FairDraw
 from ditnas.supernet.flow import interpolate, mse, sample_time, velocity_target
 from ditnas.supernet.model import ElasticDiT
 
@@ -89,23 +90,27 @@ class StepStats:
 class SubnetSampler:
     """Chooses the subnets trained next to the max arch in one step."""
 
-    def __init__(self, space: SearchSpace, kind: str, num_random: int, trials: int, mode: str):
+    def __init__(self, space: SearchSpace, kind: str, num_random: int, trials: int, mode: str, fair: bool = False):
         if kind not in SAMPLERS:
             raise DitnasError(f"train.sampler={kind!r} unknown; use one of {', '.join(SAMPLERS)}")
         if mode not in ("bestup", "worstup"):
             raise DitnasError(f"train.attentive_mode={mode!r} unknown; use bestup or worstup")
         self.space, self.kind, self.k, self.trials, self.mode = space, kind, num_random, trials, mode
+        self.fair = FairDraw(space) if fair else None  # train.fair_sampling (fair_sampling.py)
+
+    def _draw(self, rng: random.Random) -> Arch:
+        return self.fair.sample(rng) if self.fair is not None else self.space.sample(rng)
 
     def choose(self, rng: random.Random, score: Callable[[Arch], float]) -> list[Arch]:
         archs: list[Arch] = []
         for _ in range(self.k):
             if self.kind == "attentive":
-                candidates = [self.space.sample(rng) for _ in range(self.trials)]
+                candidates = [self._draw(rng) for _ in range(self.trials)]
                 losses = [score(a) for a in candidates]
                 pick = max if self.mode == "worstup" else min
                 archs.append(candidates[losses.index(pick(losses))])
             else:
-                archs.append(self.space.sample(rng))
+                archs.append(self._draw(rng))
         if self.kind in ("sandwich", "attentive"):
             archs.append(self.space.min_arch())  # sandwich rule: the smallest child every step
         return archs
@@ -150,7 +155,8 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(tc.seed + 1)
         self.arch_rng = random.Random(tc.seed + 2)
         self.batches = BatchSampler(self.split, tc.batch_size, seed=tc.seed + 3)
-        self.subnets = SubnetSampler(self.space, tc.sampler, tc.num_random, tc.attentive_trials, tc.attentive_mode)
+        self.subnets = SubnetSampler(self.space, tc.sampler, tc.num_random, tc.attentive_trials, tc.attentive_mode,
+                                     fair=tc.fair_sampling)
         self.step = 0
         self.history: list[dict] = []
         self.max_arch = self.space.max_arch()
@@ -220,6 +226,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "arch_rng": _encode_py_rng(self.arch_rng.getstate()),
             "batches": self.batches.state_dict(),
+            "subnet_decks": self.subnets.fair.state_dict() if self.subnets.fair is not None else {},
             "history": self.history,
         }
 
@@ -255,6 +262,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.arch_rng.setstate(_decode_py_rng(state["arch_rng"]))
         self.batches.load_state_dict(state["batches"])
+        if self.subnets.fair is not None:
+            self.subnets.fair.load_state_dict(state.get("subnet_decks", {}))
         self.step = int(state["step"])
         self.history = list(state["history"])
 
