@@ -1,0 +1,209 @@
+"""Benchmark: which supernet-training lever makes the weight-sharing signal rank archs right?
+
+One ablation table, each lever a supernet trained with the default config plus its overrides, scored the
+way bench/fidelity.py scores the search's signal: the supernet's weight-sharing loss of 12 archs (max,
+min, 10 random; seed 0) against the same archs trained standalone for 1000 steps (Kendall τ, τ on the
+random archs, Spearman ρ, best-at-budget agreement within the standalone seed spread, mean gap). The
+ground truth and the 200-step proxy come from the same cached runs as bench/fidelity.py (shared
+`--work`: run either first, the other reuses them).
+
+Compute is counted in subnet-steps (one forward + backward of one subnet on one batch): the default
+supernet spends 1000 steps x 3 subnets (max, min, one random); the proxy over a default search spends
+its trials x 200 (issue: the supernet's compute must stay at or below that, 64 x 200 = 12,800).
+
+    python bench/fidelity_levers.py --out bench/results/fidelity_levers.json --jobs 2 [--levers a,b,...]
+
+Training runs in --jobs worker processes (1 torch thread each); each lever's supernet trains into
+--work/levers/<name> and resumes from its checkpoint if interrupted; the JSON is rewritten after every
+finished job (`"partial": true` until the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE)]
+
+from common import machine, report  # noqa: E402
+from fidelity import DEFAULT_SEARCH_TRIALS, _env, best_at_budget, draw_archs, job, kendall_tau, spearman_rho  # noqa: E402
+
+from ditnas.config import load_config  # noqa: E402
+from ditnas.data import load_split  # noqa: E402
+from ditnas.io import read_json, write_json  # noqa: E402
+from ditnas.supernet.train import CHECKPOINT_NAME, build_supernet, load_supernet, train_supernet  # noqa: E402
+
+# name -> (supernet-only overrides, subnets trained per step, what it tests)
+LEVERS: dict[str, tuple[list[str], int, str]] = {
+    "sandwich": ([], 3, "the default: max + min + 1 random per step, 1000 steps"),
+    "uniform2": (["train.sampler=uniform", "train.num_random=2"], 3,
+                 "max + 2 random (no min every step: min's loss no longer favoured)"),
+    "fair_sandwich": (["train.fair_sampling=true"], 3, "the default with fair per-slot sampling of the random subnet"),
+    "fair_uniform2": (["train.sampler=uniform", "train.num_random=2", "train.fair_sampling=true"], 3,
+                      "max + 2 fair random"),
+    "fair_uniform2_x3": (["train.sampler=uniform", "train.num_random=2", "train.fair_sampling=true", "train.steps=3000"], 3,
+                         "max + 2 fair random, 3000 steps (3x the default's compute)"),
+    "sandwich_x3": (["train.steps=3000"], 3, "the default, 3000 steps (3x compute)"),
+}
+
+
+def train_lever(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (or finish) one lever's supernet; seconds are this call's (a resumed run says so)."""
+    torch.set_num_threads(1)
+    cfg = load_config(None, spec["overrides"] + spec["lever"])
+    cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=250, threads=1))
+    out = Path(spec["folder"])
+    timing = out / "timing.json"
+    if timing.exists():
+        return {**spec, **read_json(timing, missing="", damaged=""), "reused": True}
+    resumed = (out / CHECKPOINT_NAME).exists()
+    start = time.perf_counter()
+    trainer = train_supernet(cfg, out, split=load_split(cfg.data))
+    result = {"seconds": time.perf_counter() - start, "steps": trainer.step, "resumed": resumed}
+    write_json(timing, result)
+    return {**spec, **result, "reused": False}
+
+
+def work(spec: dict[str, Any]) -> dict[str, Any]:
+    return train_lever(spec) if spec["kind"] == "lever" else job(spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_fidelity"), help="shared with bench/fidelity.py")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of {', '.join(LEVERS)}")
+    parser.add_argument("--archs", type=int, default=12)
+    parser.add_argument("--arch-seed", type=int, default=0)
+    parser.add_argument("--proxy-steps", type=int, default=200)
+    parser.add_argument("--spread-archs", type=int, default=3)
+    parser.add_argument("--spread-seed", type=int, default=1)
+    parser.add_argument("--budgets", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.time()
+    load_at_start = machine()["loadavg_at_start"]
+    levers = [name.strip() for name in args.levers.split(",") if name.strip()]
+    unknown = [n for n in levers if n not in LEVERS]
+    if unknown:
+        parser.error(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
+
+    cfg, split, space, batch = _env([])
+    truth_steps = cfg.train.steps
+    archs = draw_archs(space, args.archs, args.arch_seed)
+    names = list(archs)
+    random_names = [n for n in names if n.startswith("r")]
+    from ditnas.latency_models.flops import arch_macs_analytic
+
+    ref = build_supernet(cfg, space)
+    macs = {n: int(arch_macs_analytic(ref, a)) for n, a in archs.items()}
+    del ref
+    cache = args.work / "search_cache"
+    base = {"overrides": [], "cache": str(cache), "work": str(args.work)}
+    # the same specs bench/fidelity.py queues (same cache keys): ground truth at 1000, proxy at 200
+    proxy_at = sorted({s for s in (50, 100, 500) if s < truth_steps} | {args.proxy_steps, truth_steps})
+    queue = [{**base, "kind": "proxy", "name": n, "arch": str(archs[n]), "seed": None, "at": proxy_at}
+             for n in sorted(names, key=lambda n: -macs[n])]
+    queue += [{**base, "kind": "proxy", "name": n, "arch": str(archs[n]), "seed": args.spread_seed,
+               "at": [args.proxy_steps, truth_steps]} for n in random_names[: args.spread_archs]]
+    # long levers first: better packing over the workers
+    order = sorted(levers, key=lambda n: -int(next((o.split("=")[1] for o in LEVERS[n][0] if o.startswith("train.steps=")),
+                                                    truth_steps)))
+    queue = [{**base, "kind": "lever", "name": n, "lever": LEVERS[n][0], "folder": str(args.work / "levers" / n)}
+             for n in order[:1]] + queue + [{**base, "kind": "lever", "name": n, "lever": LEVERS[n][0],
+                                             "folder": str(args.work / "levers" / n)} for n in order[1:]]
+    done: dict[str, dict] = {}
+
+    def value(name: str, steps: int, seed=None) -> float | None:
+        r = done.get(f"proxy:{name}:{seed}")
+        return None if r is None or str(steps) not in r["curve"] else float(r["curve"][str(steps)]["ema"])
+
+    def summarize(final: bool) -> dict[str, Any]:
+        truth = {n: value(n, truth_steps) for n in names}
+        have = [n for n in names if truth[n] is not None]
+        spreads = [100.0 * abs(a - b) / ((a + b) / 2) for n in random_names[: args.spread_archs]
+                   if (a := value(n, truth_steps)) is not None and (b := value(n, truth_steps, args.spread_seed)) is not None]
+        tolerance = max(spreads) if spreads else 0.0
+        costs = sorted(macs[n] for n in names)
+        budgets = [costs[1] + k * (costs[-1] - costs[1]) / (args.budgets - 1) for k in range(args.budgets)]
+
+        def score(values: dict[str, float]) -> dict[str, Any] | None:
+            use = [n for n in have if n in values]
+            if len(use) < 3:
+                return None
+            sig, tru = [values[n] for n in use], [truth[n] for n in use]
+            ru = [n for n in use if n in random_names]
+            out = {"kendall_tau": kendall_tau(sig, tru), "spearman_rho": spearman_rho(sig, tru),
+                   "kendall_tau_random_only": kendall_tau([values[n] for n in ru], [truth[n] for n in ru]) if len(ru) > 2 else None,
+                   "gap_pct_mean": statistics.mean(100.0 * (values[n] - truth[n]) / truth[n] for n in use),
+                   "values": {n: values[n] for n in use}}
+            if len(use) == len(names):
+                b = best_at_budget(sig, tru, [macs[n] for n in use], budgets, tolerance)
+                out["best_at_budget_agreement"] = b["agreement"]
+                out["picks"] = [use[r["signal_pick"]] for r in b["per_budget"]]
+            return out
+
+        rows: dict[str, Any] = {}
+        for n in levers:
+            r = done.get(f"lever:{n}")
+            if r is None:
+                continue
+            model, _, _ = load_supernet(Path(r["folder"]) / CHECKPOINT_NAME)
+            from ditnas.search.signals import make_signal
+
+            sig = make_signal("supernet", 0, model, batch, threads=1)
+            overrides, per_step, what = LEVERS[n]
+            rows[n] = {"what": what, "overrides": overrides, "steps": r["steps"], "subnet_steps": r["steps"] * per_step,
+                       "train_seconds": r["seconds"], "resumed": r.get("resumed", False),
+                       **(score({a: sig(archs[a]) for a in names}) or {})}
+        proxy = score({n: v for n in names if (v := value(n, args.proxy_steps)) is not None})
+        return {"benchmark": "fidelity_levers", "partial": not final, "date": time.strftime("%Y-%m-%d"),
+                "truth": f"standalone from scratch, {truth_steps} steps, EMA val flow loss (bench/fidelity.py's cache)",
+                "archs": {n: str(a) for n, a in archs.items()}, "standalone": truth,
+                "standalone_seed_spread_pct": tolerance, "budgets_macs": budgets,
+                "compute_budget_subnet_steps": DEFAULT_SEARCH_TRIALS * args.proxy_steps,
+                "compute_budget_rule": f"proxy over a default search: {DEFAULT_SEARCH_TRIALS} trials x {args.proxy_steps} steps",
+                "levers": rows, f"proxy{args.proxy_steps}": proxy,
+                "wall_seconds": round(time.time() - started, 1),
+                "machine": {**machine("torch"), "loadavg_at_start": load_at_start, "threads_per_job": 1, "jobs": args.jobs}}
+
+    def finished(r: dict[str, Any]) -> None:
+        key = f"lever:{r['name']}" if r["kind"] == "lever" else f"{r['kind']}:{r['name']}:{r['seed']}"
+        done[key] = r
+        print(f"[{time.time() - started:7.0f}s] done {key} ({r.get('seconds', 0):.0f}s)", flush=True)
+        write_json(args.out, summarize(False))
+
+    if args.jobs <= 1:
+        for spec in queue:
+            finished(work(spec))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for r in [pool.apply_async(work, (s,)) for s in queue]:
+                finished(r.get())
+    result = summarize(True)
+    rows = []
+    for n, v in result["levers"].items():
+        rows.append((f"{n} ({v['subnet_steps']} subnet-steps)",
+                     f"τ {v['kendall_tau']:.2f} / τ random {v['kendall_tau_random_only']:.2f} / ρ {v['spearman_rho']:.2f} / "
+                     f"agreement {v.get('best_at_budget_agreement', float('nan')):.2f} / gap {v['gap_pct_mean']:.1f}%"))
+    p = result[f"proxy{args.proxy_steps}"]
+    if p:
+        rows.append((f"proxy {args.proxy_steps} steps ({result['compute_budget_subnet_steps']} for a default search)",
+                     f"τ {p['kendall_tau']:.2f} / τ random {p['kendall_tau_random_only']:.2f} / ρ {p['spearman_rho']:.2f} / "
+                     f"agreement {p.get('best_at_budget_agreement', float('nan')):.2f}"))
+    rows.append(("standalone seed spread % (max)", f"{result['standalone_seed_spread_pct']:.2f}"))
+    report(rows, result, args.out)
+
+
+if __name__ == "__main__":
+    main()
