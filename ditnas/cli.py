@@ -310,7 +310,8 @@ def latency_remeasure(
 SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "search.trials": "--trials",
                 "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
                 "search.memory_mb": "--memory-mb", "search.seed": "--seed", "search.quality": "--quality",
-                "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads"}
+                "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads",
+                "search.fidelity_archs": "--fidelity"}
 SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads"))},  # set by --set in a sweep
                "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
@@ -333,6 +334,7 @@ def search(
     seed: Annotated[Optional[int], typer.Option(help="sampler seed (search.seed)")] = None,
     quality: Annotated[Optional[str], typer.Option(help="quality signal: supernet | proxy (trained from scratch) | finetune (extracted + fine-tuned) (search.quality, default supernet)")] = None,
     quality_steps: Annotated[Optional[int], typer.Option(help="training steps per arch of the proxy / finetune signal (search.quality_steps, default 200)")] = None,
+    fidelity: Annotated[Optional[int], typer.Option(help="train this many of the search's archs standalone and report how the quality signal ranks them (search.fidelity_archs; 0 = off, each costs a training run)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -344,7 +346,8 @@ def search(
     flags = {"search.budget_ms": budget_ms, "search.steps": steps or None, "search.trials": trials,
              "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
              "search.memory_mb": memory_mb, "search.seed": seed, "search.quality": quality,
-             "search.quality_steps": quality_steps, "search.guidance": guidance, "search.threads": threads}
+             "search.quality_steps": quality_steps, "search.guidance": guidance, "search.threads": threads,
+             "search.fidelity_archs": fidelity}
     with field_flags(SEARCH_FLAGS):
         cfg = load_run_config(config, overrides, flags).search
         bar = progress_bar(progress)
@@ -359,6 +362,11 @@ def search(
     typer.echo(f"{manifest['trials_total']} trials in the study ({manifest['trials_feasible']} feasible); feasible Pareto front: {manifest['pareto_size']} arch(s)")
     if best:
         typer.echo(f"best feasible: {best.get('arch')}  quality {best.get('quality'):.4f}  latency {best.get('latency_ms'):.2f} ms")
+    fid = manifest.get("fidelity")
+    if fid:
+        typer.echo(f"signal vs standalone ({fid['archs']} archs, {fid['standalone_steps']} steps each): Kendall tau "
+                   f"{fid['kendall_tau']:.2f}, Spearman rho {fid['spearman_rho']:.2f}; the signal's favourite is "
+                   f"{fid['signal_best_gap_pct']:.1f}% worse than their best")
     typer.echo(f"results in {out} (trials.csv, pareto.csv, manifest.json); dashboard: {manifest.get('dashboard')}")
 
 

@@ -171,6 +171,11 @@ class SearchConfig:
     eval_items: int | None = None  # items of the fixed eval batch; None = the validation batch of `ditnas train`
     quality: str = "supernet"  # supernet | proxy | finetune: the quality signal (ditnas/search/signals.py)
     quality_steps: int = 200  # training steps per arch of the proxy / finetune signal (ignored by supernet)
+    # after the search: this many of its feasible archs (spread over the signal's ranking) trained standalone
+    # for fidelity_steps (None = the checkpoint's train.steps), and the signal's rank agreement with them
+    # reported (search/fidelity.py); 0 = off: each costs one standalone training run
+    fidelity_archs: int = 0
+    fidelity_steps: int | None = None
     # the sampler priced: none (one batch-1 call per step: the shipped distilled student) | cfg (one batch-2 call
     # per step, as `ditnas sample --cfg-scale 2` runs); a table without measured cfg generations refuses cfg
     guidance: str = "none"
@@ -197,6 +202,11 @@ class SearchConfig:
             raise ConfigFieldError("search.eval_items", f"{self.eval_items} must be >= 1")
         if self.quality not in QUALITY_SIGNALS:
             raise ConfigFieldError("search.quality", f"unknown quality signal {self.quality!r}; choose one of {', '.join(QUALITY_SIGNALS)}")
+        if self.fidelity_archs != 0 and self.fidelity_archs < 3:
+            raise ConfigFieldError("search.fidelity_archs", f"{self.fidelity_archs}: give 0 (off) or >= 3 archs (a rank "
+                                   "correlation of fewer says nothing)")
+        if self.fidelity_steps is not None and self.fidelity_steps < 1:
+            raise ConfigFieldError("search.fidelity_steps", f"{self.fidelity_steps} must be >= 1")
         if self.quality_steps < 0:
             raise ConfigFieldError("search.quality_steps", f"{self.quality_steps} must be >= 0 training steps per arch")
         if self.guidance not in GUIDANCE:

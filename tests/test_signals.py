@@ -170,3 +170,35 @@ def test_standalone_trainer_init_is_copied_and_must_match_the_arch(env):
     assert any((trainer.model.state_dict()[k] != v).any() for k, v in before.items())
     with pytest.raises(DitnasError, match="init weights are of arch"):
         StandaloneTrainer(space.min_arch(), env["cfg"], env["split"], init=init)
+
+
+def test_a_search_can_measure_how_well_its_signal_ranks_its_own_archs(env, tmp_path):
+    """search.fidelity_archs: N of the search's feasible archs trained standalone; the manifest holds the
+    signal's rank agreement with them, equal to a brute-force recomputation from independent runs."""
+    from scipy.stats import kendalltau
+
+    from ditnas.search.fidelity import pick_held_out
+
+    ctx = env["ctx"]
+    predictor = ctx.objectives.predictor
+    low = min_reachable_ms(SearchChoices.from_space(ctx.space), predictor)
+    high = predictor.predict(ctx.space.max_arch())
+    cfg = SearchConfig(budget_ms=4 * (low + 0.6 * (high - low)), steps=(4,), trials=8, dp_seeds=2,
+                       fidelity_archs=4, fidelity_steps=3)
+    manifest = run_search(cfg, env["ckpt"], env["table_dir"], tmp_path / "s", context=ctx, cache_dir=tmp_path / "cache")
+    fid = manifest["fidelity"]
+    trials = pd.read_parquet(tmp_path / "s" / "trials.parquet")
+    feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"]].sort_values("quality").drop_duplicates("arch")
+    assert fid["archs"] == min(4, len(feasible)) >= 3 and fid["standalone_steps"] == 3
+    archs = [r["arch"] for r in fid["rows"]]
+    assert archs[0] == feasible["arch"].iloc[0] and archs[-1] == feasible["arch"].iloc[-1]  # best and worst included
+    truth = [_independent(env, ctx.space.parse(a, source="test"), 3)["ema"] for a in archs]
+    assert [r["standalone"] for r in fid["rows"]] == pytest.approx(truth, abs=1e-6)
+    signal = [r["signal"] for r in fid["rows"]]
+    assert fid["kendall_tau"] == pytest.approx(kendalltau(signal, truth).statistic)
+    assert fid["trained_steps_this_call"] == 3 * fid["archs"]
+    # the held-out picks: evenly spaced ranks, distinct layouts
+    frame = pd.DataFrame({"state": "COMPLETE", "feasible": True, "arch": list("abcdefghij"), "quality": range(10)})
+    assert pick_held_out(frame, 4) == ["a", "d", "g", "j"] and pick_held_out(frame.head(2), 4) == ["a", "b"]
+    with pytest.raises(ConfigFieldError, match="search.fidelity_archs"):
+        SearchConfig(fidelity_archs=2).check()

@@ -72,11 +72,29 @@ def _log_axes(ax: Any, *which: str) -> None:
 
 
 # ----- sections ---------------------------------------------------------------------------------
-def _search_baselines(search_dir: Path) -> dict[str, Any]:
+def _search_manifest(search_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((search_dir / "manifest.json").read_text()).get("baselines") or {}
+        manifest = json.loads((search_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _search_baselines(search_dir: Path) -> dict[str, Any]:
+    return _search_manifest(search_dir).get("baselines") or {}
+
+
+def fidelity_section(search_dir: Path) -> str:
+    """How the search's quality signal ranked archs trained standalone (search.fidelity_archs), if measured."""
+    fid = _search_manifest(search_dir).get("fidelity")
+    if not fid:
+        return ("<p>How far to trust the quality signal was not measured for this search (set "
+                "<code>search.fidelity_archs</code>; docs/benchmarks.md has the default space's figures).</p>")
+    return (f"<p>Quality signal vs standalone training on {fid['archs']} of the search's archs "
+            f"({fid['standalone_steps']} steps each): Kendall τ {fid['kendall_tau']:.2f}, Spearman ρ "
+            f"{fid['spearman_rho']:.2f}; the signal's favourite is {fid['signal_best_gap_pct']:.1f}% worse than "
+            "their best.</p>" + _table([{"arch": r["arch"], "signal": f"{r['signal']:.4f}",
+                                          "standalone": f"{r['standalone']:.4f}"} for r in fid["rows"]]))
 
 
 def pareto_figure(search_dir: Path, best: dict[str, Any] | None, budget: float | None,
@@ -326,6 +344,7 @@ def write_report(run_dir: Path) -> Path:
                 [{"baseline": k, "arch": b.get("arch", ""), "ms": b.get("latency_ms", ""), "loss": b.get("quality", ""),
                   "note": b.get("note", "")} for k, b in sorted(baselines.items())]))
         parts.append(pareto_figure(run_dir / "search", best, budget, baselines))
+        parts.append(fidelity_section(run_dir / "search"))
     profile = stages.get("profile", {})
     table_root = Path((profile.get("outputs") or {}).get("table", run_dir / "profile" / "table"))
     if (table_root / "table.json").exists():

@@ -55,6 +55,26 @@ def check_space_match(supernet_space, table) -> None:
         )
 
 
+def search_fidelity(cfg: SearchConfig, ctx: EvalContext, signal: Any, trials: Any, cache: Path,
+                    progress: Progress | None) -> dict[str, Any]:
+    """The search's signal against standalone training on `cfg.fidelity_archs` of its own feasible archs."""
+    from ditnas.search.fidelity import check_fidelity, pick_held_out
+    from ditnas.search.signals import QualitySignal
+
+    if ctx.split is None:
+        from ditnas.data import load_split
+
+        ctx.split = load_split(ctx.config.data)
+    steps = cfg.fidelity_steps or ctx.config.train.steps
+    # the ground truth: from scratch, the checkpoint's recipe, `steps` steps; cached like the proxy signal
+    standalone = QualitySignal("proxy", None, ctx.objectives.batch, int(steps), ctx.config, ctx.split, cache,
+                               eval_n=ctx.n, eval_seed=ctx.seed, threads=ctx.objectives.threads)
+    archs = pick_held_out(trials, cfg.fidelity_archs)
+    report = check_fidelity(signal, standalone, ctx.space, archs,
+                            progress=(lambda d, t, w: progress("fidelity", d, t, w)) if progress else None)
+    return {**report, "trained_steps_this_call": standalone.trained_steps}
+
+
 def run_search(
     cfg: SearchConfig,
     checkpoint: Path,
@@ -124,6 +144,9 @@ def run_search(
     files = write_tables(all_trials, out, "trials") + write_tables(front, out, "pareto")
     sens_file = write_tables(sens, out, "sensitivity")
     best = front.sort_values("quality").iloc[0].to_dict() if len(front) else None
+    fidelity = None
+    if cfg.fidelity_archs:
+        fidelity = search_fidelity(cfg, ctx, signal, all_trials, cache, progress)
     manifest = {
         "kind": "ditnas.search",
         "study_name": name,
@@ -162,6 +185,7 @@ def run_search(
         "best": None if best is None else {"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
                                             "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
         "baselines": baselines,
+        "fidelity": fidelity,
         "files": files + sens_file,
         "seconds_this_call": round(time.time() - started, 2),
         "versions": versions("optuna", "torch"),
