@@ -311,7 +311,7 @@ SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "s
                 "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
                 "search.memory_mb": "--memory-mb", "search.seed": "--seed", "search.quality": "--quality",
                 "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads",
-                "search.fidelity_archs": "--fidelity"}
+                "search.fidelity_archs": "--fidelity", "search.rerank_top": "--rerank-top"}
 SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads"))},  # set by --set in a sweep
                "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
@@ -335,6 +335,7 @@ def search(
     quality: Annotated[Optional[str], typer.Option(help="quality signal: supernet | proxy (trained from scratch) | finetune (extracted + fine-tuned) (search.quality, default supernet)")] = None,
     quality_steps: Annotated[Optional[int], typer.Option(help="training steps per arch of the proxy / finetune signal (search.quality_steps, default 200)")] = None,
     fidelity: Annotated[Optional[int], typer.Option(help="train this many of the search's archs standalone and report how the quality signal ranks them (search.fidelity_archs; 0 = off, each costs a training run)")] = None,
+    rerank_top: Annotated[Optional[int], typer.Option(help="train the best N feasible archs in successive-halving rungs (search.rerank_steps) and pick by the trained loss (search.rerank_top; 0 = pick by the signal)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -347,7 +348,7 @@ def search(
              "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
              "search.memory_mb": memory_mb, "search.seed": seed, "search.quality": quality,
              "search.quality_steps": quality_steps, "search.guidance": guidance, "search.threads": threads,
-             "search.fidelity_archs": fidelity}
+             "search.fidelity_archs": fidelity, "search.rerank_top": rerank_top}
     with field_flags(SEARCH_FLAGS):
         cfg = load_run_config(config, overrides, flags).search
         bar = progress_bar(progress)
@@ -361,7 +362,13 @@ def search(
     typer.echo(f"latency = {manifest['latency_definition']}")
     typer.echo(f"{manifest['trials_total']} trials in the study ({manifest['trials_feasible']} feasible); feasible Pareto front: {manifest['pareto_size']} arch(s)")
     if best:
-        typer.echo(f"best feasible: {best.get('arch')}  quality {best.get('quality'):.4f}  latency {best.get('latency_ms'):.2f} ms")
+        typer.echo(f"best feasible: {best.get('arch')}  quality {best.get('quality'):.4f}  latency {best.get('latency_ms'):.2f} ms"
+                   f"  (picked by {manifest.get('best_by', 'signal')})")
+    rr = manifest.get("rerank")
+    if rr:
+        typer.echo(f"rerank of the top {len(rr['candidates'])}: {rr['signal']} loss {rr['pick_loss']:.4f} after "
+                   f"{rr['pick_steps']} steps; " + ("changed the signal's pick " + rr["signal_pick"] if rr["changed_pick"]
+                                                    else "kept the signal's pick"))
     fid = manifest.get("fidelity")
     if fid:
         typer.echo(f"signal vs standalone ({fid['archs']} archs, {fid['standalone_steps']} steps each): Kendall tau "

@@ -176,6 +176,12 @@ class SearchConfig:
     # reported (search/fidelity.py); 0 = off: each costs one standalone training run
     fidelity_archs: int = 0
     fidelity_steps: int | None = None
+    # multi-fidelity final pick (search/rerank.py): the top `rerank_top` feasible archs by the signal are trained
+    # (rerank_signal: proxy = from scratch | finetune = from the supernet's weights) in successive-halving rungs
+    # of rerank_steps, and the best by the trained loss is the search's pick; 0 = pick by the signal
+    rerank_top: int = 0
+    rerank_signal: str = "proxy"
+    rerank_steps: tuple[int, ...] = (200, 500)
     # the sampler priced: none (one batch-1 call per step: the shipped distilled student) | cfg (one batch-2 call
     # per step, as `ditnas sample --cfg-scale 2` runs); a table without measured cfg generations refuses cfg
     guidance: str = "none"
@@ -205,6 +211,12 @@ class SearchConfig:
         if self.fidelity_archs != 0 and self.fidelity_archs < 3:
             raise ConfigFieldError("search.fidelity_archs", f"{self.fidelity_archs}: give 0 (off) or >= 3 archs (a rank "
                                    "correlation of fewer says nothing)")
+        if self.rerank_top != 0 and self.rerank_top < 2:
+            raise ConfigFieldError("search.rerank_top", f"{self.rerank_top}: give 0 (pick by the signal) or >= 2 candidates")
+        if self.rerank_signal not in ("proxy", "finetune"):
+            raise ConfigFieldError("search.rerank_signal", f"{self.rerank_signal!r}: choose proxy or finetune (signals that train)")
+        if not self.rerank_steps or min(self.rerank_steps) < 1 or list(self.rerank_steps) != sorted(set(self.rerank_steps)):
+            raise ConfigFieldError("search.rerank_steps", f"{list(self.rerank_steps)}: give increasing step counts >= 1, e.g. [200, 500]")
         if self.fidelity_steps is not None and self.fidelity_steps < 1:
             raise ConfigFieldError("search.fidelity_steps", f"{self.fidelity_steps} must be >= 1")
         if self.quality_steps < 0:

@@ -6,12 +6,9 @@ bit-for-bit the uninterrupted one (the state holds the generator, critic, optimi
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ from ditnas.compress.distill import STATE_NAME, read_metrics
 from ditnas.io import torch_load
 from ditnas.search.threads import torch_threads
 
-from test_compress_dmd import build_pair  # noqa: E402  (tests/ is on sys.path under pytest)
+from kill_helpers import logged_steps, quiet_env, run_and_kill_at  # noqa: E402  (tests/ is on sys.path)
+from test_compress_dmd import build_pair  # noqa: E402
 
 STEPS, CRITIC, EVERY = 24, 2, 3  # 48 iterations, a state every 3 generator updates = 6 iterations
 KILLS = 3
@@ -39,45 +37,6 @@ def _command(pair: dict, out: Path) -> list[str]:
             str(pair["student"]), "--out", str(out), "--method", "kdmd", "--no-progress", *sets]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def _logged(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError):
-            pass  # a torn last line: the kill landed mid-write
-    return steps
-
-
-def _run_and_kill_at(pair: dict, out: Path, iteration: int, timeout: float = 300.0) -> int:
-    """Start `ditnas distill`, SIGKILL it once its log holds `iteration`; returns the last iteration it logged."""
-    proc = subprocess.Popen(_command(pair, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            logged = _logged(out)
-            if logged and logged[-1] >= iteration:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"distill exited with {proc.returncode} before iteration {iteration}: "
-                            f"{proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.005)
-        else:
-            pytest.fail(f"distill did not reach iteration {iteration} within {timeout} s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return _logged(out)[-1]
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     with torch_threads(1):
@@ -87,25 +46,25 @@ def pair(tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_sigkill_mid_distillation_then_rerun_equals_uninterrupted(pair, tmp_path):
     clean = tmp_path / "clean"
-    subprocess.run(_command(pair, clean), env=_env(), check=True, capture_output=True)
+    subprocess.run(_command(pair, clean), env=quiet_env(), check=True, capture_output=True)
     total, interval = STEPS * CRITIC, EVERY * CRITIC
-    assert _logged(clean) == list(range(total))
+    assert logged_steps(clean) == list(range(total))
 
     killed = tmp_path / "killed"
     rng = random.Random(5)
     record = []
     for at in sorted(rng.sample(range(1, total - 8), KILLS)):
-        last = _run_and_kill_at(pair, killed, at)
+        last = run_and_kill_at(_command(pair, killed), killed, at)
         state = killed / STATE_NAME
         # weights_only; a torn state would raise here. Before the first interval there is none: a rerun starts over
         saved = int(torch_load(state)["iteration"]) if state.exists() else 0
         assert saved % interval == 0 and saved <= last + 1
         assert last + 1 - saved <= interval + 2, (last, saved)  # at most one interval (+ what landed during the kill)
         record.append({"killed_after_iteration": last, "state_iteration": saved, "lost_iterations": last + 1 - saved})
-    done = subprocess.run(_command(pair, killed), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_command(pair, killed), env=quiet_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    assert _logged(killed) == list(range(total))  # every iteration once, in order
+    assert logged_steps(killed) == list(range(total))  # every iteration once, in order
     assert read_metrics(killed / "metrics.jsonl") == read_metrics(clean / "metrics.jsonl")
     a, b = (torch_load(d / "subnet.pt")["weights"] for d in (clean, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

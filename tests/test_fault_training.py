@@ -6,15 +6,13 @@ uninterrupted run's (the trainer checkpoints every RNG and the data sampler's po
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill_helpers import logged_steps, quiet_env, run_and_kill_at
 
 from ditnas.io import torch_load
 
@@ -32,65 +30,28 @@ def _command(out: Path) -> list[str]:
     return [sys.executable, "-m", "ditnas.cli", "train", "--out", str(out), "--no-eval", "--no-progress", *sets]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def _logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError):
-            pass  # a torn last line: the kill landed mid-write
-    return steps
-
-
-def _run_and_kill_at(out: Path, step: int, timeout: float = 240.0) -> int:
-    """Start `ditnas train`, SIGKILL it once its log reaches `step`; returns the last step it logged."""
-    proc = subprocess.Popen(_command(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            logged = _logged_steps(out)
-            if logged and logged[-1] >= step:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"train exited with {proc.returncode} before step {step}: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"train did not reach step {step} within {timeout} s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    return _logged_steps(out)[-1]
-
-
 @pytest.mark.slow  # ~80 s; test_train keeps resumed-equals-uninterrupted (in-process) in the default run
 @pytest.mark.timeout(900)
 def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
     clean = tmp_path / "clean"
-    subprocess.run(_command(clean), env=_env(), check=True, capture_output=True)
+    subprocess.run(_command(clean), env=quiet_env(), check=True, capture_output=True)
     killed = tmp_path / "killed"
     rng = random.Random(7)
     kill_steps = sorted(rng.sample(range(2, STEPS - 1), 5))
     record = []
     for step in kill_steps:
-        last = _run_and_kill_at(killed, step)
+        last = run_and_kill_at(_command(killed), killed, step)
         ckpt = killed / "checkpoint.pt"
         # weights_only; a torn file would raise here. Before the first interval there is none: a rerun starts over
         saved = int(torch_load(ckpt)["step"]) if ckpt.exists() else 0
         assert saved % EVERY == 0 and saved <= last
         assert last - saved < EVERY + 2, (last, saved)  # at most one interval lost (+ the steps logged while the kill landed)
         record.append({"kill_after_step": last, "checkpoint_step": saved, "lost_steps": last - saved})
-    done = subprocess.run(_command(killed), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_command(killed), env=quiet_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
     # every step is in the log exactly once, in order
-    assert _logged_steps(killed) == list(range(1, STEPS + 1))
+    assert logged_steps(killed) == list(range(1, STEPS + 1))
     a, b = (json.loads((d / "run.json").read_text()) for d in (clean, killed))
     assert a["step"] == b["step"] == STEPS
     for name, loss in a["val_flow_loss_ema"].items():

@@ -202,3 +202,31 @@ def test_a_search_can_measure_how_well_its_signal_ranks_its_own_archs(env, tmp_p
     assert pick_held_out(frame, 4) == ["a", "d", "g", "j"] and pick_held_out(frame.head(2), 4) == ["a", "b"]
     with pytest.raises(ConfigFieldError, match="search.fidelity_archs"):
         SearchConfig(fidelity_archs=2).check()
+
+
+def test_rerank_trains_the_top_archs_in_rungs_and_picks_by_the_trained_loss(env, tmp_path):
+    """search.rerank_top: the top-k feasible archs by the signal, successive halving over rerank_steps; the
+    pick equals a brute-force recomputation with independent standalone runs."""
+    ctx = env["ctx"]
+    predictor = ctx.objectives.predictor
+    low = min_reachable_ms(SearchChoices.from_space(ctx.space), predictor)
+    high = predictor.predict(ctx.space.max_arch())
+    cfg = SearchConfig(budget_ms=4 * (low + 0.6 * (high - low)), steps=(4,), trials=8, dp_seeds=2,
+                       rerank_top=3, rerank_steps=(2, 4))
+    manifest = run_search(cfg, env["ckpt"], env["table_dir"], tmp_path / "s", context=ctx, cache_dir=tmp_path / "cache")
+    rr = manifest["rerank"]
+    trials = pd.read_parquet(tmp_path / "s" / "trials.parquet")
+    feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"]].sort_values(["quality", "latency_ms"])
+    top = list(feasible.drop_duplicates("arch")["arch"].head(3))
+    assert rr["candidates"] == top and rr["signal_pick"] == top[0]
+    loss = {(a, s): _independent(env, ctx.space.parse(a, source="test"), s)["ema"] for a in top for s in (2, 4)}
+    promoted = sorted(top, key=lambda a: loss[(a, 2)])[:2]  # ceil(3 / 2)
+    assert [r["ranked"] for r in rr["rungs"]][0] == sorted(top, key=lambda a: loss[(a, 2)])
+    assert set(rr["rungs"][1]["scores"]) == set(promoted)
+    want = min(promoted, key=lambda a: loss[(a, 4)])
+    assert rr["pick"] == want and manifest["best"]["arch"] == want and rr["pick_steps"] == 4
+    assert rr["pick_loss"] == pytest.approx(loss[(want, 4)], abs=1e-6)
+    assert manifest["best_by"] == "rerank: proxy loss after 4 steps"
+    assert rr["trained_steps_this_call"] == 3 * 2 + 2 * 4
+    with pytest.raises(ConfigFieldError, match="search.rerank_steps"):
+        SearchConfig(rerank_steps=(500, 200)).check()

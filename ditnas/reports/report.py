@@ -336,8 +336,9 @@ def write_report(run_dir: Path) -> Path:
         parts.append(f"<h2>Search</h2><p>budget {budget:.4g} ms ({html.escape(str(m.get('budget_source')))}; max net "
                      f"{m.get('max_net_ms', float('nan')):.4g} ms). Latency = {html.escape(str(m.get('latency_definition')))}.</p>")
         if best:
+            picked = _search_manifest(run_dir / "search").get("best_by", "signal")
             parts.append(f"<p>chosen: <code>{html.escape(best['arch'])}</code> — {best['latency_ms']:.4g} ms, loss "
-                         f"{best['quality']:.4g} at {best['steps']} steps</p>")
+                         f"{best['quality']:.4g} at {best['steps']} steps (picked by {html.escape(str(picked))})</p>")
         baselines = _search_baselines(run_dir / "search")
         if baselines:
             parts.append("<p>baselines at the same budget (priced and scored as the trials):</p>" + _table(

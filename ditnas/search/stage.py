@@ -75,6 +75,36 @@ def search_fidelity(cfg: SearchConfig, ctx: EvalContext, signal: Any, trials: An
     return {**report, "trained_steps_this_call": standalone.trained_steps}
 
 
+def search_rerank(cfg: SearchConfig, ctx: EvalContext, trials: Any, cache: Path,
+                  progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The search's top `cfg.rerank_top` feasible archs re-scored by training (search/rerank.py); the pick's
+    trial row and the record of the rungs."""
+    from ditnas.search.rerank import successive_halving, top_candidates
+    from ditnas.search.signals import QualitySignal
+
+    if ctx.split is None:
+        from ditnas.data import load_split
+
+        ctx.split = load_split(ctx.config.data)
+    top = top_candidates(trials, cfg.rerank_top)
+    signals: dict[int, QualitySignal] = {}
+
+    def score_at(text: str, steps: int) -> float:
+        if steps not in signals:
+            signals[steps] = QualitySignal(cfg.rerank_signal, ctx.supernet, ctx.objectives.batch, int(steps), ctx.config,
+                                           ctx.split, cache, ctx.checkpoint_sha256, ctx.n, ctx.seed,
+                                           threads=ctx.objectives.threads)
+        return signals[steps](ctx.space.parse(text, source="search trials"))
+
+    result = successive_halving(list(top["arch"]), score_at, list(cfg.rerank_steps),
+                                (lambda d, t, w: progress("rerank", d, t, w)) if progress else None)
+    row = top[top["arch"] == result["pick"]].iloc[0].to_dict()
+    result.update({"signal": cfg.rerank_signal, "candidates": list(top["arch"]),
+                   "signal_pick": str(top["arch"].iloc[0]), "changed_pick": result["pick"] != str(top["arch"].iloc[0]),
+                   "trained_steps_this_call": sum(s.trained_steps for s in signals.values())})
+    return row, result
+
+
 def run_search(
     cfg: SearchConfig,
     checkpoint: Path,
@@ -144,6 +174,9 @@ def run_search(
     files = write_tables(all_trials, out, "trials") + write_tables(front, out, "pareto")
     sens_file = write_tables(sens, out, "sensitivity")
     best = front.sort_values("quality").iloc[0].to_dict() if len(front) else None
+    rerank = None
+    if cfg.rerank_top and best is not None:
+        best, rerank = search_rerank(cfg, ctx, all_trials, cache, progress)
     fidelity = None
     if cfg.fidelity_archs:
         fidelity = search_fidelity(cfg, ctx, signal, all_trials, cache, progress)
@@ -184,6 +217,8 @@ def run_search(
         "pareto_size": len(front),
         "best": None if best is None else {"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
                                             "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
+        "best_by": "signal" if rerank is None else f"rerank: {cfg.rerank_signal} loss after {rerank['pick_steps']} steps",
+        "rerank": rerank,
         "baselines": baselines,
         "fidelity": fidelity,
         "files": files + sens_file,
