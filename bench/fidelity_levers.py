@@ -56,6 +56,9 @@ LEVERS: dict[str, tuple[list[str], int, str]] = {
 }
 
 
+RERANK_TOP, RERANK_STEPS = 4, (200, 500)  # search.rerank_top / rerank_steps as scored here
+
+
 def train_lever(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or finish) one lever's supernet; seconds are this call's (a resumed run says so)."""
     torch.set_num_threads(1)
@@ -151,7 +154,30 @@ def main() -> None:
                 b = best_at_budget(sig, tru, [macs[n] for n in use], budgets, tolerance)
                 out["best_at_budget_agreement"] = b["agreement"]
                 out["picks"] = [use[r["signal_pick"]] for r in b["per_budget"]]
+                out["rerank"] = rerank_agreement(values, truth, tolerance, budgets)
             return out
+
+        def rerank_agreement(values: dict[str, float], truth: dict[str, float], tolerance: float,
+                             budgets: list[float]) -> dict[str, Any] | None:
+            """search --rerank-top K on these archs: per budget, the signal's top K that fit, successive
+            halving on the cached proxy losses at RERANK_STEPS (ditnas/search/rerank.py), pick at the end."""
+            from ditnas.search.rerank import successive_halving
+
+            proxy = {(n, s): value(n, s) for n in names for s in RERANK_STEPS}
+            if any(v is None for v in proxy.values()):
+                return None
+            rows = []
+            for budget in budgets:
+                fit = sorted((n for n in names if macs[n] <= budget), key=lambda n: values[n])
+                r = successive_halving(fit[:RERANK_TOP], lambda n, s: proxy[(n, s)], list(RERANK_STEPS))
+                best = min(fit, key=lambda n: truth[n])
+                rows.append({"budget": budget, "candidates": fit[:RERANK_TOP], "pick": r["pick"], "standalone_best": best,
+                             "agree": truth[r["pick"]] <= truth[best] * (1 + tolerance / 100.0),
+                             "pick_gap_pct": 100.0 * (truth[r["pick"]] - truth[best]) / truth[best]})
+            cost = RERANK_TOP * RERANK_STEPS[0] + sum(
+                max(1, -(-RERANK_TOP // 2 ** i)) * s for i, s in enumerate(RERANK_STEPS) if i)
+            return {"top": RERANK_TOP, "steps": list(RERANK_STEPS), "agreement": sum(r["agree"] for r in rows) / len(rows),
+                    "train_steps_per_search": cost, "per_budget": rows}
 
         rows: dict[str, Any] = {}
         for n in levers:
@@ -193,9 +219,11 @@ def main() -> None:
     result = summarize(True)
     rows = []
     for n, v in result["levers"].items():
+        rr = v.get("rerank") or {}
         rows.append((f"{n} ({v['subnet_steps']} subnet-steps)",
                      f"τ {v['kendall_tau']:.2f} / τ random {v['kendall_tau_random_only']:.2f} / ρ {v['spearman_rho']:.2f} / "
-                     f"agreement {v.get('best_at_budget_agreement', float('nan')):.2f} / gap {v['gap_pct_mean']:.1f}%"))
+                     f"agreement {v.get('best_at_budget_agreement', float('nan')):.2f} / gap {v['gap_pct_mean']:.1f}% / "
+                     f"+rerank top {RERANK_TOP} agreement {rr.get('agreement', float('nan')):.2f}"))
     p = result[f"proxy{args.proxy_steps}"]
     if p:
         rows.append((f"proxy {args.proxy_steps} steps ({result['compute_budget_subnet_steps']} for a default search)",
