@@ -198,7 +198,8 @@ def main() -> None:
         "validation_rows": validation["rows"],
         "e2e_definition": "one whole generation: N steps back to back in the host loop (cfg: one batch-2 [cond, null] "
                           "denoiser call per step, the combination inside), .pte lowered with the shipped recipe, "
-                          f"{args.threads} thread(s), p50 of {args.generation_iters} in a fresh process",
+                          f"{args.threads} thread(s), median of {args.generation_iters} rounds, each a fresh process timing "
+                          "one generation of every (arch, steps, guidance) in a new order",
         "e2e_within_10pct": e2e.get("within_10pct"),
         "e2e_median_abs_err_pct": e2e.get("median_abs_err_pct"),
         "e2e_max_abs_err_pct": e2e.get("max_abs_err_pct"),

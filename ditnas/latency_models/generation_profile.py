@@ -1,8 +1,9 @@
 """Time whole generations of a session's whole-model archs: the rows the generation pricing is fitted on.
 
 For each whole-model arch of the session, each guidance mode of `latency.guidance` and each step count
-of `latency.generation_steps`, `latency.generation_iters` generations are timed back to back
-(generation.py: the sampler's host loop, the x of one step fed to the next):
+of `latency.generation_steps`, `latency.generation_iters` generations are timed (generation.py: the
+sampler's host loop, the x of one step fed to the next); on executorch-xnnpack in that many rounds, each
+a fresh process timing one generation of every key in a new order (`_time_in_rounds`: why):
 
 - executorch-xnnpack: `none` reuses the session's lowered batch-1 model program (its .pte went through
   the recipe); `cfg` lowers the exported sampler's denoiser (`generation.DenoiserProgram`, the batch-2
@@ -12,8 +13,8 @@ of `latency.generation_steps`, `latency.generation_iters` generations are timed 
 - host-torch: the same loop over the eager module, in this process, at the session's threads.
 - phone backends: not timed here (their tables price generations uncalibrated, and refuse `cfg`).
 
-Raw samples go to `<session>/generations.parquet` (atomically, after each (arch, guidance)), so an
-interrupted run resumes and a finished key is never timed twice.
+Raw samples go to `<session>/generations.parquet` atomically (host-torch: after each arch; xnnpack: once
+all rounds are done), so an interrupted run resumes and a finished key is never timed twice.
 """
 
 from __future__ import annotations
@@ -169,6 +170,44 @@ def _job(spec: dict) -> dict[str, list[float]]:
             for key, pte, job in spec["jobs"]}
 
 
+def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg: LatencyConfig,
+                    session: ProfilingSession, samples: pd.DataFrame, threads: int, cfg_scale: float,
+                    progress: Progress | None) -> pd.DataFrame:
+    """`cfg.generation_iters` rounds, each a fresh process timing ONE generation of every (arch, guidance,
+    steps) in a new seeded order; the samples of a key are its rounds.
+
+    Why rounds: measured on a 2-core VM (2026-12-07), the same .pte's 28-step generation timed 3 times,
+    each time 5 back to back in its own fresh process, spread 1.4-8.5% (median 6.5%) between processes,
+    and the machine drifted over minutes. With one process per arch, that offset lands on one arch and
+    moves its every figure alike; in rounds, drift and each process's offset are spread over all archs
+    and the median over rounds averages them out (the per-cell table's interleaved pass, for generations)."""
+    import random
+
+    jobs = []
+    for arch, guidance, steps in todo:
+        scale = cfg_scale if guidance == "cfg" else 0.0
+        jobs.append((generation_key(str(arch), steps, guidance), _pte_for(session, supernet, arch, guidance, scale),
+                     steps, scale, arch, guidance))
+    rng = random.Random(cfg.seed)
+    rounds = int(cfg.generation_iters)
+    for r in range(rounds):
+        if progress:
+            progress(r, rounds, f"generations: round {r + 1} of {rounds} ({len(jobs)} timed in a new order)")
+        order = jobs[:]
+        rng.shuffle(order)
+        # warm-up 1: the first call of a program in a process pays its allocations
+        times = time_generations_in_fresh_process([j[:4] for j in order], threads, 1, 1)
+        frames = [samples] if len(samples) else []
+        for key, _, steps, _, arch, guidance in jobs:
+            frames.append(pd.DataFrame({"key": key, "arch": str(arch), "steps": int(steps), "guidance": guidance,
+                                        "threads": threads, "run": [r], "ms": times[key]}))
+        samples = pd.concat(frames, ignore_index=True)
+    _write(session.root, samples)  # all rounds or none: a partial set of rounds would not be interleaved alike
+    if progress:
+        progress(rounds, rounds, "generations timed")
+    return samples
+
+
 def measure_generations(
     supernet: ElasticDiT,
     archs: list[Arch],
@@ -195,6 +234,8 @@ def measure_generations(
         lower_cfg_denoisers(session, supernet, [jobs[0][0] for jobs in by_arch.values()
                                                 if any(g == "cfg" for _, g, _ in jobs)], cfg_scale,
                             workers=workers, progress=progress)
+    if backend == "executorch-xnnpack":
+        return _time_in_rounds(supernet, todo, cfg, session, samples, threads, cfg_scale, progress)
     for i, (arch_text, arch_jobs) in enumerate(by_arch.items()):
         arch = arch_jobs[0][0]
         if progress:
