@@ -253,7 +253,8 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
     def train(folder: Path) -> dict[str, Any]:
         from ditnas.supernet.run import train_run
 
-        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=False)  # quality: its own stage
+        # the judge's verdict and the sample grid: the quality stage's, in the background
+        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=False, samples=False)
         ckpt = folder / m["checkpoint"]
         return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt)},
                 "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"]}}

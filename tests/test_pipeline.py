@@ -193,6 +193,7 @@ def test_the_quality_check_runs_in_the_background_and_its_judge_is_shared(search
     assert q["quality"]["max"]["n_fd"] == 8 and q["quality"]["max"]["fd"] > 0 and q["judge_val_accuracy"] > 0.9
     assert "seconds_in_background" in q
     assert (searched / "quality" / "quality.json").is_file() and any((searched / "quality" / "judge").glob("*.pt"))
+    assert (searched / "quality" / "samples_max.png").stat().st_size > 100  # the grid, drawn in the background too
     assert not (searched / "quality.work").exists()  # published whole
     assert all(stages[name] == before[name] for name in before)  # eval settings do not touch training
 

@@ -361,8 +361,10 @@ def write_report(run_dir: Path) -> Path:
     dist = _jsonl(run_dir / "distill" / "metrics.jsonl")
     parts.append(curves_figure(dist, [c for c in dist.columns if "loss" in c], "step distillation"))
     grids = []
-    if (run_dir / "train" / "samples_max.png").is_file():
-        grids.append(f"<figure>{_png(run_dir / 'train' / 'samples_max.png')}<figcaption>max net, supernet weights</figcaption></figure>")
+    # `ditnas run` draws it in the quality stage; an older run folder has it in train/
+    grid = next((p for p in (run_dir / "quality" / "samples_max.png", run_dir / "train" / "samples_max.png") if p.is_file()), None)
+    if grid is not None:
+        grids.append(f"<figure>{_png(grid)}<figcaption>max net, supernet weights</figcaption></figure>")
     steps, cfg_scale = 28, float((manifest.get("config") or {}).get("sample", {}).get("cfg_scale", 2.0))
     for stage, key, caption in (("extract", "chosen", "chosen subnet, supernet weights"),
                                 ("prune", "subnet", "pruned subnet"), ("kd", "subnet", "chosen subnet after KD")):

@@ -1,5 +1,5 @@
-"""The supernet's reference quality (digits judge + FD / label accuracy of the max net's samples), computed
-in a background process while later stages run.
+"""The supernet's reference quality (digits judge + FD / label accuracy of the max net's samples, and its
+sample grid), computed in a background process while later stages run.
 
 `ditnas run` needs it only for the report and to read the 4-step student's FD against the teacher's, and
 the judge it trains is reused by the distillation stage's check. The search, KD and distillation run at
@@ -28,18 +28,20 @@ LOG = "quality.log"
 def compute(cfg: RunConfig, checkpoint: Path, folder: Path, *, progress: bool = False) -> dict:
     """Load the checkpoint's EMA supernet and measure its reference quality into `folder`."""
     from ditnas.data import load_split
-    from ditnas.supernet.run import reference_quality
+    from ditnas.supernet.run import SAMPLES, max_net_grid, reference_quality
     from ditnas.supernet.train import load_supernet
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     split = load_split(cfg.data)
+    ema, _, _ = load_supernet(checkpoint)
+    max_net_grid(ema, cfg, split, folder / SAMPLES)
     if not split.num_classes:  # the judge is a classifier: unlabelled data has no judge and no FD here
         result = {"judge_val_accuracy": None, "quality": {}, "skipped": "the data has no labels to train the judge on"}
     else:
-        ema, _, _ = load_supernet(checkpoint)
         result = reference_quality(ema, cfg, split, folder / "judge", progress=progress)
+    result["samples"] = SAMPLES
     result["seconds"] = round(time.time() - started, 1)
     write_json(folder / RESULT, result)
     return result

@@ -99,8 +99,22 @@ def reference_quality(ema: torch.nn.Module, cfg: RunConfig, split, judge_dir: Pa
     return {"judge_val_accuracy": judge.val_accuracy, "quality": quality}
 
 
+SAMPLES = "samples_max.png"
+
+
+def max_net_grid(ema: torch.nn.Module, cfg: RunConfig, split, path: Path) -> Path:
+    """8 samples per class of the (EMA) max net at the sampler's steps and CFG, as a PNG grid."""
+    per_class = 8
+    labels = torch.arange(max(split.num_classes, 1)).repeat_interleave(per_class)
+    samples = generate(velocity_fn(ema), labels, tuple(split.train_x.shape[1:]), steps=cfg.sample.steps,
+                       cfg_scale=cfg.sample.cfg_scale if split.num_classes else 1.0, null_label=ema.space.num_classes,
+                       seed=0, shift=cfg.sample.time_shift)
+    return save_grid(samples, path, nrow=per_class)
+
+
 def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool = True, evaluate: bool = False,
-              stop_after: int | None = None) -> dict:
+              stop_after: int | None = None, samples: bool = True) -> dict:
+    """`samples`: draw the max net's sample grid (`ditnas run` draws it in its background quality stage)."""
     if evaluate:
         check_quality_settings(cfg)
     out = Path(out)
@@ -133,12 +147,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         return {"kind": "ditnas.supernet.rank", "rank": trainer.group.rank, "step": trainer.step}
     ema = _ema_model(trainer)
     split = trainer.split
-    per_class = 8
-    labels = torch.arange(max(split.num_classes, 1)).repeat_interleave(per_class)
-    samples = generate(velocity_fn(ema), labels, tuple(split.train_x.shape[1:]), steps=cfg.sample.steps,
-                       cfg_scale=cfg.sample.cfg_scale if split.num_classes else 1.0, null_label=trainer.null_label,
-                       seed=0, shift=cfg.sample.time_shift)
-    grid = save_grid(samples, out / "samples_max.png", nrow=per_class)
+    grid = max_net_grid(ema, cfg, split, out / SAMPLES) if samples else None
     manifest = {
         "kind": "ditnas.supernet",
         "checkpoint": CHECKPOINT_NAME,
@@ -150,7 +159,7 @@ def train_run(cfg: RunConfig, out: Path, *, resume: bool = True, progress: bool 
         "min_arch": str(trainer.space.min_arch()),
         "supernet_params": sum(p.numel() for p in trainer.model.parameters()),
         "val_flow_loss_ema": val_losses(trainer, ema),
-        "samples": grid.name,
+        "samples": grid.name if grid is not None else None,
         "seconds_this_call": round(time.time() - started, 1),
         "device": {"type": trainer.device.type, "precision": cfg.train.precision, "ranks": trainer.group.world},
         "versions": {"ditnas": ditnas.__version__, "torch": torch.__version__, "python": platform.python_version()},
