@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditnas.console import progress_bar, quiet_third_party
+from ditnas.console import progress_bar, quiet_third_party, redact_secrets
 from ditnas.errors import ConfigFieldError, DitnasError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -651,12 +651,12 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except DitnasError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(redact_secrets(f"error: {exc}"), err=True)
         sys.exit(2)
     except OSError as exc:  # the disk refused (full, read-only, no permission) outside an atomic write
         where = f" {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: cannot access{where} ({exc.strerror or type(exc).__name__}); free space or choose a "
-                   "writable folder, then rerun the same command", err=True)
+        typer.echo(redact_secrets(f"error: cannot access{where} ({exc.strerror or type(exc).__name__}); free space "
+                                  "or choose a writable folder, then rerun the same command"), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
@@ -668,7 +668,11 @@ def main(argv: list[str] | None = None) -> None:
         # non-standalone mode: click's ClickException, or typer >= 0.2x's vendored copy of it, which
         # `click.ClickException` does not match; both can show themselves and carry an exit code
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
+            import io
+
+            shown = io.StringIO()  # click echoes the offending argument: a storage URL's password with it
+            exc.show(file=shown)
+            sys.stderr.write(redact_secrets(shown.getvalue()))
             sys.exit(exc.exit_code)
         raise
 

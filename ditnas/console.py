@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -110,6 +111,16 @@ def progress_bar(enabled: bool, stream: TextIO | None = None):
         return LineProgress(sys.stderr if stream is None else stream)
     return Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not enabled)
+
+
+# `scheme://user:secret@` (also `scheme:/user:secret@`, as a URL passed where a path was expected prints)
+_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*:/{1,2}[^\s:/@]+):[^\s@/]+@")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every URL password replaced by *** (user:secret@host -> user:***@host): the last guard
+    before a message reaches the terminal, whatever path or field the user put a storage URL in."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
 
 
 def redirect_output(log_path: str | Path) -> None:

@@ -85,8 +85,9 @@ def test_ddp_resumed_from_its_checkpoint_equals_uninterrupted(runs):
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused(tmp_path):
     done = _train(tmp_path / "odd", 2, ("train.batch_size=7",))
-    # torchrun exits 1 when a rank fails; each rank exited 2 (a user error) with one line
-    assert done.returncode == 1 and done.stderr.count("exitcode  : 2") == 2, done.stderr[-2000:]
+    # torchrun exits 1 when a rank fails and stops the others: the first rank to fail exited 2 (a user
+    # error, one line); the other exited 2 too or was stopped by torchrun before it got there
+    assert done.returncode == 1 and done.stderr.count("exitcode  : 2") >= 1, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors and all("train.batch_size" in e and "7 does not split over 2 ranks" in e for e in errors), done.stderr
     assert "ConfigFieldError" not in done.stderr and "ditnas/" not in done.stderr  # (torchrun's own traceback follows)
