@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--spread-archs", type=int, default=3)
     parser.add_argument("--spread-seed", type=int, default=1)
     parser.add_argument("--budgets", type=int, default=5)
+    parser.add_argument("--tolerance-pct", type=float, default=None,
+                        help="agreement tolerance instead of the measured seed spread (with --spread-archs 0)")
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,8 +125,7 @@ def main() -> None:
     order = sorted(levers, key=lambda n: -int(next((o.split("=")[1] for o in LEVERS[n][0] if o.startswith("train.steps=")),
                                                     truth_steps)))
     queue = [{**base, "kind": "lever", "name": n, "lever": LEVERS[n][0], "folder": str(args.work / "levers" / n)}
-             for n in order[:1]] + queue + [{**base, "kind": "lever", "name": n, "lever": LEVERS[n][0],
-                                             "folder": str(args.work / "levers" / n)} for n in order[1:]]
+             for n in order] + queue
     done: dict[str, dict] = {}
 
     def value(name: str, steps: int, seed=None) -> float | None:
@@ -136,7 +137,7 @@ def main() -> None:
         have = [n for n in names if truth[n] is not None]
         spreads = [100.0 * abs(a - b) / ((a + b) / 2) for n in random_names[: args.spread_archs]
                    if (a := value(n, truth_steps)) is not None and (b := value(n, truth_steps, args.spread_seed)) is not None]
-        tolerance = max(spreads) if spreads else 0.0
+        tolerance = args.tolerance_pct if args.tolerance_pct is not None else (max(spreads) if spreads else 0.0)
         costs = sorted(macs[n] for n in names)
         budgets = [costs[1] + k * (costs[-1] - costs[1]) / (args.budgets - 1) for k in range(args.budgets)]
 
@@ -196,7 +197,8 @@ def main() -> None:
         return {"benchmark": "fidelity_levers", "partial": not final, "date": time.strftime("%Y-%m-%d"),
                 "truth": f"standalone from scratch, {truth_steps} steps, EMA val flow loss (bench/fidelity.py's cache)",
                 "archs": {n: str(a) for n, a in archs.items()}, "standalone": truth,
-                "standalone_seed_spread_pct": tolerance, "budgets_macs": budgets,
+                "standalone_seed_spread_pct": tolerance, "tolerance_source": "given (--tolerance-pct)"
+                if args.tolerance_pct is not None else f"measured on {len(spreads)} seed pairs", "budgets_macs": budgets,
                 "compute_budget_subnet_steps": DEFAULT_SEARCH_TRIALS * args.proxy_steps,
                 "compute_budget_rule": f"proxy over a default search: {DEFAULT_SEARCH_TRIALS} trials x {args.proxy_steps} steps",
                 "levers": rows, f"proxy{args.proxy_steps}": proxy,
