@@ -169,15 +169,20 @@ class EvalContext:
         current = self.objectives.signal
         if current is not None and current.kind == kind and (kind == "supernet" or current.steps == int(steps)):
             return current
+        signal = self.new_signal(kind, steps, cache_dir, seed)
+        self.objectives.use_signal(signal)
+        return signal
+
+    def new_signal(self, kind: str, steps: int, cache_dir: Path | str | None = None, seed: int | None = None) -> QualitySignal:
+        """A quality signal of this context (its supernet, eval batch, run config and data) that the search
+        does not score with: the fidelity check's ground truth, the rerank's rungs."""
         if kind != "supernet" and self.split is None:
             from ditnas.data import load_split
 
             self.split = load_split(self.config.data)
         cache = Path(cache_dir) if cache_dir is not None else Path(self.checkpoint).parent / "search_cache"
-        signal = QualitySignal(kind, self.supernet, self.objectives.batch, int(steps), self.config, self.split, cache,
-                               self.checkpoint_sha256, self.n, self.seed, seed, threads=self.objectives.threads)
-        self.objectives.use_signal(signal)
-        return signal
+        return QualitySignal(kind, self.supernet, self.objectives.batch, int(steps), self.config, self.split, cache,
+                             self.checkpoint_sha256, self.n, self.seed, seed, threads=self.objectives.threads)
 
     @property
     def supernet(self) -> ElasticDiT:

@@ -59,16 +59,10 @@ def search_fidelity(cfg: SearchConfig, ctx: EvalContext, signal: Any, trials: An
                     progress: Progress | None) -> dict[str, Any]:
     """The search's signal against standalone training on `cfg.fidelity_archs` of its own feasible archs."""
     from ditnas.search.fidelity import check_fidelity, pick_held_out
-    from ditnas.search.signals import QualitySignal
 
-    if ctx.split is None:
-        from ditnas.data import load_split
-
-        ctx.split = load_split(ctx.config.data)
     steps = cfg.fidelity_steps or ctx.config.train.steps
     # the ground truth: from scratch, the checkpoint's recipe, `steps` steps; cached like the proxy signal
-    standalone = QualitySignal("proxy", None, ctx.objectives.batch, int(steps), ctx.config, ctx.split, cache,
-                               eval_n=ctx.n, eval_seed=ctx.seed, threads=ctx.objectives.threads)
+    standalone = ctx.new_signal("proxy", int(steps), cache)
     archs = pick_held_out(trials, cfg.fidelity_archs)
     report = check_fidelity(signal, standalone, ctx.space, archs,
                             progress=(lambda d, t, w: progress("fidelity", d, t, w)) if progress else None)
@@ -80,20 +74,13 @@ def search_rerank(cfg: SearchConfig, ctx: EvalContext, trials: Any, cache: Path,
     """The search's top `cfg.rerank_top` feasible archs re-scored by training (search/rerank.py); the pick's
     trial row and the record of the rungs."""
     from ditnas.search.rerank import successive_halving, top_candidates
-    from ditnas.search.signals import QualitySignal
 
-    if ctx.split is None:
-        from ditnas.data import load_split
-
-        ctx.split = load_split(ctx.config.data)
     top = top_candidates(trials, cfg.rerank_top)
-    signals: dict[int, QualitySignal] = {}
+    signals: dict[int, Any] = {}
 
     def score_at(text: str, steps: int) -> float:
         if steps not in signals:
-            signals[steps] = QualitySignal(cfg.rerank_signal, ctx.supernet, ctx.objectives.batch, int(steps), ctx.config,
-                                           ctx.split, cache, ctx.checkpoint_sha256, ctx.n, ctx.seed,
-                                           threads=ctx.objectives.threads)
+            signals[steps] = ctx.new_signal(cfg.rerank_signal, steps, cache)
         return signals[steps](ctx.space.parse(text, source="search trials"))
 
     result = successive_halving(list(top["arch"]), score_at, list(cfg.rerank_steps),
