@@ -18,11 +18,24 @@ from ditnas.errors import ConfigFieldError, DitnasError
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "digits"  # "digits" (embedded), an image folder, or a .npy of latents
-    image_size: int = 16
+    source: str = "digits"  # "digits" (embedded), "moving_digits" (clips made from them), an image folder, or a .npy
+    image_size: int = 16  # moving_digits: the canvas edge (8x8 glyphs on 16, 12x12 on 32)
     channels: int = 1
     val_fraction: float = 0.15
     seed: int = 0
+    # moving_digits only (ditnas/video_data.py): clip length T, digits bouncing per clip, clips made
+    frames: int = 8
+    digits_per_clip: int = 1
+    clips: int = 2000
+
+    def check(self) -> DataConfig:
+        if self.frames < 1:
+            raise ConfigFieldError("data.frames", f"{self.frames} must be >= 1 frame per clip")
+        if self.digits_per_clip not in (1, 2):
+            raise ConfigFieldError("data.digits_per_clip", f"{self.digits_per_clip}: choose 1 or 2 digits per clip")
+        if self.clips < 2:
+            raise ConfigFieldError("data.clips", f"{self.clips} must be >= 2 (one train and one validation clip)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,12 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0  # AttentiveNAS clips at 1.0
     ema_decay: float = 0.999
-    sampler: str = "sandwich"  # uniform | sandwich | attentive
-    num_random: int = 1  # random subnets per step besides max (and min for sandwich)
+    # uniform | sandwich | attentive. Default max + 2 random (no min every step): at the same 3 subnets
+    # per step it ranked 12 archs against standalone training with Kendall tau 0.55 where the sandwich
+    # rule gave 0.18 -- training min every step makes its weight-sharing loss look far better than its
+    # worth (bench/results/fidelity_levers.json, docs/benchmarks.md "Fidelity levers")
+    sampler: str = "uniform"
+    num_random: int = 2  # random subnets per step besides max (and min for sandwich / attentive)
     fair_sampling: bool = False  # random subnets' per-slot ops, widths, MLP ratios drawn from shuffled decks (FairNAS)
     attentive_trials: int = 3  # AttentiveNAS num_trials
     attentive_mode: str = "worstup"  # bestup | worstup
@@ -69,6 +86,35 @@ class TrainConfig:
     # under torchrun each rank takes its LOCAL_RANK's GPU and batch_size is the global batch
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights, optimiser and EMA stay fp32)
+    # start weights: '' = fresh init; a path = a grafted supernet (`ditnas graft`'s grafted.pt, supernet/graft.py)
+    init: str = ""
+
+
+@dataclass(frozen=True)
+class GraftConfig:
+    """`ditnas graft`: every op but the teacher's starts from a trained teacher by per-slot activation
+    distillation (Grafting, Chandrasegaran et al. 2025; shared/reference/grafting-sprint.md)."""
+
+    # max: train the supernet's max arch alone first (a plain DiT) for teacher_steps; or the path of a ditnas
+    # supernet checkpoint whose (EMA) max net is the teacher (same model dims and space depth)
+    teacher: str = "max"
+    teacher_steps: int = 300  # assumption: 10% of a default supernet's 3000 subnet-steps
+    steps: int = 150  # distillation steps per grafted op (one slot, one op, every width at once)
+    batches: int = 8  # teacher activation batches cached per slot (train.batch_size each; the last is held out)
+    lr: float = 5e-4  # Grafting's attention recipe (AdamW, lr 5e-4)
+    ops: tuple[str, ...] = ()  # ops grafted; () = every op of the space but each slot's teacher op
+    ffn: bool = True  # also distil the narrower MLP ratios to the teacher's full FFN (L2)
+
+    def check(self) -> GraftConfig:
+        for name, least in (("teacher_steps", 0), ("steps", 1), ("batches", 2)):
+            if getattr(self, name) < least:
+                raise ConfigFieldError(f"graft.{name}", f"{getattr(self, name)} must be >= {least}")
+        if self.teacher == "max" and self.teacher_steps < 1:
+            raise ConfigFieldError("graft.teacher_steps", "teacher=max trains the teacher for this many steps; set it >= 1 "
+                                   "or give graft.teacher a supernet checkpoint")
+        if not self.lr > 0:
+            raise ConfigFieldError("graft.lr", f"{self.lr} must be > 0")
+        return self
 
 
 @dataclass(frozen=True)
@@ -454,6 +500,7 @@ class RunConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    graft: GraftConfig = field(default_factory=GraftConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -553,7 +600,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         except yaml.YAMLError as exc:
             raise DitnasError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
         if not isinstance(raw, dict):
-            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, sample, latency, search, sweep, compress)")
+            raise DitnasError(f"config file {path} must be a mapping of sections (data, space, model, train, graft, sample, latency, search, sweep, compress)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -1,7 +1,7 @@
-"""Datasets for ditnas: the bundled digits set, image folders and latent `.npy` files.
+"""Datasets for ditnas: the bundled digits set, moving-digits clips, image folders and latent `.npy` files.
 
 Every loader returns a `DatasetSplit` whose images are float32 in [-1, 1] shaped (N, C, T, H, W),
-with T = 1 for still images (the time axis exists everywhere so video can come later), and labels
+with T = 1 for still images and T = frames for clips (moving digits, 5-D `.npy`), and labels
 int64 (N,) or None. `BatchSampler` draws shuffled training batches forever and can be checkpointed
 and restored exactly, so a resumed training run equals an uninterrupted one.
 """
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ditnas.errors import DitnasError
+from ditnas.video_data import MOVING_DIGITS, make_moving_digits
 
 if TYPE_CHECKING:
     from ditnas.config import DataConfig
@@ -66,8 +67,10 @@ class DatasetSplit:
 
 def load_split(cfg: DataConfig) -> DatasetSplit:
     """The train/val split a run config's `data` section names (every stage loads its data this way)."""
+    cfg = cfg.check()
     return load_dataset(cfg.source, image_size=cfg.image_size, channels=cfg.channels,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, frames=cfg.frames,
+                        digits_per_clip=cfg.digits_per_clip, clips=cfg.clips)
 
 
 def load_dataset(
@@ -77,13 +80,18 @@ def load_dataset(
     channels: int = 1,
     val_fraction: float = 0.15,
     seed: int = 0,
+    frames: int = 8,
+    digits_per_clip: int = 1,
+    clips: int = 2000,
 ) -> DatasetSplit:
     """Load `source` and split it into train/val deterministically under `seed`.
 
-    `source` is the string "digits" (scikit-learn's bundled 8x8 digits, upsampled), a folder of
-    images (class subfolders give labels), or a `.npy` file of latents (N, C, H, W) or
-    (N, C, T, H, W) with optional labels in a sibling `<stem>.labels.npy`. `image_size` and
-    `channels` apply to digits and image folders; latents are used as stored.
+    `source` is the string "digits" (scikit-learn's bundled 8x8 digits, upsampled), the string
+    "moving_digits" (`clips` clips of `frames` frames with `digits_per_clip` digits bouncing on an
+    `image_size` canvas, made under `seed`; ditnas/video_data.py), a folder of images (class
+    subfolders give labels), or a `.npy` file of latents (N, C, H, W) or clips (N, C, T, H, W) with
+    optional labels in a sibling `<stem>.labels.npy`. `image_size` and `channels` apply to digits,
+    moving digits and image folders; latents are used as stored.
     """
     if not (0.0 < val_fraction < 1.0):
         raise DitnasError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
@@ -97,12 +105,17 @@ def load_dataset(
     if isinstance(source, str) and source == DIGITS:
         x, y, names = _load_digits(image_size, channels)
         name = DIGITS
+    elif isinstance(source, str) and source == MOVING_DIGITS:
+        # assumption: the clip set and the split share `seed`, as the split alone did for the digits
+        x, y = make_moving_digits(clips, frames=frames, size=image_size, digits_per_clip=digits_per_clip,
+                                  seed=seed, channels=channels)
+        names, name = tuple(str(i) for i in range(10)), MOVING_DIGITS
     else:
         path = Path(source).expanduser()
         name = str(source)
         if not path.exists():
             raise DitnasError(
-                f"data source {path} does not exist; pass 'digits', an image folder or a .npy file"
+                f"data source {path} does not exist; pass 'digits', 'moving_digits', an image folder or a .npy file"
             )
         if path.is_dir():
             x, y, names = _load_image_folder(path, image_size, channels)
@@ -111,7 +124,7 @@ def load_dataset(
         else:
             raise DitnasError(
                 f"data source {path} is not a folder or a .npy file; "
-                "pass 'digits', an image folder or a .npy file of latents"
+                "pass 'digits', 'moving_digits', an image folder or a .npy file of latents"
             )
 
     if x.shape[0] < 2:
@@ -251,7 +264,7 @@ def _load_npy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, tuple[str,
     elif arr.ndim != 5:
         raise DitnasError(
             f"latent file {path} has shape {arr.shape} (ndim {arr.ndim}); "
-            "expected (N, C, H, W) or (N, C, T, H, W)"
+            "expected images (N, C, H, W) or clips (N, C, T, H, W); re-save it in one of those layouts"
         )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise DitnasError(f"latent file {path} has dtype {arr.dtype}; save numeric (float) latents")
