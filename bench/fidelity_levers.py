@@ -8,7 +8,7 @@ ground truth and the 200-step proxy come from the same cached runs as bench/fide
 `--work`: run either first, the other reuses them).
 
 Compute is counted in subnet-steps (one forward + backward of one subnet on one batch): the default
-supernet spends 1000 steps x 3 subnets (max, min, one random); the proxy over a default search spends
+supernet spends 1000 steps x 3 subnets (max and two random); the proxy over a default search spends
 its trials x 200 (issue: the supernet's compute must stay at or below that, 64 x 200 = 12,800).
 
     python bench/fidelity_levers.py --out bench/results/fidelity_levers.json --jobs 2 [--levers a,b,...]
@@ -43,17 +43,20 @@ from ditnas.io import read_json, write_json  # noqa: E402
 from ditnas.supernet.train import CHECKPOINT_NAME, build_supernet, load_supernet, train_supernet  # noqa: E402
 
 # name -> (supernet-only overrides, subnets trained per step, what it tests)
+SANDWICH = ["train.sampler=sandwich", "train.num_random=1"]  # the default until 2026-12-07
 LEVERS: dict[str, tuple[list[str], int, str]] = {
-    "sandwich": ([], 3, "the default: max + min + 1 random per step, 1000 steps"),
-    "uniform2": (["train.sampler=uniform", "train.num_random=2"], 3,
-                 "max + 2 random (no min every step: min's loss no longer favoured)"),
-    "fair_sandwich": (["train.fair_sampling=true"], 3, "the default with fair per-slot sampling of the random subnet"),
-    "fair_uniform2": (["train.sampler=uniform", "train.num_random=2", "train.fair_sampling=true"], 3,
-                      "max + 2 fair random"),
-    "fair_uniform2_x3": (["train.sampler=uniform", "train.num_random=2", "train.fair_sampling=true", "train.steps=3000"], 3,
+    "sandwich": (SANDWICH, 3, "the sandwich rule: max + min + 1 random per step, 1000 steps"),
+    "uniform2": ([], 3, "the default: max + 2 random (no min every step: min's loss no longer favoured)"),
+    "fair_sandwich": (SANDWICH + ["train.fair_sampling=true"], 3, "the sandwich rule with fair per-slot sampling of the random subnet"),
+    "fair_uniform2": (["train.fair_sampling=true"], 3, "max + 2 fair random"),
+    "fair_uniform2_x3": (["train.fair_sampling=true", "train.steps=3000"], 3,
                          "max + 2 fair random, 3000 steps (3x the default's compute)"),
-    "sandwich_x3": (["train.steps=3000"], 3, "the default, 3000 steps (3x compute)"),
+    "sandwich_x3": (SANDWICH + ["train.steps=3000"], 3, "the sandwich rule, 3000 steps (3x compute)"),
+    "graft_uniform2": (["train.steps=900", "graft.teacher_steps=300"], 3,
+                       "grafted (max arch alone 300 steps, then every other op per slot by activation distillation), "
+                       "then the default for 900 steps: 300 + 2700 subnet-steps"),
 }
+GRAFTED = {"graft_uniform2"}  # levers whose supernet starts from `ditnas graft` (supernet/graft.py)
 
 
 RERANK_TOP, RERANK_STEPS = 4, (200, 500)  # search.rerank_top / rerank_steps as scored here
@@ -70,8 +73,19 @@ def train_lever(spec: dict[str, Any]) -> dict[str, Any]:
         return {**spec, **read_json(timing, missing="", damaged=""), "reused": True}
     resumed = (out / CHECKPOINT_NAME).exists()
     start = time.perf_counter()
-    trainer = train_supernet(cfg, out, split=load_split(cfg.data))
-    result = {"seconds": time.perf_counter() - start, "steps": trainer.step, "resumed": resumed}
+    split = load_split(cfg.data)
+    graft = {}
+    if spec["name"] in GRAFTED:
+        from ditnas.supernet.graft import GRAFTED_NAME, graft_supernet
+
+        if not (out / "graft" / "graft.json").exists():
+            graft_supernet(cfg, out / "graft", split=split)
+        graft = read_json(out / "graft" / "graft.json", missing="", damaged="")
+        cfg = replace(cfg, train=replace(cfg.train, init=str(out / "graft" / GRAFTED_NAME)))
+    trainer = train_supernet(cfg, out, split=split)
+    result = {"seconds": time.perf_counter() - start, "steps": trainer.step, "resumed": resumed,
+              **({"teacher_steps": graft["teacher_steps"], "teacher_seconds": graft["teacher_seconds"],
+                  "graft_seconds": graft["graft_seconds"]} if graft else {})}
     write_json(timing, result)
     return {**spec, **result, "reused": False}
 
@@ -190,8 +204,10 @@ def main() -> None:
 
             sig = make_signal("supernet", 0, model, batch, threads=1)
             overrides, per_step, what = LEVERS[n]
-            rows[n] = {"what": what, "overrides": overrides, "steps": r["steps"], "subnet_steps": r["steps"] * per_step,
+            rows[n] = {"what": what, "overrides": overrides, "steps": r["steps"],
+                       "subnet_steps": r["steps"] * per_step + r.get("teacher_steps", 0),
                        "train_seconds": r["seconds"], "resumed": r.get("resumed", False),
+                       **{k: r[k] for k in ("teacher_steps", "teacher_seconds", "graft_seconds") if k in r},
                        **(score({a: sig(archs[a]) for a in names}) or {})}
         proxy = score({n: v for n in names if (v := value(n, args.proxy_steps)) is not None})
         return {"benchmark": "fidelity_levers", "partial": not final, "date": time.strftime("%Y-%m-%d"),

@@ -1,12 +1,14 @@
 """Benchmark: does one supernet serve its subnets as well as training each alone?
 
-Trains the supernet with the default config (sandwich rule + in-place distillation), then trains the
+Trains the supernet with the default config (train.sampler: max + 2 random subnets per step since
+2026-12-07, the sandwich rule before; in-place distillation), then trains the
 max, mid and min archs standalone for the same number of steps each sees in the supernet, and compares
 validation flow-matching loss (fixed noise), cost and sample label accuracy.
 
     python bench/supernet.py --out bench/results/supernet.json [--steps 2000] [--set train.lr=1e-3]
 
-Prints a table and writes JSON with sandwich_step_ratio, subnet_gap_pct, cost_ratio, label_accuracy.
+Prints a table and writes JSON with sandwich_step_ratio (the supernet's step ÷ a plain max step; named
+for the sampler it was first measured with), subnet_gap_pct, cost_ratio, label_accuracy.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps (train.device)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 autocast (train.precision)")] = None,
 ) -> None:
-    """Train the elastic supernet (sandwich rule + in-place distillation). Under `torchrun --nproc-per-node N`
+    """Train the elastic supernet (max + sampled subnets per step, train.sampler; in-place distillation). Under `torchrun --nproc-per-node N`
     the N ranks train data-parallel on shards of the global batch (train.batch_size)."""
     from ditnas.supernet.run import train_run
 
@@ -71,6 +71,33 @@ def train(
     for name, q in manifest.get("quality", {}).items():
         typer.echo(f"{name}: label accuracy {q['label_accuracy']:.3f}  FD {q['fd']:.2f} (real-vs-real floor {q['fd_floor']:.2f})")
     typer.echo(f"manifest {out / 'run.json'}, samples {out / manifest['samples']}")
+
+
+@app.command()
+def graft(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="output folder (grafted.pt, graft.json)")] = Path("runs/graft"),
+    teacher: Annotated[Optional[str], typer.Option(help="max (train the max arch alone first) or a supernet checkpoint.pt (graft.teacher)")] = None,
+    ops: Annotated[Optional[str], typer.Option(help="comma-separated ops to graft (graft.ops; default every op but the teacher's)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Start every op of every slot from a trained teacher by per-slot activation distillation (Grafting);
+    then train the supernet from it: `ditnas train --set train.init=OUT/grafted.pt`."""
+    from ditnas.supernet.graft import graft_supernet
+
+    flags = {"graft.teacher": teacher, "graft.ops": [o.strip() for o in ops.split(",") if o.strip()] if ops else None}
+    with field_flags({"graft.teacher": "--teacher", "graft.ops": "--ops"}):
+        cfg = load_run_config(config, overrides, flags)
+        bar = progress_bar(progress)
+        with bar:
+            task = bar.add_task("graft", total=None, phase="graft", info="")
+            manifest = graft_supernet(cfg, out, progress=lambda i, n, what: bar.update(task, completed=i, total=n, info=what))
+    typer.echo(f"teacher {manifest['teacher']} ({manifest['teacher_arch']}) in {manifest['teacher_seconds']:.0f} s; "
+               f"grafted {len(manifest['slots'])} slot ops in {manifest['graft_seconds']:.0f} s")
+    for row in manifest["slots"]:
+        typer.echo(f"  slot {row['slot']} {row['op']:>5}: {row['loss']} to the teacher {row['before']:.4f} -> {row['after']:.4f}")
+    typer.echo(f"-> {out / manifest['grafted']}; train from it: ditnas train --set train.init={out / manifest['grafted']}")
 
 
 @app.command()

@@ -42,7 +42,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, split):
 
 
 def test_sandwich_trains_max_and_min_every_step(tmp_path, split):
-    cfg = load_config(None, TINY + ["train.num_random=1"])
+    cfg = load_config(None, TINY + ["train.sampler=sandwich", "train.num_random=1"])
     trainer = Trainer(cfg, tmp_path, split)
     seen = []
     original = trainer.model.run

@@ -148,7 +148,12 @@ class Trainer:
         self.split = split or load_split(cfg.data)
         self.space = build_space(cfg, self.split)
         torch.manual_seed(tc.seed)  # weight init, on the CPU: the same start on every device and rank
-        self.model = build_supernet(cfg, self.space).to(self.device)
+        self.model = build_supernet(cfg, self.space)
+        if tc.init:  # a grafted start (graft.py); a resumed checkpoint overwrites it in restore()
+            from ditnas.supernet.graft import load_grafted
+
+            load_grafted(self.model, Path(tc.init), cfg, self.space)
+        self.model.to(self.device)
         self.null_label = self.space.num_classes
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.ema = Ema(self.model, tc.ema_decay)
