@@ -209,6 +209,13 @@ def main() -> None:
                        "train_seconds": r["seconds"], "resumed": r.get("resumed", False),
                        **{k: r[k] for k in ("teacher_steps", "teacher_seconds", "graft_seconds") if k in r},
                        **(score({a: sig(archs[a]) for a in names}) or {})}
+            if n in GRAFTED:  # graft-and-score: the grafted supernet before any supernet training
+                grafted, _, _ = load_supernet(Path(r["folder"]) / "graft" / "grafted.pt")
+                sig = make_signal("supernet", 0, grafted, batch, threads=1)
+                rows[f"{n}:grafted_only"] = {
+                    "what": "the grafted supernet before supernet training (each op regressed on the teacher alone)",
+                    "overrides": overrides, "steps": 0, "subnet_steps": r.get("teacher_steps", 0),
+                    "graft_seconds": r.get("graft_seconds"), **(score({a: sig(archs[a]) for a in names}) or {})}
         proxy = score({n: v for n in names if (v := value(n, args.proxy_steps)) is not None})
         return {"benchmark": "fidelity_levers", "partial": not final, "date": time.strftime("%Y-%m-%d"),
                 "truth": f"standalone from scratch, {truth_steps} steps, EMA val flow loss (bench/fidelity.py's cache)",

@@ -98,6 +98,10 @@ def test_graft_supernet_then_train_from_it(tmp_path, split):
         assert torch.equal(v.cpu(), state["model"][k]), k
     assert trainer.ema.state_dict()["final.weight"].equal(state["model"]["final.weight"])  # the EMA starts there too
     trainer.train_step()  # and it trains
+    from ditnas.supernet.train import load_supernet
+
+    scored, _, meta = load_supernet(grafted)  # graft-and-score: the search reads it as a step-0 checkpoint
+    assert meta["step"] == 0 and all(torch.equal(v, state["model"][k]) for k, v in scored.state_dict().items())
 
 
 def test_graft_ops_only(tmp_path, split):

@@ -39,7 +39,7 @@ from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
 from ditnas.supernet.flow import mse
 from ditnas.supernet.model import ElasticDiT
-from ditnas.supernet.train import Trainer, build_space, build_supernet, check_checkpoint, flow_batch, load_weights
+from ditnas.supernet.train import CHECKPOINT_FORMAT, Trainer, build_space, build_supernet, flow_batch, load_weights
 
 GRAFTED_NAME = "grafted.pt"
 GRAFT_FORMAT = 1
@@ -240,9 +240,12 @@ def graft_supernet(cfg: RunConfig, out: Path, *, split: DatasetSplit | None = No
             if progress:
                 progress(done, total, f"slot {i} ffn")
     path = out / GRAFTED_NAME
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a supernet checkpoint at step 0 (load_supernet reads it: `ditnas search --checkpoint grafted.pt` scores
+    # layouts on the grafted ops alone, Grafting's graft-and-score); no optimiser state: train.init starts fresh
     atomic_torch_save(path, {
-        "format": GRAFT_FORMAT, "kind": "ditnas.grafted", "config": cfg.to_dict(), "space": space.to_dict(),
-        "data_fingerprint": split.fingerprint(), "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "format": CHECKPOINT_FORMAT, "kind": "ditnas.grafted", "graft_format": GRAFT_FORMAT, "config": cfg.to_dict(),
+        "space": space.to_dict(), "data_fingerprint": split.fingerprint(), "step": 0, "model": weights, "ema": weights,
     })
     dump_config(cfg, out / "config.yaml")
     manifest = {
@@ -263,8 +266,6 @@ def load_grafted(model: ElasticDiT, path: Path, cfg: RunConfig, space: SearchSpa
         raise DitnasError(f"train.init {path} does not exist; run `ditnas graft --out DIR` and pass DIR/{GRAFTED_NAME}")
     state = torch_load(path)
     if not isinstance(state, dict) or state.get("kind") != "ditnas.grafted":
-        if isinstance(state, dict) and "ema" in state:
-            check_checkpoint(state, path)
         raise DitnasError(f"train.init {path} is not a grafted supernet ({GRAFTED_NAME} from `ditnas graft`); "
                           "to continue a training run, pass its folder as --out with --resume")
     here = cfg.to_dict()
