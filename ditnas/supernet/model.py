@@ -12,13 +12,19 @@ Elasticity:
 - two resolution stages: a 2x2 patch-merge Linear takes the stream to half resolution and a Linear +
   pixel-shuffle brings it back, added to the stream saved before the matching down-sampling (a U-Net
   long skip, as SnapGen++'s three-stage DiT).
+
+Causal mode (video): `set_causal(True)` makes every token mixer frame-causal (ops.py), and with it the
+whole model -- patchify, 2x2 merges, adaLN, cross-attention and FFN all act within a frame -- so the
+output of frames <= t never depends on later frames. `extract` and `sliced` carry the flag;
+`SubDiT.forward_chunk` runs one chunk of frames against the per-block caches of the frames before it
+(supernet/streaming.py).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +146,32 @@ class Block(nn.Module):
         x = x + gate2 * self.ffn(modulate(layer_norm(x), shift2, scale2), hidden)
         return x
 
+    def step(
+        self, x: Tensor, c: Tensor, ctx: Tensor, grid: Grid, op: str, heads: int | None, hidden: int | None,
+        mod_key: str, past: dict[str, Tensor], t0: int,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`forward` on a chunk of frames t0..; the causal mixer reads `past` and returns its extended cache."""
+        d = x.shape[-1]
+        m = self.mod[mod_key](F.silu(c)).reshape(c.shape[0], 1, 6 * d)
+        shift1, scale1, gate1 = m[..., :d], m[..., d : 2 * d], m[..., 2 * d : 3 * d]
+        shift2, scale2, gate2 = m[..., 3 * d : 4 * d], m[..., 4 * d : 5 * d], m[..., 5 * d :]
+        mixed, cache = self.mixers[op].step(modulate(layer_norm(x), shift1, scale1), grid, past, t0, heads)
+        x = x + gate1 * mixed
+        x = x + self.cross(layer_norm(x), ctx, heads)
+        x = x + gate2 * self.ffn(modulate(layer_norm(x), shift2, scale2), hidden)
+        return x, cache
+
+
+@dataclass
+class ChunkStep:
+    """One streamed chunk's pass through the blocks: the absolute index of its first frame, each slot's
+    mixer cache of the frames before it (`past`, {} on the first chunk, None for skips), and -- filled by
+    the pass -- each slot's cache extended by the chunk (`new`)."""
+
+    t0: int
+    past: list[dict[str, Tensor] | None]
+    new: list[dict[str, Tensor] | None] = field(default_factory=list)
+
 
 def _new_mod(cond_dim: int, width: int, chunks: int) -> nn.Linear:
     layer = nn.Linear(cond_dim, chunks * width)
@@ -163,18 +195,22 @@ class _Trunk(nn.Module):
 
     def _walk(
         self, x: Tensor, t: Tensor, y: Tensor, plan: list, stream: int, patch, down, up, final_mod, final,
-        features: bool = False,
+        features: bool = False, chunk: ChunkStep | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Run the blocks of `plan` = [(stage, block | None, op, heads, hidden, mod_key[, width])] on the stream.
 
         An entry may carry a 7th field, the block's residual width in features (a pruned block whose
         mixer keeps fewer heads than its width; heads=None then runs every module at its own size).
-        `features=True` also returns the stream right before the final adaLN (B, tokens, stream)."""
+        `features=True` also returns the stream right before the final adaLN (B, tokens, stream).
+        With `chunk`, x holds frames chunk.t0.. of a clip and every block runs its causal `step` on
+        chunk.past[i]; the extended caches land in chunk.new."""
         tokens, grid = patchify(x, self.patch_size)
         h = patch(tokens)
         c, ctx = self._condition(t, y)
         stage, saved = 0, []
-        for entry in plan:
+        if chunk is not None:
+            chunk.new = [None] * len(plan)
+        for i, entry in enumerate(plan):
             slot_stage, block, op, heads, hidden, mod_key = entry[:6]
             if slot_stage != stage:
                 h, grid, stage = self._transition(h, grid, slot_stage, saved, down, up)
@@ -183,9 +219,9 @@ class _Trunk(nn.Module):
             d = entry[6] if len(entry) > 6 else heads * self.head_dim
             if d == stream:
                 full = heads is None or heads == self._all_heads(block, op)
-                h = block(h, c, ctx, grid, op, None if full else heads, hidden, mod_key)
+                h = self._block(block, h, c, ctx, grid, op, None if full else heads, hidden, mod_key, chunk, i)
             else:
-                inner = block(h[..., :d], c, ctx, grid, op, heads, hidden, mod_key)
+                inner = self._block(block, h[..., :d], c, ctx, grid, op, heads, hidden, mod_key, chunk, i)
                 h = torch.cat([inner, h[..., d:]], dim=-1)
         if stage != 0:
             h, grid, stage = self._transition(h, grid, 0, saved, down, up)
@@ -196,8 +232,34 @@ class _Trunk(nn.Module):
         return (out, feats) if features else out
 
     @staticmethod
+    def _block(block: Block, h: Tensor, c: Tensor, ctx: Tensor, grid: Grid, op: str, heads: int | None,
+               hidden: int | None, mod_key: str, chunk: ChunkStep | None, index: int) -> Tensor:
+        if chunk is None:
+            return block(h, c, ctx, grid, op, heads, hidden, mod_key)
+        h, chunk.new[index] = block.step(h, c, ctx, grid, op, heads, hidden, mod_key, chunk.past[index], chunk.t0)
+        return h
+
+    @staticmethod
     def _all_heads(block: Block, op: str) -> int:
         return block.mixers[op].max_heads
+
+    def token_mixers(self) -> list[nn.Module]:
+        """Every token-mixer module of the model (all ops of every slot in a supernet)."""
+        return [m for block in self.blocks if isinstance(block, Block) for m in block.mixers.values()]
+
+    def set_causal(self, causal: bool = True) -> "_Trunk":
+        """Switch every token mixer to frame-causal (True) or bidirectional (False) attention; returns self.
+
+        Changes the function the model computes on video (not on images, T = 1): train and sample a
+        model in the mode it will stream in."""
+        for mixer in self.token_mixers():
+            mixer.causal = bool(causal)
+        return self
+
+    @property
+    def causal(self) -> bool:
+        """Whether every token mixer is frame-causal (a model with none is trivially so)."""
+        return all(m.causal for m in self.token_mixers())
 
     @staticmethod
     def _transition(h: Tensor, grid: Grid, to: int, saved: list, down, up) -> tuple[Tensor, Grid, int]:
@@ -355,6 +417,14 @@ class SubDiT(_Trunk):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod, self.final)
+
+    def forward_chunk(self, x: Tensor, t: Tensor, y: Tensor, chunk: ChunkStep) -> Tensor:
+        """Velocity of frames chunk.t0 .. of a clip, x = those frames (B, C, T_chunk, H, W), given each
+        block's cache of the earlier frames; fills chunk.new. Needs causal mode (`set_causal`)."""
+        if len(chunk.past) != len(self.blocks):
+            raise ValueError(f"chunk has caches for {len(chunk.past)} slots, the model has {len(self.blocks)}")
+        return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod,
+                          self.final, chunk=chunk)
 
     def forward_with_features(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(velocity, final-block features): the same computation as forward, plus the stream right

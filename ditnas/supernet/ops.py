@@ -9,6 +9,13 @@ affine, LCHA feature map) are shared by every width, since head_dim never change
 
 Token layout: x is (B, N, C) with N = T*H*W, row-major over `grid = (T, H, W)` (T = 1 for images).
 
+Frame-causal mode (`causal=True`, off by default; `model.set_causal`): a token of frame t sees every
+token of frames <= t and nothing later (bidirectional inside its frame). Every mixer then also offers
+`step(x, grid, cache, t0)`: the same function on a chunk of frames t0 .. t0+T-1, given the cache of
+frames < t0 (key/value tensors, linear-attention state, causal-conv frames) and returning the cache
+extended by the chunk -- what supernet/streaming.py runs chunk by chunk. The causal `forward` is
+`step` with an empty cache, so chunked and whole-clip outputs are one computation.
+
 Forward passes are written so ExecuTorch's XNNPACK partitioner takes a block whole
 (/work/shared/reference/xnnpack-notes.md): hand-written norms over 4-D tensors (dims (2,3),
 keepdim), slicing instead of chunk/select, reshape instead of unsqueeze except on the last dim,
@@ -41,7 +48,10 @@ __all__ = [
     "Rope3D",
     "TOKEN_MIXERS",
     "attend",
+    "bna_causal_mask",
     "bna_mask",
+    "causal_linear_attention",
+    "frame_causal_mask",
     "layer_norm",
     "linear_attention",
     "linear_attention_quadratic",
@@ -201,7 +211,9 @@ class Rope3D:
     # only says "3D RoPE" [method.md §1.2]). Each axis uses theta^(-j/n_axis), theta = 1e4.
     # assumption: positions of a strided/pooled grid are that grid's own integer coordinates.
 
-    `apply(x, grid)` takes x of shape (..., N, head_dim) -- the ops use (B*heads, N, head_dim).
+    `apply(x, grid, t0)` takes x of shape (..., N, head_dim) -- the ops use (B*heads, N, head_dim);
+    axis 0 of the grid is time, and `t0` is the absolute index of its first frame, so a streamed chunk of
+    frames t0 .. t0+T-1 gets exactly the rows of the whole clip's table.
     cos/sin tables are cached per (head_dim, theta, grid, device, dtype) in a module-level cache
     (not on the nn.Module, which torch.export would flag) and are always real tensors, so they
     become graph constants under export.
@@ -218,12 +230,13 @@ class Rope3D:
         self.h_pairs = rest // 2
         self.w_pairs = rest - self.h_pairs
 
-    def angles(self, grid: Grid) -> Tensor:
-        """(N, head_dim/2) rotation angles, float64, for every token of the grid (row-major t, h, w)."""
+    def angles(self, grid: Grid, t0: int = 0) -> Tensor:
+        """(N, head_dim/2) rotation angles, float64, for every token of the grid (row-major t, h, w);
+        frames are numbered from `t0`."""
         t, h, w = grid
         pos = torch.stack(
             torch.meshgrid(
-                torch.arange(t, dtype=torch.float64),
+                torch.arange(t0, t0 + t, dtype=torch.float64),
                 torch.arange(h, dtype=torch.float64),
                 torch.arange(w, dtype=torch.float64),
                 indexing="ij",
@@ -239,13 +252,14 @@ class Rope3D:
         return torch.cat(parts, dim=1)
 
     def tables(
-        self, grid: Grid, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        self, grid: Grid, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, t0: int = 0
     ) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (N, head_dim), duplicated over the two halves."""
-        return _rope_tables(self.head_dim, self.theta, tuple(int(g) for g in grid), torch.device(device), dtype)
+        grid = tuple(int(g) for g in grid)
+        return _rope_tables(self.head_dim, self.theta, grid, torch.device(device), dtype, int(t0))
 
-    def apply(self, x: Tensor, grid: Grid) -> Tensor:
-        cos, sin = self.tables(grid, x.device, x.dtype)
+    def apply(self, x: Tensor, grid: Grid, t0: int = 0) -> Tensor:
+        cos, sin = self.tables(grid, x.device, x.dtype, t0)
         half = self.head_dim // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # slicing, not chunk
         return x * cos + rot * sin
@@ -253,11 +267,11 @@ class Rope3D:
 
 @functools.lru_cache(maxsize=128)
 def _rope_tables(
-    head_dim: int, theta: float, grid: Grid, device: torch.device, dtype: torch.dtype
+    head_dim: int, theta: float, grid: Grid, device: torch.device, dtype: torch.dtype, t0: int = 0
 ) -> tuple[Tensor, Tensor]:
     # shared across modules: never modify the returned tables in place
     def build() -> tuple[Tensor, Tensor]:
-        a = Rope3D(head_dim, theta).angles(grid).repeat(1, 2)
+        a = Rope3D(head_dim, theta).angles(grid, t0).repeat(1, 2)
         return a.cos().to(device=device, dtype=dtype), a.sin().to(device=device, dtype=dtype)
 
     return _constant(build)
@@ -280,6 +294,56 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tenso
     return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
+# ----------------------------------------------------------------------------------------------
+# frame-causal masks and caches (video)
+# ----------------------------------------------------------------------------------------------
+
+
+def frame_causal_mask(
+    q_frames: int, q_frame_tokens: int, k_frames: int, k_frame_tokens: int, q_offset: int = 0
+) -> Tensor:
+    """(q_frames*q_frame_tokens, k_frames*k_frame_tokens) bool, True where the key's frame <= the query's.
+
+    Queries are frames q_offset .. q_offset+q_frames-1 and keys frames 0 .. k_frames-1, each frame a
+    contiguous run of tokens (row-major (T, H, W)); query and key frames may hold different token
+    counts (ASSA's compressed keys: a quarter per frame). Within a frame attention stays bidirectional.
+    """
+    fq = torch.arange(q_frames * q_frame_tokens) // q_frame_tokens + q_offset
+    fk = torch.arange(k_frames * k_frame_tokens) // k_frame_tokens
+    return fk.reshape(1, -1) <= fq.reshape(-1, 1)
+
+
+def _mask_to_bias(keep: Tensor, tile: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive 0 / -inf bias from a bool mask, tiled `tile` times along queries (folded GQA layout)."""
+    bias = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    return bias.repeat(tile, 1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(
+    q_frames: int, q_frame_tokens: int, k_frames: int, k_frame_tokens: int, q_offset: int, tile: int,
+    device: torch.device, dtype: torch.dtype,
+) -> Tensor:
+    def build() -> Tensor:
+        keep = frame_causal_mask(q_frames, q_frame_tokens, k_frames, k_frame_tokens, q_offset)
+        return _mask_to_bias(keep, tile, device, dtype)
+
+    return _constant(build)
+
+
+def _extend(cache: dict[str, Tensor], key: str, new: Tensor, past_tokens: int) -> Tensor:
+    """cat(cache[key], new) along tokens (dim 1); the cache must hold exactly `past_tokens` tokens."""
+    old = cache.get(key)
+    if old is None:
+        if past_tokens:
+            raise ValueError(f"cache has no {key!r} but the chunk starts after {past_tokens} past tokens")
+        return new
+    if old.shape[0] != new.shape[0] or old.shape[2:] != new.shape[2:] or old.shape[1] != past_tokens:
+        raise ValueError(f"cache {key!r} of shape {tuple(old.shape)} does not fit a chunk of shape "
+                         f"{tuple(new.shape)} after {past_tokens} past tokens")
+    return torch.cat([old, new], dim=1)
+
+
 class HeadNorm(nn.Module):
     """LayerNorm over head_dim with a learnable affine shared by all heads (width-independent)."""
 
@@ -299,10 +363,19 @@ class _Mixer(nn.Module):
     max_heads: int
     head_dim: int
     io_dim: int | None = None  # a pruned mixer reads/writes io_dim features but keeps fewer heads (with_io_dim)
+    causal: bool = False  # frame-causal mode (module doc); per instance, carried by sliced()
 
     @property
     def dim(self) -> int:
         return self.max_heads * self.head_dim
+
+    def _require_causal(self, cache: dict[str, Tensor], t0: int) -> None:
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__}.step needs causal mode (set causal=True): a bidirectional "
+                             "mixer cannot run chunk by chunk")
+        if t0 < 0 or (t0 and not cache) or (cache and not t0):
+            raise ValueError(f"{type(self).__name__}.step: t0={t0} does not match a cache with {len(cache)} entries "
+                             "(the first chunk has t0 = 0 and an empty cache)")
 
     def _heads(self, x: Tensor, heads: int | None) -> int:
         if self.io_dim is not None and self.io_dim != self.dim:
@@ -335,7 +408,8 @@ class Attention(_Mixer):
     """
 
     def __init__(
-        self, max_heads: int, head_dim: int, kv_group: int = 1, qk_norm: bool = True, rope: bool = True
+        self, max_heads: int, head_dim: int, kv_group: int = 1, qk_norm: bool = True, rope: bool = True,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if max_heads < 1 or head_dim < 1:
@@ -358,9 +432,10 @@ class Attention(_Mixer):
             self.q_norm = HeadNorm(head_dim)
             self.k_norm = HeadNorm(head_dim)
         self.rope = Rope3D(head_dim) if rope else None
+        self.causal = causal
 
     def _init_args(self) -> dict:
-        return dict(kv_group=self.kv_group, qk_norm=self.qk_norm, rope=self.use_rope)
+        return dict(kv_group=self.kv_group, qk_norm=self.qk_norm, rope=self.use_rope, causal=self.causal)
 
     def _kv_heads(self, heads: int) -> int:
         # assumption: with a head count that kv_group does not divide (e.g. 3 heads at width 0.75), the
@@ -379,8 +454,8 @@ class Attention(_Mixer):
         """The softmax core (a method so tests and profilers can hook it per instance)."""
         return attend(q, k, v, bias)
 
-    def project(self, x: Tensor, grid: Grid, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-        """q (B*heads, N, hd), k and v (B*kv_heads, N, hd); q and k normalised and rotated."""
+    def project(self, x: Tensor, grid: Grid, heads: int, t0: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B*heads, N, hd), k and v (B*kv_heads, N, hd); q and k normalised and rotated (frames from t0)."""
         kvh = self._kv_heads(heads)
         c = heads * self.head_dim
         ckv = kvh * self.head_dim
@@ -390,7 +465,7 @@ class Attention(_Mixer):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            q, k = self.rope.apply(q, grid), self.rope.apply(k, grid)
+            q, k = self.rope.apply(q, grid, t0), self.rope.apply(k, grid, t0)
         return q, k, v
 
     def _fold(self, q: Tensor) -> Tensor:
@@ -399,6 +474,8 @@ class Attention(_Mixer):
         return q.reshape(q.shape[0] // g, g * q.shape[1], q.shape[2])
 
     def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        if self.causal:
+            return self._causal_attention(x, grid, {}, 0, heads)[0]
         _check_grid(x, grid)
         h = self._heads(x, heads)
         q, k, v = self.project(x, grid, h)
@@ -408,6 +485,36 @@ class Attention(_Mixer):
             out = self.attend(self._fold(q), k, v)
         out = _merge_heads(out, x.shape[0], h)
         return _linear(out, self.o, x.shape[-1])  # = h * head_dim unless pruned (io_dim)
+
+    def step(
+        self, x: Tensor, grid: Grid, cache: dict[str, Tensor], t0: int = 0, heads: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal output of a chunk of frames t0.. and the cache extended by it (module doc)."""
+        self._require_causal(cache, t0)
+        return self._causal_attention(x, grid, cache, t0, heads)
+
+    def _causal_attention(
+        self, x: Tensor, grid: Grid, cache: dict[str, Tensor], t0: int, heads: int | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Block-causal attention of frames t0 .. t0+T-1 over the cached k/v of frames < t0 and their own.
+
+        The cache holds the normalised, rotated k and v (B*kv_heads, t0*H*W, hd): "kv.k", "kv.v".
+        """
+        _check_grid(x, grid)
+        h = self._heads(x, heads)
+        frames, per_frame = grid[0], grid[1] * grid[2]
+        q, k, v = self.project(x, grid, h, t0)
+        k = _extend(cache, "kv.k", k, t0 * per_frame)
+        v = _extend(cache, "kv.v", v, t0 * per_frame)
+        folded = h % self.kv_group == 0
+        bias = _causal_bias(frames, per_frame, t0 + frames, per_frame, t0, self.kv_group if folded else 1,
+                            x.device, x.dtype)
+        if folded:
+            out = self.attend(self._fold(q), k, v, bias)
+        else:
+            out = self.attend(q, self._repeat_kv(k, h), self._repeat_kv(v, h), bias)
+        out = _linear(_merge_heads(out, x.shape[0], h), self.o, x.shape[-1])
+        return out, {"kv.k": k, "kv.v": v}
 
     def sliced(self, heads: int) -> "Attention":
         new = type(self)(heads, self.head_dim, **self._init_args())
@@ -444,6 +551,36 @@ def _bna_bias(n: int, blocks: int, radius: int, tile: int, device: torch.device,
     return _constant(build)
 
 
+def bna_causal_mask(
+    q_frames: int, k_frames: int, frame_tokens: int, blocks: int, radius: int, q_offset: int = 0
+) -> Tensor:
+    """BNA in frame-causal mode: (q_frames*F, k_frames*F) bool for queries of frames q_offset.. and keys of frames 0...
+
+    Each frame's F tokens are cut into `blocks` equal blocks, numbered along the whole flattened
+    sequence; query block b sees key blocks b-radius .. b+radius that are not in a later frame.
+    # assumption: causal mode cuts blocks per frame (an image's blocks, whatever the clip length), so
+    # block boundaries do not move with the number of frames and a stream can be cut anywhere; for one
+    # frame it is exactly `bna_mask(F, blocks, radius)`. The non-causal op keeps cutting the whole clip.
+    """
+    size = frame_tokens // blocks
+    bq = (torch.arange(q_frames * frame_tokens) + q_offset * frame_tokens) // size
+    bk = torch.arange(k_frames * frame_tokens) // size
+    near = (bq.reshape(-1, 1) - bk.reshape(1, -1)).abs() <= radius
+    return near & frame_causal_mask(q_frames, frame_tokens, k_frames, frame_tokens, q_offset)
+
+
+@functools.lru_cache(maxsize=64)
+def _bna_causal_bias(
+    q_frames: int, k_frames: int, frame_tokens: int, blocks: int, radius: int, q_offset: int, tile: int,
+    device: torch.device, dtype: torch.dtype,
+) -> Tensor:
+    def build() -> Tensor:
+        keep = bna_causal_mask(q_frames, k_frames, frame_tokens, blocks, radius, q_offset)
+        return _mask_to_bias(keep, tile, device, dtype)
+
+    return _constant(build)
+
+
 class ASSA(Attention):
     """Adaptive sparse self-attention: KV-compressed global branch + blockwise neighbourhood branch.
 
@@ -458,6 +595,8 @@ class ASSA(Attention):
     # the rotated k (the paper gives Conv(k) with no RoPE detail).
     # assumption: for video, BNA blocks cut the flattened T*H*W sequence and the global branch
     # attends over the compressed tokens of all frames (SnapGen++ is image-only).
+    In causal mode both branches are frame-causal: the global branch's compressed keys are per frame
+    (the 2x2 conv is spatial), masked by frame; the local branch uses `bna_causal_mask`.
 
     `gate_override` (None or a float in [0, 1]) replaces w by a constant; for tests and ablations.
     """
@@ -471,10 +610,11 @@ class ASSA(Attention):
         bna_radius: int = 1,
         qk_norm: bool = True,
         rope: bool = True,
+        causal: bool = False,
     ) -> None:
         # assumption: defaults blocks=4, r=1 suit the toy 16x16-token grids; the paper uses b=16,
         # r=1 at 1024^2 (SnapGen++ §3.1) -- pass bna_blocks=16 to match it.
-        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope)
+        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope, causal=causal)
         if bna_blocks < 1 or bna_radius < 0:
             raise ValueError(f"ASSA: need bna_blocks >= 1 and bna_radius >= 0, got {bna_blocks}, {bna_radius}")
         if max_heads % kv_group:
@@ -496,6 +636,9 @@ class ASSA(Attention):
         t, h, w = grid
         if h % 2 or w % 2:
             raise ValueError(f"ASSA: the 2x2 stride-2 KV compression needs even H and W, got grid {tuple(grid)}")
+        if self.causal and (h * w) % self.bna_blocks:
+            raise ValueError(f"ASSA (causal): a frame's {h * w} tokens do not split into bna_blocks={self.bna_blocks} "
+                             "equal blocks")
         if (t * h * w) % self.bna_blocks:
             raise ValueError(f"ASSA: {t * h * w} tokens do not split into bna_blocks={self.bna_blocks} equal blocks")
 
@@ -524,11 +667,50 @@ class ASSA(Attention):
         return local, glob
 
     def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        if self.causal:
+            return self.step(x, grid, {}, 0, heads)[0]
         _check_grid(x, grid)
         self._check_assa_grid(grid)
         h = self._heads(x, heads)
-        b, n, c = x.shape
         local, glob = self.branches(x, grid, h)
+        return self._fuse(x, local, glob, h)
+
+    def step(
+        self, x: Tensor, grid: Grid, cache: dict[str, Tensor], t0: int = 0, heads: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal output of a chunk of frames t0.. and the cache extended by it (module doc).
+
+        The cache holds the rotated k, v ("kv.k", "kv.v") and their per-frame compressions ("kv.k_small",
+        "kv.v_small") of frames < t0.
+        # assumption: the local branch keeps every past frame's k/v, though only `bna_radius` blocks
+        # back are visible; a windowed cache is an optimisation left for the exported chunk program.
+        """
+        self._require_causal(cache, t0)
+        _check_grid(x, grid)
+        self._check_assa_grid(grid)
+        h = self._heads(x, heads)
+        b = x.shape[0]
+        frames, per_frame = grid[0], grid[1] * grid[2]
+        small = per_frame // 4
+        q, k, v = self.project(x, grid, h, t0)
+        k_small = self.compress(k, self.k_compress, b, grid)
+        v_small = self.compress(v, self.v_compress, b, grid)
+        k = _extend(cache, "kv.k", k, t0 * per_frame)
+        v = _extend(cache, "kv.v", v, t0 * per_frame)
+        k_small = _extend(cache, "kv.k_small", k_small, t0 * small)
+        v_small = _extend(cache, "kv.v_small", v_small, t0 * small)
+        qf = self._fold(q)
+        dev, dt, g = x.device, x.dtype, self.kv_group
+        local_bias = _bna_causal_bias(frames, t0 + frames, per_frame, self.bna_blocks, self.bna_radius, t0, g, dev, dt)
+        global_bias = _causal_bias(frames, per_frame, t0 + frames, small, t0, g, dev, dt)
+        local = self.attend(qf, k, v, local_bias)
+        glob = self.attend(qf, k_small, v_small, global_bias)
+        new = {"kv.k": k, "kv.v": v, "kv.k_small": k_small, "kv.v_small": v_small}
+        return self._fuse(x, local, glob, h), new
+
+    def _fuse(self, x: Tensor, local: Tensor, glob: Tensor, h: int) -> Tensor:
+        """Gate the two branches per token and head, then the output projection."""
+        b, n, c = x.shape
         if self.gate_override is not None:
             w = self.gate_override
             mixed = local * w + glob * (1.0 - w)
@@ -579,14 +761,96 @@ def linear_attention(
 
 
 def linear_attention_quadratic(
-    q_feat: Tensor, k_feat: Tensor, v: Tensor, q_rot: Tensor | None = None, k_rot: Tensor | None = None
+    q_feat: Tensor, k_feat: Tensor, v: Tensor, q_rot: Tensor | None = None, k_rot: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Reference O(L^2) form: y_i = sum_j (q_rot_i . k_rot_j) v_j / sum_j (q_feat_i . k_feat_j)."""
+    """Reference O(L^2) form: y_i = sum_j (q_rot_i . k_rot_j) v_j / sum_j (q_feat_i . k_feat_j).
+
+    `mask` (L, L) bool, if given, restricts both sums to the j with mask[i, j] (e.g. `frame_causal_mask`).
+    """
     qn = q_feat if q_rot is None else q_rot
     kn = k_feat if k_rot is None else k_rot
     a = torch.bmm(qn, kn.transpose(1, 2))
-    z = torch.bmm(q_feat, k_feat.transpose(1, 2)).sum(dim=-1, keepdim=True)
+    if mask is None:
+        z = torch.bmm(q_feat, k_feat.transpose(1, 2)).sum(dim=-1, keepdim=True)
+    else:
+        keep = mask.to(a.dtype)
+        a = a * keep
+        z = (torch.bmm(q_feat, k_feat.transpose(1, 2)) * keep).sum(dim=-1, keepdim=True)
     return torch.bmm(a, v) / z
+
+
+def causal_linear_attention(
+    q_feat: Tensor,
+    k_feat: Tensor,
+    v: Tensor,
+    frames: int,
+    q_rot: Tensor | None = None,
+    k_rot: Tensor | None = None,
+    state: tuple[Tensor, Tensor] | None = None,
+    past_frames: int = 0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Chunk-causal `linear_attention`: token i of frame t sums over the tokens of frames <= t only.
+
+        y_i = q_rot_i^T S_t / (q_feat_i^T z_t),  S_t = mean_{j in frames <= t} k_rot_j v_j^T,
+                                                  z_t = mean_{j in frames <= t} k_feat_j
+
+    on (G, L, d) features with L = frames * F tokens (F per frame). The means are those of
+    `linear_attention` (which this equals for one frame, up to rounding) taken over the prefix, so the
+    1/L trick against fp16 overflow still holds. `state` = (S, z) of the `past_frames` frames before
+    this chunk, (G, d, dv) and (G, d, 1); returns y and the state after the chunk's last frame -- a
+    recurrent state of constant size, S2DiT's streaming form [method.md §1.2 [I]].
+    Prefix means come from per-frame means mixed by one constant (frames, [1 +] frames) weight matrix
+    applied as a Linear over the frame axis (cumsum, or an mm with a constant left side, would leave
+    the XNNPACK delegate).
+    """
+    g, length, d = k_feat.shape
+    dv = v.shape[-1]
+    if frames < 1 or length % frames:
+        raise ValueError(f"causal_linear_attention: {length} tokens do not split into {frames} frames")
+    per_frame = length // frames
+    rows = g * frames
+    qn = q_feat if q_rot is None else q_rot
+    kn = k_feat if k_rot is None else k_rot
+    kv = torch.bmm(kn.reshape(rows, per_frame, d).transpose(1, 2), v.reshape(rows, per_frame, dv)) * (1.0 / per_frame)
+    k_mean = (k_feat.reshape(rows, per_frame, d).transpose(1, 2).reshape(rows, d, per_frame, 1)
+              .mean(dim=(2, 3), keepdim=True).reshape(rows, d, 1))
+    weights = _prefix_weights(frames, past_frames, state is not None, kv.device, kv.dtype)
+
+    def prefix(per_frame_mean: Tensor, past: Tensor | None) -> Tensor:
+        # (G*T, a, b) per-frame means -> (G*T, a, b) means over frames <= t (and the past frames)
+        a, b = per_frame_mean.shape[1], per_frame_mean.shape[2]
+        stacked = per_frame_mean.reshape(g, frames, a * b)
+        if past is not None:
+            stacked = torch.cat([past.reshape(g, 1, a * b), stacked], dim=1)
+        # frames last, then a Linear whose (constant) weight is the prefix matrix: XNNPACK delegates a
+        # linear with a static weight, not an mm with a constant left operand
+        mixed = F.linear(stacked.permute(0, 2, 1), weights)  # (G, a*b, T)
+        return mixed.permute(0, 2, 1).reshape(rows, a, b)
+
+    s_t = prefix(kv, None if state is None else state[0])
+    z_t = prefix(k_mean, None if state is None else state[1])
+    num = torch.bmm(qn.reshape(rows, per_frame, d), s_t)  # (G*T, F, dv)
+    den = torch.bmm(q_feat.reshape(rows, per_frame, d), z_t)  # (G*T, F, 1)
+    y = (num / (den + eps)).reshape(g, length, dv)
+    last_s = s_t.reshape(g, frames, d * dv)[:, frames - 1 :].reshape(g, d, dv)
+    last_z = z_t.reshape(g, frames, d)[:, frames - 1 :].reshape(g, d, 1)
+    return y, (last_s, last_z)
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_weights(frames: int, past_frames: int, with_past: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(frames, [1 +] frames): row a averages the past mean (weight t0 / (t0+a+1)) and frames 0..a (1 / (t0+a+1))."""
+
+    def build() -> Tensor:
+        count = torch.arange(frames, dtype=torch.float64) + past_frames + 1  # frames seen at chunk frame a
+        lower = torch.tril(torch.ones(frames, frames, dtype=torch.float64)) / count.reshape(-1, 1)
+        if with_past:
+            lower = torch.cat([(past_frames / count).reshape(-1, 1), lower], dim=1)
+        return lower.to(device=device, dtype=dtype)
+
+    return _constant(build)
 
 
 class LCHA(_Mixer):
@@ -606,12 +870,15 @@ class LCHA(_Mixer):
       then the output projection.
       # assumption: per-channel, static, convex gate (method.md §1.2 [I] default).
 
-    Not causal overall (the linear branch is bidirectional); the streaming prefix-sum form is future work.
+    The linear branch is bidirectional unless `causal`: then it is chunk-causal (`causal_linear_attention`,
+    a recurrent state per frame), which with the causal conv makes the op frame-causal; `step` carries the
+    state ("linear.kv", "linear.k") and the conv's last kt-1 input frames ("conv.x", (B, kt-1, C, H, W)).
     `gate_override` (None or a float in [0, 1]) replaces sigmoid(alpha) by a constant.
     """
 
     def __init__(
-        self, max_heads: int, head_dim: int, conv_kernel: tuple[int, int, int] = (3, 3, 3), rope: bool = True
+        self, max_heads: int, head_dim: int, conv_kernel: tuple[int, int, int] = (3, 3, 3), rope: bool = True,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         kt, kh, kw = conv_kernel
@@ -632,12 +899,15 @@ class LCHA(_Mixer):
         self.o = nn.Linear(dim, dim)
         self.rope = Rope3D(head_dim) if rope else None
         self.gate_override: float | None = None
+        self.causal = causal
 
     def features(self, t: Tensor) -> Tensor:
         """phi(RMSNorm(t)) = softplus(W RMSNorm(t) + b) > 0, on (..., head_dim)."""
         return softplus(self.phi(rms_norm(t)))
 
     def linear_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
+        if self.causal:
+            return self.causal_linear_branch(x, grid, heads, {}, 0)[0]
         c = heads * self.head_dim
         q = _split_heads(_linear(x, self.q, c), heads)
         k = _split_heads(_linear(x, self.k, c), heads)
@@ -648,12 +918,47 @@ class LCHA(_Mixer):
             qr, kr = self.rope.apply(qf, grid), self.rope.apply(kf, grid)
         return _merge_heads(linear_attention(qf, kf, v, qr, kr), x.shape[0], heads)
 
-    def conv_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
+    def causal_linear_branch(
+        self, x: Tensor, grid: Grid, heads: int, cache: dict[str, Tensor], t0: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The chunk-causal linear branch of frames t0.. after the cached state of frames < t0."""
+        c = heads * self.head_dim
+        q = _split_heads(_linear(x, self.q, c), heads)
+        k = _split_heads(_linear(x, self.k, c), heads)
+        v = _split_heads(_linear(x, self.v, c), heads)
+        qf, kf = self.features(q), self.features(k)
+        qr = kr = None
+        if self.rope is not None:
+            qr, kr = self.rope.apply(qf, grid, t0), self.rope.apply(kf, grid, t0)
+        state = None
+        if cache:
+            state = (cache["linear.kv"], cache["linear.k"])
+            if state[0].shape != (kf.shape[0], self.head_dim, self.head_dim):
+                raise ValueError(f"LCHA: cached linear state {tuple(state[0].shape)} does not fit {kf.shape[0]} "
+                                 f"batch x heads of head_dim {self.head_dim}")
+        y, (s, z) = causal_linear_attention(qf, kf, v, grid[0], qr, kr, state, t0)
+        return _merge_heads(y, x.shape[0], heads), {"linear.kv": s, "linear.k": z}
+
+    def conv_branch(self, x: Tensor, grid: Grid, heads: int, past: Tensor | None = None) -> Tensor:
+        """Causal depthwise conv + channel mix; `past` = the kt-1 input frames before x (zeros if None)."""
+        return self._conv(self._conv_input(x, grid, past), x, grid, heads)
+
+    def _conv_input(self, x: Tensor, grid: Grid, past: Tensor | None) -> Tensor:
+        """(B, kt-1+T, C, H, W): the kt-1 frames before the chunk (zeros at the clip start), then x's frames."""
+        b, n, c = x.shape
+        t, h, w = grid
+        kt = self.conv_kernel[0]
+        x5 = x.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
+        if past is None:
+            return F.pad(x5, (0, 0, 0, 0, 0, 0, kt - 1, 0))  # causal: kt-1 zero frames in the past only
+        if past.shape != (b, kt - 1, c, h, w):
+            raise ValueError(f"LCHA: cached conv frames {tuple(past.shape)} do not fit {(b, kt - 1, c, h, w)}")
+        return torch.cat([past, x5], dim=1)
+
+    def _conv(self, xp: Tensor, x: Tensor, grid: Grid, heads: int) -> Tensor:
         b, n, c = x.shape
         t, h, w = grid
         kt, kh, kw = self.conv_kernel
-        x5 = x.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
-        xp = F.pad(x5, (0, 0, 0, 0, 0, 0, kt - 1, 0))  # causal: kt-1 zero frames in the past only
         weight = _prefix(self.conv.weight, c)
         bias = _prefix(self.conv.bias, c)
         acc = None
@@ -665,11 +970,34 @@ class LCHA(_Mixer):
         return _linear(out, self.mix, heads * self.head_dim)  # = c unless pruned (io_dim)
 
     def forward(self, x: Tensor, grid: Grid, heads: int | None = None) -> Tensor:
+        if self.causal:
+            return self.step(x, grid, {}, 0, heads)[0]
         _check_grid(x, grid)
         h = self._heads(x, heads)
-        c = h * self.head_dim
         lin = self.linear_branch(x, grid, h)
         conv = self.conv_branch(x, grid, h)
+        return self._fuse(x, lin, conv, h)
+
+    def step(
+        self, x: Tensor, grid: Grid, cache: dict[str, Tensor], t0: int = 0, heads: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal output of a chunk of frames t0.. and the cache after it (module and class doc)."""
+        self._require_causal(cache, t0)
+        _check_grid(x, grid)
+        h = self._heads(x, heads)
+        lin, new = self.causal_linear_branch(x, grid, h, cache, t0)
+        kt = self.conv_kernel[0]
+        if cache and kt > 1 and "conv.x" not in cache:
+            raise ValueError("LCHA: the cache has no 'conv.x' frames for the causal conv")
+        xp = self._conv_input(x, grid, cache.get("conv.x") if kt > 1 else None)
+        conv = self._conv(xp, x, grid, h)
+        if kt > 1:
+            new["conv.x"] = xp[:, grid[0] :].clone()  # the last kt-1 input frames: the next chunk's past
+        return self._fuse(x, lin, conv, h), new
+
+    def _fuse(self, x: Tensor, lin: Tensor, conv: Tensor, h: int) -> Tensor:
+        """FusionGate mix of the branches, then the output projection."""
+        c = h * self.head_dim
         if self.gate_override is not None:
             s = self.gate_override
             mixed = lin * s + conv * (1.0 - s)
@@ -679,7 +1007,7 @@ class LCHA(_Mixer):
         return _linear(mixed, self.o, x.shape[-1])
 
     def sliced(self, heads: int) -> "LCHA":
-        new = LCHA(heads, self.head_dim, conv_kernel=self.conv_kernel, rope=self.use_rope)
+        new = LCHA(heads, self.head_dim, conv_kernel=self.conv_kernel, rope=self.use_rope, causal=self.causal)
         _copy_prefix_params(new, self)
         new.gate_override = self.gate_override
         return _like(new, self)
@@ -700,13 +1028,15 @@ class SSA(Attention):
     output upsampled after `o` -- the same function at 1/s^2 of the projection cost.
     # assumption: spatial stride only, average pooling down, nearest repetition up (S2DiT does not
     # publish the operators) [method.md §1.3]; QK-norm acts on the pooled q, k.
-    stride=1 is exactly Attention.
+    stride=1 is exactly Attention. Pooling is spatial only, so frames survive it: in causal mode the
+    block-causal mask applies over the pooled grid and `step` caches the pooled k, v [method.md §1.3 [I]].
     """
 
     def __init__(
-        self, max_heads: int, head_dim: int, stride: int = 2, kv_group: int = 1, qk_norm: bool = True, rope: bool = True
+        self, max_heads: int, head_dim: int, stride: int = 2, kv_group: int = 1, qk_norm: bool = True,
+        rope: bool = True, causal: bool = False,
     ) -> None:
-        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope)
+        super().__init__(max_heads, head_dim, kv_group=kv_group, qk_norm=qk_norm, rope=rope, causal=causal)
         if stride < 1:
             raise ValueError(f"SSA: stride must be >= 1, got {stride}")
         self.stride = stride  # assumption: s = 2 (4x fewer tokens) by default [method.md §1.3 [I]]
@@ -725,6 +1055,21 @@ class SSA(Attention):
         xs, small = _downsample_avg(x, grid, s)
         y = super().forward(xs, small, heads)
         return _upsample_nearest(y, small, s)
+
+    def step(
+        self, x: Tensor, grid: Grid, cache: dict[str, Tensor], t0: int = 0, heads: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal output of a chunk of frames t0.. and the pooled-k/v cache extended by it."""
+        s = self.stride
+        if s == 1:
+            return super().step(x, grid, cache, t0, heads)
+        self._require_causal(cache, t0)
+        _check_grid(x, grid)
+        if grid[1] % s or grid[2] % s:
+            raise ValueError(f"SSA: grid {tuple(grid)} has H or W not divisible by stride {s}")
+        xs, small = _downsample_avg(x, grid, s)
+        y, new = self._causal_attention(xs, small, cache, t0, heads)
+        return _upsample_nearest(y, small, s), new
 
 
 # ----------------------------------------------------------------------------------------------
