@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--tolerance-pct", type=float, default=None,
                         help="agreement tolerance instead of the measured seed spread (with --spread-archs 0)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--truth-from", type=Path, default=None,
+                        help="reuse the standalone truth and proxy losses of an earlier run's JSON (same archs): "
+                             "levers only; the rerank, which needs the 500-step proxy, is then not scored")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.time()
@@ -141,6 +144,17 @@ def main() -> None:
     queue = [{**base, "kind": "lever", "name": n, "lever": LEVERS[n][0], "folder": str(args.work / "levers" / n)}
              for n in order] + queue
     done: dict[str, dict] = {}
+    if args.truth_from:  # standalone training is deterministic: an earlier run's truth and proxy are these runs'
+        earlier = read_json(args.truth_from, missing="pass a JSON this benchmark wrote", damaged="")
+        if earlier.get("archs") != {n: str(a) for n, a in archs.items()}:
+            parser.error(f"--truth-from {args.truth_from} scored other archs; use the same --archs/--arch-seed")
+        proxy_values = (earlier.get(f"proxy{args.proxy_steps}") or {}).get("values", {})
+        for n in names:
+            curve = {str(truth_steps): {"ema": earlier["standalone"][n]}}
+            if n in proxy_values:
+                curve[str(args.proxy_steps)] = {"ema": proxy_values[n]}
+            done[f"proxy:{n}:None"] = {"curve": curve}
+        queue = [q for q in queue if q["kind"] == "lever"]
 
     def value(name: str, steps: int, seed=None) -> float | None:
         r = done.get(f"proxy:{name}:{seed}")

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ditnas.arch import Arch, SearchSpace
-from ditnas.config import RunConfig, dump_config
+from ditnas.config import RunConfig, config_from_dict, dump_config
 from ditnas.data import BatchSampler, DatasetSplit, load_split
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
@@ -269,9 +269,11 @@ def load_grafted(model: ElasticDiT, path: Path, cfg: RunConfig, space: SearchSpa
         raise DitnasError(f"train.init {path} is not a grafted supernet ({GRAFTED_NAME} from `ditnas graft`); "
                           "to continue a training run, pass its folder as --out with --resume")
     here = cfg.to_dict()
+    # through the typed config: a field added since the graft compares at its default
+    stored = config_from_dict(state["config"], where=f"{path}:config").to_dict()
     for section in ("model", "space"):
-        if state["config"][section] != here[section]:
-            diff = sorted(k for k in here[section] if state["config"][section].get(k) != here[section][k])
+        if stored[section] != here[section]:
+            diff = sorted(k for k in here[section] if stored[section].get(k) != here[section][k])
             raise DitnasError(f"train.init {path} was grafted with another {section} config (differs in {diff}); "
                               "graft again with this config")
     load_weights(model, state["model"], path)

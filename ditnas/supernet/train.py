@@ -254,7 +254,8 @@ class Trainer:
     def restore(self, path: Path) -> None:
         state = torch_load(path)
         check_checkpoint(state, path)
-        if state["config"]["model"] != self.cfg.to_dict()["model"] or state["config"]["space"] != self.cfg.to_dict()["space"]:
+        stored = config_from_dict(state["config"], where=f"{path}:config").to_dict()  # new fields at their defaults
+        if stored["model"] != self.cfg.to_dict()["model"] or stored["space"] != self.cfg.to_dict()["space"]:
             raise DitnasError(
                 f"checkpoint {path} was trained with another model/space config; use a new --out or the same config"
             )
