@@ -1,6 +1,7 @@
-"""Supernet training: sandwich rule + in-place distillation + ground-truth flow loss on every subnet.
+"""Supernet training: max + sampled subnets + in-place distillation + ground-truth flow loss on every subnet.
 
-One step (SnapGen++ Eqs. 4-5 with BigNAS's sandwich rule):
+One step (SnapGen++ Eqs. 4-5; the subnets per `train.sampler`, default max + 2 uniform random since the
+sandwich rule's every-step `min` was measured to skew the search's quality signal, docs/training.md):
   1. one shared batch (x0, eps, t, y); the max arch gets the flow-matching loss;
   2. each sampled subnet s gets   L_diff(s) + lambda_d * ||v_s - sg(v_max)||^2;
   3. gradients of all of them accumulate into ONE optimizer step; EMA of the weights follows.
