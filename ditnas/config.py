@@ -49,6 +49,9 @@ class ModelConfig:
     ssa_stride: int = 2  # assumption: S2DiT's stride is not public; 2 gives 4x fewer tokens
     lcha_kernel: tuple[int, int, int] = (3, 3, 3)  # assumption: S2DiT's kernel is not public
     gqa_group: int = 2  # query heads per KV head for the `gqa` op
+    # frame-causal token mixers (video streaming, supernet/streaming.py): frames never attend to later frames;
+    # a no-op on still images (T = 1). Train, extract and sample a model in the mode it will stream in
+    causal: bool = False
 
 
 @dataclass(frozen=True)

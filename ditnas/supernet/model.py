@@ -307,6 +307,8 @@ class ElasticDiT(_Trunk):
         self.final = nn.Linear(dim, patch_in)
         nn.init.zeros_(self.final.weight)  # DiT: zero-init output layer
         nn.init.zeros_(self.final.bias)
+        if cfg.causal:  # model.causal: train, extract (the flag is copied) and rebuild from checkpoints causal
+            self.set_causal(True)
 
     # ----- sizes -----------------------------------------------------------------------------
     def heads_for(self, width: float) -> int:

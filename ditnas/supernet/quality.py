@@ -100,16 +100,25 @@ def evaluate_quality(
     seed: int = 0,
     shift: float = 1.0,
 ) -> dict[str, float]:
-    """label_accuracy (with CFG), fd (without CFG, vs real train images) and the real-vs-real fd_floor."""
+    """label_accuracy (with CFG), fd (without CFG, vs real train images) and the real-vs-real fd_floor.
+
+    Clips (T > 1) are judged frame by frame: accuracy and FD over all frames (the judge trained on frames,
+    video_quality.judge_split), the floor at the same number of frames."""
     num_classes = split.num_classes
     shape = tuple(split.train_x.shape[1:])
     labels = torch.arange(n_label) % num_classes
     guided = generate(fn, labels, shape, steps=steps, cfg_scale=cfg_scale, null_label=num_classes, seed=seed, shift=shift)
-    accuracy = evaluate_samples(judge, guided, labels)["label_accuracy"]
     fd_labels = torch.from_numpy(np.random.default_rng(seed).integers(0, num_classes, n_fd))
     free = generate(fn, fd_labels, shape, steps=steps, cfg_scale=1.0, null_label=num_classes, seed=seed + 1, shift=shift)
+    frames = shape[1]
+    if frames > 1:  # clips: the still-image judge scores every frame (ditnas/video_quality.py)
+        from ditnas.video_quality import frames_of, judge_split
+
+        guided, labels = frames_of(guided)[:, :, None], labels.repeat_interleave(frames)
+        free, split = frames_of(free)[:, :, None], judge_split(split)
+    accuracy = evaluate_samples(judge, guided, labels)["label_accuracy"]
     reference = split.train_x
     fd = evaluate_samples(judge, free, None, reference)["fd"]
-    floor = real_fd_floor(judge, split, n_fd, seed)
+    floor = real_fd_floor(judge, split, n_fd * frames, seed)
     return {"label_accuracy": float(accuracy), "fd": float(fd), "fd_floor": float(floor), "n_label": n_label, "n_fd": n_fd,
             "steps": steps, "cfg_scale": cfg_scale}

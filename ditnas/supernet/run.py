@@ -91,7 +91,10 @@ def reference_quality(ema: torch.nn.Module, cfg: RunConfig, split, judge_dir: Pa
     from ditnas.judge import load_or_train_judge
     from ditnas.supernet.quality import evaluate_quality
 
-    judge = load_or_train_judge(split, judge_dir, seed=0, progress=progress)
+    from ditnas.video_quality import judge_split
+
+    # clips (moving digits): the still-image judge is trained on, and scores, single frames
+    judge = load_or_train_judge(judge_split(split), judge_dir, seed=0, progress=progress)
     quality = {name: evaluate_quality(velocity_fn(ema, arch), judge, split, steps=cfg.sample.steps,
                                       cfg_scale=cfg.sample.cfg_scale, shift=cfg.sample.time_shift,
                                       n_fd=cfg.train.eval_samples, n_label=max(1, cfg.train.eval_samples // 2))
