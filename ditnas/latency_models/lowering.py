@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,7 @@ def lower(
     etrecord: bool = True,
     constant_prop: bool = True,
     what: str = "program",
+    graph_edits: tuple[Callable[[Any], Any], ...] = (),
 ) -> Lowered:
     """Lower `module` at `inputs` (static shapes) with the recipe of `backend`.
 
@@ -197,6 +199,10 @@ def lower(
 
     `constant_prop=False` exists only so tests can show what the recipe prevents; such a program's
     sidecar names another recipe and `check_recipe` refuses it.
+
+    `graph_edits` (a hook for callers whose graphs need it, e.g. compress/export_stream.py): functions
+    ExportedProgram -> ExportedProgram applied right after export, before constprop. They must not
+    change what the program computes; their names are recorded in the sidecar's recipe ("graph_edits").
     """
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
@@ -214,6 +220,10 @@ def lower(
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DitnasError(f"{what}: torch.export failed ({first}); the module must take tensors only and have "
                           "no data-dependent control flow") from None
+    for edit in graph_edits:
+        ep = edit(ep)
+    if graph_edits:
+        recipe["graph_edits"] = [getattr(e, "__name__", type(e).__name__) for e in graph_edits]
     if constant_prop:
         ep = constant_prop_pass(ep)
     partitioner = _partitioner(backend)

@@ -212,8 +212,11 @@ class LatencyPredictor:
     generation: GenerationPricing = field(default_factory=GenerationPricing)
     _cache: dict[Cell, Priced] = field(default_factory=dict, repr=False)
     _groups: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict, repr=False)
+    _profiled_latent: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
+        # the latent the table's cells were timed at (its manifest's space, else the space priced)
+        self._profiled_latent = tuple((self.table.space or self.space).latent)
         cells = self.table.cell_rows()
         self._groups = {(k, o): g.reset_index(drop=True) for (k, o), g in cells.groupby(["kind", "op"], sort=True)}
 
@@ -346,7 +349,22 @@ class LatencyPredictor:
         return Priced(cell, p50, p50 * reg.p10_ratio, p50 * reg.p90_ratio, "regressed", f"{_group_name(cell.kind, cell.op)} regressor (n={reg.n})")
 
     def _cells(self, arch: Arch) -> list[Cell]:
+        self.check_frames(arch)
         return cells_for_arch(self.space, arch)
+
+    def check_frames(self, arch: Arch) -> None:
+        """Refuse a video arch (T > 1 latent frames) on a table profiled on images (T = 1).
+
+        Its cells were timed at one frame's tokens, so they would price a clip as one frame."""
+        profiled = self._profiled_latent
+        if arch.latent[1] > 1 and profiled[1] == 1:
+            shape = "x".join(str(v) for v in arch.latent)
+            table = "x".join(str(v) for v in profiled)
+            raise DitnasError(
+                f"arch {arch.key()} is a video arch (latent {shape}, T={arch.latent[1]} frames) but latency table "
+                f"{self.table.root or '(in memory)'} was profiled on images (latent {table}, T=1); profile a table "
+                f"with the video latent {shape} (or price streaming with compress.export_stream.stream_fps_host)"
+            )
 
     def predict_detail(self, arch: Arch) -> pd.DataFrame:
         """Per-cell breakdown: cell fields, p10/p50/p90 and `source` (measured | interpolated | regressed)."""
