@@ -239,6 +239,7 @@ def main() -> None:
                 "compute_budget_subnet_steps": DEFAULT_SEARCH_TRIALS * args.proxy_steps,
                 "compute_budget_rule": f"proxy over a default search: {DEFAULT_SEARCH_TRIALS} trials x {args.proxy_steps} steps",
                 "levers": rows, f"proxy{args.proxy_steps}": proxy,
+                "truth_from": str(args.truth_from) if args.truth_from else None,
                 "wall_seconds": round(time.time() - started, 1),
                 "machine": {**machine("torch"), "loadavg_at_start": load_at_start, "threads_per_job": 1, "jobs": args.jobs}}
 
