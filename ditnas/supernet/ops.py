@@ -905,23 +905,8 @@ class LCHA(_Mixer):
         """phi(RMSNorm(t)) = softplus(W RMSNorm(t) + b) > 0, on (..., head_dim)."""
         return softplus(self.phi(rms_norm(t)))
 
-    def linear_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
-        if self.causal:
-            return self.causal_linear_branch(x, grid, heads, {}, 0)[0]
-        c = heads * self.head_dim
-        q = _split_heads(_linear(x, self.q, c), heads)
-        k = _split_heads(_linear(x, self.k, c), heads)
-        v = _split_heads(_linear(x, self.v, c), heads)
-        qf, kf = self.features(q), self.features(k)
-        qr = kr = None
-        if self.rope is not None:
-            qr, kr = self.rope.apply(qf, grid), self.rope.apply(kf, grid)
-        return _merge_heads(linear_attention(qf, kf, v, qr, kr), x.shape[0], heads)
-
-    def causal_linear_branch(
-        self, x: Tensor, grid: Grid, heads: int, cache: dict[str, Tensor], t0: int
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The chunk-causal linear branch of frames t0.. after the cached state of frames < t0."""
+    def _linear_inputs(self, x: Tensor, grid: Grid, heads: int, t0: int = 0) -> tuple[Tensor, ...]:
+        """phi(q), phi(k), v per head and the RoPE-rotated phi(q), phi(k) (None without RoPE), frames from t0."""
         c = heads * self.head_dim
         q = _split_heads(_linear(x, self.q, c), heads)
         k = _split_heads(_linear(x, self.k, c), heads)
@@ -930,6 +915,18 @@ class LCHA(_Mixer):
         qr = kr = None
         if self.rope is not None:
             qr, kr = self.rope.apply(qf, grid, t0), self.rope.apply(kf, grid, t0)
+        return qf, kf, v, qr, kr
+
+    def linear_branch(self, x: Tensor, grid: Grid, heads: int) -> Tensor:
+        if self.causal:
+            return self.causal_linear_branch(x, grid, heads, {}, 0)[0]
+        return _merge_heads(linear_attention(*self._linear_inputs(x, grid, heads)), x.shape[0], heads)
+
+    def causal_linear_branch(
+        self, x: Tensor, grid: Grid, heads: int, cache: dict[str, Tensor], t0: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The chunk-causal linear branch of frames t0.. after the cached state of frames < t0."""
+        qf, kf, v, qr, kr = self._linear_inputs(x, grid, heads, t0)
         state = None
         if cache:
             state = (cache["linear.kv"], cache["linear.k"])
