@@ -53,7 +53,7 @@ from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.io import atomic_torch_save, atomic_write_text, torch_load
 from ditnas.supernet.flow import time_grid
 from ditnas.supernet.model import ChunkStep, SubDiT
-from ditnas.supernet.streaming import StreamCache, Streamer
+from ditnas.supernet.streaming import StreamCache, Streamer, check_streamable
 from ditnas.video_data import check_chunking
 
 CHECKPOINT = "video_checkpoint.pt"
@@ -115,12 +115,7 @@ class VideoDistillConfig:
 # ----------------------------------------------------------------------------------------------
 def check_models(teacher: SubDiT, student: SubDiT, split: DatasetSplit | None, chunk: int) -> None:
     """The pair must denoise the same clips; the student must be causal; the chunk must divide the clip."""
-    if not isinstance(student, SubDiT):
-        raise DitnasError(f"the student must be an extracted sub-DiT (ElasticDiT.extract / load_subnet), got "
-                          f"{type(student).__name__}")
-    if not student.causal:
-        raise DitnasError(f"student {student.arch.key()} is not frame-causal: it cannot stream; call "
-                          "student.set_causal(True) (or train its supernet with model.causal=true) before distilling")
+    check_streamable(student, "student")
     if tuple(teacher.arch.latent) != tuple(student.arch.latent):
         raise DitnasError(f"the teacher's latent shape {tuple(teacher.arch.latent)} differs from the student's "
                           f"{tuple(student.arch.latent)} (C, T, H, W); distil between models of the same clips")

@@ -119,16 +119,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_streamable(model: object, role: str = "model") -> None:
+    """Streaming (and training to stream) needs an extracted, frame-causal sub-DiT."""
+    if not isinstance(model, SubDiT):
+        raise DitnasError(f"streaming runs an extracted model (ElasticDiT.extract or load_subnet), got "
+                          f"{type(model).__name__} as the {role}; extract the arch first")
+    if not model.causal:
+        raise DitnasError(f"{role} {model.arch.key()} is not frame-causal: its attention sees future frames, so it "
+                          "cannot stream; train it with model.causal=true or call set_causal(True) first")
+
+
 class Streamer:
     """Runs a frame-causal, extracted `SubDiT` on chunks of `chunk` latent frames with caches."""
 
     def __init__(self, model: SubDiT, chunk: int) -> None:
-        if not isinstance(model, SubDiT):
-            raise DitnasError(f"streaming runs an extracted model (ElasticDiT.extract or load_subnet), got "
-                              f"{type(model).__name__}; extract the arch first")
-        if not model.causal:
-            raise DitnasError(f"model {model.arch.key()} is not frame-causal: its attention sees future frames, so it "
-                              "cannot stream; train it in causal mode and call model.set_causal(True) before streaming")
+        check_streamable(model)
         if int(chunk) != chunk or chunk < 1:
             raise DitnasError(f"chunk size must be a whole number of latent frames >= 1, got {chunk!r}")
         self.model = model
