@@ -32,16 +32,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ditnas.arch import Arch, SearchSpace
-from ditnas.config import RunConfig, config_from_dict, dump_config
+from ditnas.arch import Arch
+from ditnas.config import RunConfig, dump_config
 from ditnas.data import BatchSampler, DatasetSplit, load_split
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_torch_save, file_sha256, torch_load, write_json
+from ditnas.io import atomic_torch_save, file_sha256, write_json
 from ditnas.supernet.flow import mse
 from ditnas.supernet.model import ElasticDiT
-from ditnas.supernet.train import CHECKPOINT_FORMAT, Trainer, build_space, build_supernet, flow_batch, load_weights
+from ditnas.supernet.train import (
+    CHECKPOINT_FORMAT,
+    GRAFTED_KIND,
+    GRAFTED_NAME,
+    Trainer,
+    build_space,
+    build_supernet,
+    flow_batch,
+)
 
-GRAFTED_NAME = "grafted.pt"
 GRAFT_FORMAT = 1
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -244,7 +251,7 @@ def graft_supernet(cfg: RunConfig, out: Path, *, split: DatasetSplit | None = No
     # a supernet checkpoint at step 0 (load_supernet reads it: `ditnas search --checkpoint grafted.pt` scores
     # layouts on the grafted ops alone, Grafting's graft-and-score); no optimiser state: train.init starts fresh
     atomic_torch_save(path, {
-        "format": CHECKPOINT_FORMAT, "kind": "ditnas.grafted", "graft_format": GRAFT_FORMAT, "config": cfg.to_dict(),
+        "format": CHECKPOINT_FORMAT, "kind": GRAFTED_KIND, "graft_format": GRAFT_FORMAT, "config": cfg.to_dict(),
         "space": space.to_dict(), "data_fingerprint": split.fingerprint(), "step": 0, "model": weights, "ema": weights,
     })
     dump_config(cfg, out / "config.yaml")
@@ -257,23 +264,3 @@ def graft_supernet(cfg: RunConfig, out: Path, *, split: DatasetSplit | None = No
     }
     write_json(out / "graft.json", manifest)
     return manifest
-
-
-def load_grafted(model: ElasticDiT, path: Path, cfg: RunConfig, space: SearchSpace) -> None:
-    """Start `model` from a grafted.pt (train.init); it must be of this model and space config."""
-    path = Path(path)
-    if not path.is_file():
-        raise DitnasError(f"train.init {path} does not exist; run `ditnas graft --out DIR` and pass DIR/{GRAFTED_NAME}")
-    state = torch_load(path)
-    if not isinstance(state, dict) or state.get("kind") != "ditnas.grafted":
-        raise DitnasError(f"train.init {path} is not a grafted supernet ({GRAFTED_NAME} from `ditnas graft`); "
-                          "to continue a training run, pass its folder as --out with --resume")
-    here = cfg.to_dict()
-    # through the typed config: a field added since the graft compares at its default
-    stored = config_from_dict(state["config"], where=f"{path}:config").to_dict()
-    for section in ("model", "space"):
-        if stored[section] != here[section]:
-            diff = sorted(k for k in here[section] if stored[section].get(k) != here[section][k])
-            raise DitnasError(f"train.init {path} was grafted with another {section} config (differs in {diff}); "
-                              "graft again with this config")
-    load_weights(model, state["model"], path)

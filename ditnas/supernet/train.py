@@ -43,6 +43,7 @@ from ditnas.supernet.model import ElasticDiT
 SAMPLERS = ("uniform", "sandwich", "attentive")
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+GRAFTED_NAME, GRAFTED_KIND = "grafted.pt", "ditnas.grafted"  # a step-0 checkpoint `ditnas graft` writes
 
 
 def build_space(cfg: RunConfig, split: DatasetSplit) -> SearchSpace:
@@ -151,9 +152,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # weight init, on the CPU: the same start on every device and rank
         self.model = build_supernet(cfg, self.space)
         if tc.init:  # a grafted start (graft.py); a resumed checkpoint overwrites it in restore()
-            from ditnas.supernet.graft import load_grafted
-
-            load_grafted(self.model, Path(tc.init), cfg, self.space)
+            load_grafted(self.model, Path(tc.init), cfg)
         self.model.to(self.device)
         self.null_label = self.space.num_classes
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -308,6 +307,27 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path)
         )
         raise DitnasError(f"checkpoint {path} does not match the model ({first}); use the config it was trained with")
     model.load_state_dict(weights)
+
+
+def load_grafted(model: ElasticDiT, path: Path, cfg: RunConfig) -> None:
+    """Start `model` from a grafted.pt (train.init, written by supernet/graft.py); it must be of this
+    model and space config."""
+    path = Path(path)
+    if not path.is_file():
+        raise DitnasError(f"train.init {path} does not exist; run `ditnas graft --out DIR` and pass DIR/{GRAFTED_NAME}")
+    state = torch_load(path)
+    if not isinstance(state, dict) or state.get("kind") != GRAFTED_KIND:
+        raise DitnasError(f"train.init {path} is not a grafted supernet ({GRAFTED_NAME} from `ditnas graft`); "
+                          "to continue a training run, pass its folder as --out with --resume")
+    here = cfg.to_dict()
+    # through the typed config: a field added since the graft compares at its default
+    stored = config_from_dict(state["config"], where=f"{path}:config").to_dict()
+    for section in ("model", "space"):
+        if stored[section] != here[section]:
+            diff = sorted(k for k in here[section] if stored[section].get(k) != here[section][k])
+            raise DitnasError(f"train.init {path} was grafted with another {section} config (differs in {diff}); "
+                              "graft again with this config")
+    load_weights(model, state["model"], path)
 
 
 def load_supernet(path: Path, *, use_ema: bool = True) -> tuple[ElasticDiT, RunConfig, dict]:
