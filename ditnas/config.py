@@ -453,6 +453,9 @@ class ExportConfig:
     # unrolled: all `steps` calls in one program (noise, y) -> x0; fastest: export both, time both on
     # this host's runtime, ship the faster (the manifest records both times and why)
     sampler: str = "fastest"
+    # clips from a frame-causal student: also export the streaming chunk programs (compress/export_stream.py),
+    # one .pte per chunk position of `stream_chunk` latent frames, into <out>/stream/; 0 = off
+    stream_chunk: int = 0
 
     def check(self) -> ExportConfig:
         if self.sampler not in EXPORT_SAMPLERS:
@@ -480,6 +483,9 @@ class ExportConfig:
             raise ConfigFieldError("compress.export.parity_rtol", f"{self.parity_rtol:g} must be > 0")
         if self.threads < 1:
             raise ConfigFieldError("compress.export.threads", f"{self.threads} must be >= 1")
+        if self.stream_chunk < 0:
+            raise ConfigFieldError("compress.export.stream_chunk", f"{self.stream_chunk} must be >= 0 latent frames "
+                                   "(0 = no streaming programs)")
         return self
 
 

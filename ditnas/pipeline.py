@@ -222,6 +222,14 @@ def cheapest_generation_ms(table: Any, predictor: Any, steps: int, guidance: str
     return float(predictor.generation.generation_ms(per_step, steps, guidance))
 
 
+def clip_latency_note(latent: Any) -> str:
+    """What a latency of a video space is: the whole clip's programs (T*H*W tokens per call), not streaming."""
+    c, t, h, w = (int(v) for v in latent)
+    if t <= 1:
+        return ""
+    return f"; whole clip of {t} frames per denoiser call ({c}x{t}x{h}x{w} latents), not per-chunk streaming"
+
+
 def run_pipeline(cfg: RunConfig, out: Path, *, progress: bool = True, log: Log = print,
                  stop_after: str | None = None) -> dict[str, Any]:
     """Run (or continue) every stage on `cfg` into the run folder `out`; returns run.json's content."""
@@ -337,7 +345,8 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
                 "metrics": {"budget_ms": budget,
                             "budget_source": f"cheapest arch + {BUDGET_FRACTION:g} x (max net {source} - cheapest)"
                             if cfg.search.budget_ms is None else "search.budget_ms",
-                            "max_net_ms": reference, "cheapest_ms": cheapest, "latency_definition": m["latency_definition"],
+                            "max_net_ms": reference, "cheapest_ms": cheapest,
+                            "latency_definition": m["latency_definition"] + clip_latency_note(table.space.latent),
                             "trials": m["trials_total"], "pareto_size": m["pareto_size"]}}
 
     records["search"] = run.stage("search", {**_section(cfg, "search"), "budget_ms": budget,
@@ -441,10 +450,23 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
         # the student was trained on time_grid(student_steps, distill.shift): ship exactly that sampler
         export_cfg = replace(cfg.compress.export, steps=cfg.compress.distill.student_steps,
                              time_shift=cfg.compress.distill.shift)
-        m = export_subnet(export_cfg, Path(records["distill"]["outputs"]["subnet"]), folder, name="student")
-        return {"outputs": {"pte": str(folder / m["artifact"])}, "metrics": m.get("metrics", {})}
+        student = Path(records["distill"]["outputs"]["subnet"])
+        m = export_subnet(export_cfg, student, folder, name="student")
+        outputs, metrics = {"pte": str(folder / m["artifact"])}, dict(m.get("metrics", {}))
+        if cfg.compress.export.stream_chunk:  # clips: also the chunk programs a phone streams with
+            from ditnas.compress.export_stream import export_stream_programs
+            from ditnas.supernet.extract import load_subnet
 
-    records["export"] = run.stage("export", {**_section(cfg, "compress.export"), "distill": records["distill"].get("fingerprint")},
+            sub = load_subnet(student).eval()
+            s = export_stream_programs(sub, cfg.compress.export.stream_chunk, int(sub.arch.latent[1]), folder / "stream")
+            outputs["stream"] = str(folder / "stream")
+            metrics["stream_programs"] = s["metrics"]["programs"]
+        return {"outputs": outputs, "metrics": metrics}
+
+    # stream_chunk = 0 (off) is left out of the inputs: run folders from before the field keep their export
+    export_inputs = {k: v for k, v in _section(cfg, "compress.export").items()
+                     if k != "compress.export.stream_chunk" or v}
+    records["export"] = run.stage("export", {**export_inputs, "distill": records["distill"].get("fingerprint")},
                                   export)
     if done("export"):
         return run.manifest

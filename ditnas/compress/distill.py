@@ -333,8 +333,14 @@ EVAL_SEED = 4321  # assumption: one fixed noise seed for every distilled student
 def evaluate_student(model: torch.nn.Module, cfg: DistillConfig, split: DatasetSplit, judge_cache: Path) -> dict:
     from ditnas.judge import evaluate_samples, load_or_train_judge
 
-    judge = load_or_train_judge(split, judge_cache, progress=False)
+    from ditnas.video_quality import frames_of, judge_split
+
+    frames_split = judge_split(split)  # clips (T > 1): the judge scores every frame, as the quality stage does
+    judge = load_or_train_judge(frames_split, judge_cache, progress=False)
     labels = torch.arange(cfg.eval_samples) % split.num_classes
-    x = sample_student(model, cfg.student_steps, cfg.shift, labels, tuple(split.latent_shape), EVAL_SEED)
-    scores = evaluate_samples(judge, x.cpu(), labels, split.val_x)
+    x = sample_student(model, cfg.student_steps, cfg.shift, labels, tuple(split.latent_shape), EVAL_SEED).cpu()
+    frames = int(split.latent_shape[1])
+    if frames > 1:  # each frame carries its clip's label (video_quality.judge_split)
+        x, labels = frames_of(x)[:, :, None], labels.repeat_interleave(frames)
+    scores = evaluate_samples(judge, x, labels, frames_split.val_x)
     return {"steps": cfg.student_steps, "n": cfg.eval_samples, "fd": scores["fd"], "label_accuracy": scores["label_accuracy"]}

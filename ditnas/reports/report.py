@@ -223,13 +223,26 @@ def curves_figure(frame: pd.DataFrame, columns: list[str], title: str) -> str:
     return _fig_to_img(fig)
 
 
+def save_samples(x: Any, out: Path, per_class: int) -> Path:
+    """Class-major samples as a PNG: a grid of `per_class` columns for images; for clips (N, C, T, H, W), T > 1,
+    a frame strip (video_quality.save_frame_strip) of each class's first clip, one row per class, a frame a column."""
+    from ditnas.supernet.quality import save_grid
+
+    if x.dim() == 5 and x.shape[2] > 1:
+        from ditnas.video_quality import save_frame_strip
+
+        firsts = x[::per_class]
+        return save_frame_strip(firsts, out, max_clips=firsts.shape[0])
+    return save_grid(x, out, nrow=per_class)
+
+
 def subnet_grid(folder: Path, out: Path, steps: int, cfg_scale: float) -> str:
     """Samples of every class from an extracted / pruned / distilled subnet (eager, `steps` Euler steps);
     the PNG is kept and redrawn only when the subnet file is newer."""
     import torch
 
     from ditnas.supernet.extract import SUBNET_NAME, load_subnet
-    from ditnas.supernet.quality import generate, save_grid
+    from ditnas.supernet.quality import generate
 
     source = folder / SUBNET_NAME
     if not (out.is_file() and source.is_file() and out.stat().st_mtime >= source.stat().st_mtime):
@@ -239,7 +252,7 @@ def subnet_grid(folder: Path, out: Path, steps: int, cfg_scale: float) -> str:
         with torch.no_grad():
             x = generate(sub, labels, tuple(sub.arch.latent), steps=steps, cfg_scale=cfg_scale,
                          null_label=classes, seed=0)
-        save_grid(x, out, nrow=4)
+        save_samples(x, out, per_class=4)
     return _png(out)
 
 
@@ -248,15 +261,16 @@ def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
     import torch
 
     from ditnas.compress.export import generate_from_pte
-    from ditnas.supernet.quality import save_grid
 
     images, timings = [], []
     for label in range(10):
         imgs, timing = generate_from_pte(pte, label=label, n=4, seed=label)
         images.append(imgs)
         timings.append(timing["median_ms"])
-    grid = save_grid(torch.cat(images), out, nrow=4)
-    return _png(grid), {"median_ms_per_image": sorted(timings)[len(timings) // 2], "steps": timing["steps"]}
+    samples = torch.cat(images)
+    grid = save_samples(samples, out, per_class=4)
+    per = "clip" if samples.dim() == 5 and samples.shape[2] > 1 else "image"  # a clip's frames come from one call
+    return _png(grid), {"median_ms_per_image": sorted(timings)[len(timings) // 2], "steps": timing["steps"], "per": per}
 
 
 # ----- the document -------------------------------------------------------------------------------
@@ -317,6 +331,24 @@ def latency_figures(stages: dict[str, Any], table_root: Path) -> list[dict[str, 
     return rows
 
 
+def clip_note(table_root: Path) -> str:
+    """For a video run (latent T > 1): the clip shape, and that every latency priced is the whole clip's."""
+    manifest = table_root / "table.json"
+    if not manifest.is_file():
+        return ""
+    try:
+        space = (read_json(manifest, missing="", damaged="") or {}).get("space") or {}
+    except DitnasError:
+        return ""  # the latency section says what is wrong with the table
+    shape = space.get("latent") or []
+    if len(shape) != 4 or int(shape[1]) <= 1:
+        return ""
+    c, t, h, w = (int(v) for v in shape)
+    return (f"<p>Data: video clips, (C, T, H, W) = ({c}, {t}, {h}, {w}). Every latency here is of the whole clip "
+            f"(one call denoises all {t} frames), not the per-chunk time of streaming; samples show each clip as a "
+            "frame strip (a row per clip, a column per frame).</p>")
+
+
 def write_report(run_dir: Path) -> Path:
     """Write `<run_dir>/report.html` from the run's artifacts; returns its path."""
     run_dir = Path(run_dir)
@@ -328,6 +360,7 @@ def write_report(run_dir: Path) -> Path:
     parts.append("<h2>Stages</h2>" + _table([{"stage": k, "status": v.get("status"), "wall s": v.get("wall_s"),
                                              "redone because": "; ".join(v.get("redone_because", []))}
                                             for k, v in stages.items()]))
+    parts.append(clip_note(Path(((stages.get("profile") or {}).get("outputs") or {}).get("table", run_dir / "profile" / "table"))))
     search = stages.get("search", {})
     best = (search.get("outputs") or {}).get("best")
     budget = (search.get("metrics") or {}).get("budget_ms")
@@ -386,7 +419,7 @@ def write_report(run_dir: Path) -> Path:
         try:
             img, timing = student_grid(Path(pte), run_dir / "report_student.png")
             grids.append(f"<figure>{img}<figcaption>{timing['steps']}-step student from the .pte on the ExecuTorch runtime "
-                         f"({timing['median_ms_per_image']:.3g} ms per image, 1 thread, this host)</figcaption></figure>")
+                         f"({timing['median_ms_per_image']:.3g} ms per {timing['per']}, 1 thread, this host)</figcaption></figure>")
         except DitnasError as exc:
             grids.append(f"<p>student samples unavailable: {html.escape(str(exc))}</p>")
     parts.append("<h2>Samples</h2><div class='grid'>" + ("".join(grids) or "<p><i>none yet</i></p>") + "</div>")
