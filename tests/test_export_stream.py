@@ -46,6 +46,11 @@ def _causal_sub(seed: int = 0, arch: str = ARCH):
     return model.eval().set_causal(True).extract(SPACE.parse(arch)).eval()
 
 
+# the programs these tests share take ~40 s to lower: slow (the default run stays under ~15 min);
+# tests/test_video_run.py (slow too) exports chunk programs through the pipeline
+SLOW = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     sub = _causal_sub()
@@ -60,6 +65,7 @@ def _clip(seed: int):
 
 
 @torch.no_grad()
+@SLOW
 def test_every_chunk_program_equals_the_eager_streamer_step(exported):
     sub, _, manifest, programs = exported
     streamer = Streamer(sub, CHUNK)
@@ -83,6 +89,7 @@ def test_every_chunk_program_equals_the_eager_streamer_step(exported):
 
 
 @torch.no_grad()
+@SLOW
 def test_streamed_generation_on_the_runtime_equals_the_eager_one(exported):
     sub, folder, _, programs = exported
     noise, y = _clip(2)
@@ -113,6 +120,7 @@ def _brute_force_generation(streamer: Streamer, noise, y, steps: int):
     return torch.cat(chunks, dim=2)
 
 
+@SLOW
 def test_every_program_is_one_delegate_and_only_the_label_lookup_stays_outside(exported):
     _, folder, manifest, _ = exported
     for entry in manifest["stream"]["programs"]:
@@ -128,6 +136,7 @@ def test_every_program_is_one_delegate_and_only_the_label_lookup_stays_outside(e
         assert read_sidecar(folder / entry["file"])["recipe"]["graph_edits"] == ["drop_noop_aliases"]
 
 
+@SLOW
 def test_manifest_names_the_cache_tensors_their_shapes_the_chunk_and_the_fingerprint(exported):
     sub, folder, manifest, _ = exported
     on_disk = json.loads((folder / "manifest.json").read_text())
@@ -160,6 +169,7 @@ def test_non_causal_model_is_refused(tmp_path):
         export_stream_programs(sub, CHUNK, FRAMES, tmp_path)
 
 
+@SLOW
 def test_cache_of_another_program_and_bad_noise_are_refused(exported):
     _, _, _, programs = exported
     clip, y = _clip(3)
