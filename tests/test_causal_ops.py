@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tensor_helpers import randomize, tokens
+
 from ditnas.arch import SearchSpace
 from ditnas.config import ModelConfig
 from ditnas.supernet.model import ElasticDiT
@@ -36,16 +38,7 @@ N = GRID[0] * PER_FRAME
 OP_CASES = [("sa", None), ("sa", 2), ("gqa", None), ("gqa", 3), ("assa", None), ("lcha", None), ("ssa", None)]
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module
-
-
-def _x(b: int, n: int, c: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed))
+_randomize, _x = randomize, tokens  # tests/tensor_helpers.py
 
 
 def _op(name: str, causal: bool) -> torch.nn.Module:

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tensor_helpers import randomize, tokens
+
 from ditnas.supernet.ops import (
     ASSA,
     LCHA,
@@ -31,17 +33,7 @@ from ditnas.supernet.ops import (
 HD = 8  # head_dim used throughout: small but gives RoPE 1 t-pair, 1 h-pair, 2 w-pairs
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
-    """Perturb every parameter (norm affines and gates included) so no slice is trivially 0 or 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module
-
-
-def _x(b: int, n: int, c: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed))
+_randomize, _x = randomize, tokens  # tests/tensor_helpers.py
 
 
 def _heads4(t: torch.Tensor, heads: int) -> torch.Tensor:
