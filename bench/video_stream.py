@@ -24,7 +24,7 @@ import torch
 from common import machine, report
 
 from ditnas.arch import SearchSpace
-from ditnas.compress.export_stream import stream_fps_host, stream_generate_eager
+from ditnas.latency_models.stream_programs import stream_fps_host, stream_generate_eager
 from ditnas.config import ModelConfig
 from ditnas.console import quiet_third_party
 from ditnas.latency_models.generation import time_generation

@@ -338,8 +338,9 @@ SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "s
                 "search.storage": "--storage", "search.sampler": "--sampler", "search.dp_seeds": "--seeds",
                 "search.memory_mb": "--memory-mb", "search.seed": "--seed", "search.quality": "--quality",
                 "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads",
-                "search.fidelity_archs": "--fidelity", "search.rerank_top": "--rerank-top"}
-SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads"))},  # set by --set in a sweep
+                "search.fidelity_archs": "--fidelity", "search.rerank_top": "--rerank-top",
+                "search.stream_chunk": "--stream-chunk", "search.target_fps": "--target-fps"}
+SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads", "search.stream", "search.target"))},  # set by --set in a sweep
                "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
 
@@ -363,6 +364,8 @@ def search(
     quality_steps: Annotated[Optional[int], typer.Option(help="training steps per arch of the proxy / finetune signal (search.quality_steps, default 200)")] = None,
     fidelity: Annotated[Optional[int], typer.Option(help="train this many of the search's archs standalone and report how the quality signal ranks them (search.fidelity_archs; 0 = off, each costs a training run)")] = None,
     rerank_top: Annotated[Optional[int], typer.Option(help="train the best N feasible archs in successive-halving rungs (search.rerank_steps) and pick by the trained loss (search.rerank_top; 0 = pick by the signal)")] = None,
+    stream_chunk: Annotated[Optional[int], typer.Option(help="clips: price ONE STREAMED CLIP, this many latent frames per chunk, one --steps value per chunk; needs a table profiled with latency.stream_chunk (search.stream_chunk)")] = None,
+    target_fps: Annotated[Optional[float], typer.Option(help="streaming budget in latent frames per second (budget = frames / FPS); with --stream-chunk, instead of --budget-ms (search.target_fps)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -375,7 +378,8 @@ def search(
              "search.storage": storage, "search.sampler": sampler, "search.dp_seeds": seeds,
              "search.memory_mb": memory_mb, "search.seed": seed, "search.quality": quality,
              "search.quality_steps": quality_steps, "search.guidance": guidance, "search.threads": threads,
-             "search.fidelity_archs": fidelity, "search.rerank_top": rerank_top}
+             "search.fidelity_archs": fidelity, "search.rerank_top": rerank_top,
+             "search.stream_chunk": stream_chunk, "search.target_fps": target_fps}
     with field_flags(SEARCH_FLAGS):
         cfg = load_run_config(config, overrides, flags).search
         bar = progress_bar(progress)

@@ -177,6 +177,15 @@ class LatencyConfig:
     # `ditnas profile ingest`-style op breakdowns. The ETRecord is ~30% of each lowering (measured: a block
     # 8.3 s with it, 5.7 s without); the table and the predictor never read either
     op_events: bool = True
+    # clips: also price streaming (latency_models/stream_latency.py): every block at every chunk position of a
+    # clip streamed `stream_chunk` latent frames at a time (stream_block cells), and whole streams of the
+    # calibration models timed at each of `stream_steps` denoising steps per chunk; 0 = off
+    stream_chunk: int = 0
+    stream_steps: tuple[int, ...] = (1, 4)  # two step counts: the calibration separates per-call from per-clip costs
+    # chunk positions whose stream_block cells are timed: all, or ends (first and last; the predictor interpolates
+    # the others linearly in the cached frames, which is how attention over a cache grows)
+    stream_positions: str = "all"
+    stream_models: int = 3  # calibration archs (the first of latency.models') whose chunk programs are exported and streamed
 
     def check(self) -> LatencyConfig:
         if self.models < 0:
@@ -196,6 +205,14 @@ class LatencyConfig:
             raise ConfigFieldError("latency.generation_iters", f"{self.generation_iters} must be >= 1")
         if self.workers < 0:
             raise ConfigFieldError("latency.workers", f"{self.workers} must be >= 0 (0 = one per core)")
+        if self.stream_chunk < 0:
+            raise ConfigFieldError("latency.stream_chunk", f"{self.stream_chunk} must be >= 0 (0 = no streaming cells)")
+        if self.stream_positions not in ("all", "ends"):
+            raise ConfigFieldError("latency.stream_positions", f"{self.stream_positions!r}: choose all or ends")
+        if self.stream_models < 0:
+            raise ConfigFieldError("latency.stream_models", f"{self.stream_models} must be >= 0")
+        if not self.stream_steps or min(self.stream_steps) < 1:
+            raise ConfigFieldError("latency.stream_steps", f"{list(self.stream_steps)}: give step counts >= 1")
         return self
 
 
@@ -235,6 +252,11 @@ class SearchConfig:
     # per step, as `ditnas sample --cfg-scale 2` runs); a table without measured cfg generations refuses cfg
     guidance: str = "none"
     threads: int | None = None  # the thread count the budget is for; None = the table's (a mismatch is refused)
+    # clips: search streamed generation instead of whole-clip calls (latency_models/stream_latency.py). The latency
+    # priced is one clip streamed `stream_chunk` latent frames at a time, `steps` (one value) denoiser calls per chunk
+    # + one commit; `target_fps` (latent frames per second) sets the budget: budget_ms = frames / target_fps x 1000
+    stream_chunk: int = 0
+    target_fps: float | None = None
 
     def check(self) -> SearchConfig:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
@@ -274,9 +296,33 @@ class SearchConfig:
             raise ConfigFieldError("search.guidance", f"unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigFieldError("search.threads", f"{self.threads} must be >= 1")
+        self._check_stream()
         return self
 
-    def needs_budget(self) -> float:
+    def _check_stream(self) -> None:
+        if self.stream_chunk < 0:
+            raise ConfigFieldError("search.stream_chunk", f"{self.stream_chunk} must be >= 0 (0 = price whole-clip calls)")
+        if self.target_fps is not None:
+            if not (math.isfinite(self.target_fps) and self.target_fps > 0):
+                raise ConfigFieldError("search.target_fps", f"{self.target_fps:g}: give a positive frames-per-second target")
+            if not self.stream_chunk:
+                raise ConfigFieldError("search.target_fps", "is a streaming target: set search.stream_chunk (latent frames "
+                                       "per chunk) too, or give search.budget_ms for whole-clip generation")
+            if self.budget_ms is not None:
+                raise ConfigFieldError("search.target_fps", f"and search.budget_ms={self.budget_ms:g} both set the budget; "
+                                       "give one")
+        if self.stream_chunk:
+            if len(set(self.steps)) != 1:
+                raise ConfigFieldError("search.steps", f"{list(self.steps)}: a streaming search prices one step count per "
+                                       "chunk; give one value (e.g. [4])")
+            if self.guidance != "none":
+                raise ConfigFieldError("search.guidance", f"{self.guidance!r}: streamed chunks are priced without guidance "
+                                       "(the streaming student is distilled); use none")
+
+    def needs_budget(self, frames: int | None = None) -> float:
+        """The budget of one whole generation in ms; a streaming target FPS is converted with the clip's `frames`."""
+        if self.target_fps is not None and frames is not None:
+            return frames / float(self.target_fps) * 1000.0
         if self.budget_ms is None:
             raise ConfigFieldError("search.budget_ms", "missing: give the latency budget of one whole generation in ms")
         return float(self.budget_ms)
@@ -379,9 +425,12 @@ class KDConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Step distillation to a few-step student (compress/dmd.py, compress/adversarial.py)."""
+    """Step distillation to a few-step student (compress/dmd.py, compress/adversarial.py; video_2in1:
+    compress/video_distill.py, clips only)."""
 
-    method: str = "kdmd"  # kd | kdmd | adversarial
+    # kd | kdmd | adversarial | video_2in1 (S2DiT's 2-in-1 distillation into a 4-step frame-causal streaming student;
+    # clips only; `ditnas run`'s distill stage -- its fields below, the shared ones as for kdmd)
+    method: str = "kdmd"
     student_steps: int = 4  # SnapGen++ / Taming: 4 steps
     steps: int = 1000  # generator updates
     batch_size: int = 64
@@ -405,6 +454,19 @@ class DistillConfig:
     teacher_kd_steps: int = 200  # assumption: regression steps of ξ'
     teacher_pairs: int = 512  # assumption: (noise, ODE solution) pairs generated once for ξ'
     teacher_substeps: int = 7  # assumption: Euler steps per student interval (7 x 4 = the teacher's 28)
+    # video_2in1 only (compress/video_distill.py VideoDistillConfig, same defaults; the shared fields above map
+    # onto it: steps, student_steps, batch_size, lr, critic_lr, critic_updates, cfg_scale, shift, teacher_substeps,
+    # checkpoint_every, seed)
+    chunk: int = 1  # latent frames per streamed chunk (assumption: 1 = frame-by-frame streaming)
+    kd_steps: int = 200  # stage (a): KD into the causal student; 0 = the student is already KD-trained and causal
+    kd_lr: float = 5e-4  # stage (a) rate, as compress.kd.lr
+    kd_lambda_out: float = 1.0  # stage (a) output-KD weight (SnapGen++ Eq. 8 weights are [NF]; 1 assumed)
+    kd_lambda_feat: float = 0.0  # assumption: stage (a) output KD only; > 0 adds kd.py's final-feature term
+    stream_loss: str = "regression"  # stage (b) loss: regression (to the teacher's ODE solution) | dmd
+    regression_pairs: int = 0  # regression: 0 = solve the teacher's ODE per batch; N = a pool of N pairs solved once
+    class_dropout: float = 0.1  # stage (a): CFG label dropout, as train.class_dropout
+    grad_clip: float = 10.0  # stage (b): DMD2 SDXL grad-norm clip 10
+    gap_clips: int = 32  # fixed-noise clips the teacher gap (student stream vs teacher ODE) is measured on
 
     def check(self) -> DistillConfig:
         if self.ttur_mode not in ("dmd2", "exclusive"):
@@ -424,14 +486,22 @@ class DistillConfig:
         for name in ("cfg_scale", "lambda_out", "lambda_feat"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be a finite number >= 0")
-        if self.method not in DISTILL_METHODS:
-            raise ConfigFieldError("compress.distill.method", f"unknown {self.method!r}; choose one of {', '.join(DISTILL_METHODS)}")
-        for name in ("student_steps", "batch_size", "critic_updates", "disc_blocks", "checkpoint_every"):
+        methods = (*DISTILL_METHODS, "video_2in1")  # video_2in1: the pipeline's distill stage only (clips)
+        if self.method not in methods:
+            raise ConfigFieldError("compress.distill.method", f"unknown {self.method!r}; choose one of {', '.join(methods)}")
+        if self.stream_loss not in ("regression", "dmd"):
+            raise ConfigFieldError("compress.distill.stream_loss", f"unknown {self.stream_loss!r}; choose regression or dmd")
+        for name in ("student_steps", "batch_size", "critic_updates", "disc_blocks", "checkpoint_every", "chunk",
+                     "gap_clips"):
             if getattr(self, name) < 1:
                 raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name)} must be >= 1")
-        if self.steps < 0:
-            raise ConfigFieldError("compress.distill.steps", f"{self.steps} must be >= 0")
-        for name in ("lr", "critic_lr"):
+        for name in ("steps", "kd_steps", "regression_pairs"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name)} must be >= 0")
+        for name in ("kd_lambda_out", "kd_lambda_feat", "class_dropout", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be a finite number >= 0")
+        for name in ("lr", "critic_lr", "kd_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigFieldError(f"compress.distill.{name}", f"{getattr(self, name):g} must be > 0")
         return self
@@ -453,7 +523,7 @@ class ExportConfig:
     # unrolled: all `steps` calls in one program (noise, y) -> x0; fastest: export both, time both on
     # this host's runtime, ship the faster (the manifest records both times and why)
     sampler: str = "fastest"
-    # clips from a frame-causal student: also export the streaming chunk programs (compress/export_stream.py),
+    # clips from a frame-causal student: also export the streaming chunk programs (latency_models/stream_programs.py),
     # one .pte per chunk position of `stream_chunk` latent frames, into <out>/stream/; 0 = off
     stream_chunk: int = 0
 

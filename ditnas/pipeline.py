@@ -157,7 +157,7 @@ class Run:
 def damaged_outputs(outputs: dict[str, Any]) -> list[str]:
     """Why a finished stage's recorded outputs can no longer be used: a path gone, a file whose sha256
     changed (`<key>_sha256` beside it), a compression folder whose manifest's file hashes fail."""
-    from ditnas.compress.manifest import MANIFEST, check_files
+    from ditnas.manifest import MANIFEST, check_files
 
     why = []
     for key, value in outputs.items():
@@ -222,10 +222,11 @@ def cheapest_generation_ms(table: Any, predictor: Any, steps: int, guidance: str
     return float(predictor.generation.generation_ms(per_step, steps, guidance))
 
 
-def clip_latency_note(latent: Any) -> str:
-    """What a latency of a video space is: the whole clip's programs (T*H*W tokens per call), not streaming."""
+def clip_latency_note(latent: Any, streamed: bool = False) -> str:
+    """What a latency of a video space is: the whole clip's programs (T*H*W tokens per call), unless the search
+    priced streaming (its definition then says so itself)."""
     c, t, h, w = (int(v) for v in latent)
-    if t <= 1:
+    if t <= 1 or streamed:
         return ""
     return f"; whole clip of {t} frames per denoiser call ({c}x{t}x{h}x{w} latents), not per-chunk streaming"
 
@@ -324,15 +325,24 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
 
     # ----- 3. search --------------------------------------------------------------------------
     from ditnas.latency_models.stage import load_predictor
+    from ditnas.latency_models.stream_latency import measured_stream_ms, search_predictor
 
     table, predictor = load_predictor(table_root)
     steps = cfg.search.sorted_steps[0]
     max_arch = table.space.max_arch()
-    reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
+    if cfg.search.stream_chunk:  # clips streamed chunk by chunk: every latency below is one streamed clip
+        predictor = search_predictor(predictor, table_root, cfg.search.stream_chunk, steps)
+        measured = measured_stream_ms(predictor, max_arch)
+        reference, source = (measured, "measured") if measured is not None else (predictor.predict(max_arch), "predicted")
+    else:
+        reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
     cheapest = cheapest_generation_ms(table, predictor, steps, cfg.search.guidance)
     top = max(reference, 1.1 * cheapest)  # a measured max net can undercut the predicted cheapest arch
-    budget = cfg.search.budget_ms or cheapest + BUDGET_FRACTION * (top - cheapest)
-    search_cfg = replace(cfg.search, budget_ms=float(budget))
+    if cfg.search.target_fps is not None:
+        budget = cfg.search.needs_budget(frames=table.space.latent[1])
+    else:
+        budget = cfg.search.budget_ms or cheapest + BUDGET_FRACTION * (top - cheapest)
+    search_cfg = replace(cfg.search, budget_ms=float(budget), target_fps=None)
 
     def search(folder: Path) -> dict[str, Any]:
         from ditnas.search.stage import run_search
@@ -346,7 +356,7 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
                             "budget_source": f"cheapest arch + {BUDGET_FRACTION:g} x (max net {source} - cheapest)"
                             if cfg.search.budget_ms is None else "search.budget_ms",
                             "max_net_ms": reference, "cheapest_ms": cheapest,
-                            "latency_definition": m["latency_definition"] + clip_latency_note(table.space.latent),
+                            "latency_definition": m["latency_definition"] + clip_latency_note(table.space.latent, bool(cfg.search.stream_chunk)),
                             "trials": m["trials_total"], "pareto_size": m["pareto_size"]}}
 
     records["search"] = run.stage("search", {**_section(cfg, "search"), "budget_ms": budget,
@@ -384,6 +394,10 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
         from ditnas.compress.prune import prune_subnet
 
         per_step = predictor.generation.per_step_budget(budget, steps, cfg.search.guidance)
+        if cfg.search.stream_chunk:
+            # assumption: the pruner prices whole-clip calls; a streamed clip's budget is handed to it as the same
+            # fraction of the chosen arch's whole-clip call (the two scale together: the same cells at fewer tokens)
+            per_step = load_predictor(table_root)[1].predict(arch) * budget / predicted
         # the pruner stops at a predicted budget; on this host's own table the result is also timed (~1 min)
         m = prune_subnet(replace(cfg.compress.prune, budget_ms=per_step), cfg.compress.kd, chosen, table_root, folder,
                          data_cfg=cfg.data, progress=log, measure=cfg.latency.backend == "executorch-xnnpack")
@@ -431,6 +445,8 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
 
     # ----- 7. step distillation to a few-step student -------------------------------------------
     def distill(folder: Path) -> dict[str, Any]:
+        if cfg.compress.distill.method == "video_2in1":
+            return distill_video_stage(cfg, folder, teacher, Path(records["kd"]["outputs"]["subnet"]), judge_cache, log)
         from ditnas.compress.distill import distill_steps
 
         # the quality stage's judge: the same network (data + seed), trained once per run
@@ -438,8 +454,7 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
                           data_cfg=cfg.data, judge_cache=judge_cache)
         return {"outputs": {"subnet": str(folder)}, "metrics": m.get("metrics", {})}
 
-    records["distill"] = run.stage("distill", {**_section(cfg, "compress.distill"), "kd": records["kd"].get("fingerprint")},
-                                   distill)
+    records["distill"] = run.stage("distill", {**distill_inputs(cfg), "kd": records["kd"].get("fingerprint")}, distill)
     if done("distill"):
         return run.manifest
 
@@ -454,7 +469,7 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
         m = export_subnet(export_cfg, student, folder, name="student")
         outputs, metrics = {"pte": str(folder / m["artifact"])}, dict(m.get("metrics", {}))
         if cfg.compress.export.stream_chunk:  # clips: also the chunk programs a phone streams with
-            from ditnas.compress.export_stream import export_stream_programs
+            from ditnas.latency_models.stream_programs import export_stream_programs
             from ditnas.supernet.extract import load_subnet
 
             sub = load_subnet(student).eval()
@@ -481,6 +496,49 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
     run.save()
     log(f"[report] {html}")
     return run.manifest
+
+
+# the distill stage's video_2in1 method (`_run_stages` calls these; module level so tests run the stage alone)
+# video_2in1's own fields, left out of the other methods' inputs: their run folders stay reusable
+VIDEO_DISTILL_FIELDS = ("chunk", "kd_steps", "kd_lr", "kd_lambda_out", "kd_lambda_feat", "stream_loss",
+                        "regression_pairs", "class_dropout", "grad_clip", "gap_clips")
+
+
+def distill_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The compress.distill fields the distill stage's fingerprint holds (the KD stage's is added to them)."""
+    video = cfg.compress.distill.method == "video_2in1"
+    return {k: v for k, v in _section(cfg, "compress.distill").items()
+            if video or k.rsplit(".", 1)[1] not in VIDEO_DISTILL_FIELDS}
+
+
+def distill_video_stage(cfg: RunConfig, folder: Path, teacher: Path, student: Path, judge_cache: Path,
+                        log: Log = print) -> dict[str, Any]:
+    """compress.distill.method video_2in1: S2DiT's 2-in-1 distillation (compress/video_distill.py) of the KD
+    stage's `student` into a 4-step frame-causal streaming student. `<folder>/subnet.pt` is it in the extract
+    format (what export and the report read); the stage record is run.json's {outputs, metrics}."""
+    from ditnas.compress.video_distill import distill_video, video_config
+    from ditnas.data import load_split
+    from ditnas.errors import ConfigFieldError
+
+    split = load_split(cfg.data)
+    if len(split.latent_shape) != 4 or int(split.latent_shape[1]) <= 1:
+        raise ConfigFieldError("compress.distill.method", f"video_2in1 distils a streaming student of clips, but data "
+                               f"{cfg.data.source!r} gives still images (latent {tuple(split.latent_shape)}, T = 1); "
+                               "choose kdmd or adversarial, or clip data (data.source: moving_digits)")
+    # The teacher is the run's max net as trained. S2DiT's teacher is bidirectional; a run with
+    # model.causal=false gives exactly that (and the student is made causal here: make_causal).
+    # assumption: with model.causal=true the teacher stays causal -- it was trained never to see later frames, so
+    # set_causal(False) on it would be a model nobody trained; the metrics record teacher_causal. The KD stage
+    # already ran output/feature KD from the same teacher, so stage (a) (compress.distill.kd_steps) mainly adapts
+    # a bidirectional student to causal attention.
+    line = _line_progress(log, "distill")
+    m = distill_video(video_config(cfg.compress.distill), teacher, student, split, folder,
+                      progress=lambda done, total, record: line(done, total, record["phase"]),
+                      make_causal=True, eval_samples=cfg.compress.distill.eval_samples, judge_cache=judge_cache)
+    metrics = dict(m["metrics"])
+    # flat teacher gaps (MSE of the streamed student to the teacher's ODE solution): the report's metric table
+    metrics.update(**metrics["before"], **metrics["after"], method="video_2in1", teacher_causal=m["teacher_causal"])
+    return {"outputs": {"subnet": str(folder)}, "metrics": metrics}
 
 
 def _line_progress(log: Log, phase: str) -> Callable[[int, int, str], None]:

@@ -8,7 +8,7 @@ import pytest
 from cli_helpers import run
 from test_compress_kd import one_thread, shared_env  # noqa: F401 -- fixtures shared with the KD tests
 
-from ditnas.compress.manifest import read_manifest
+from ditnas.manifest import read_manifest
 from ditnas.supernet.extract import load_subnet
 
 
@@ -66,7 +66,7 @@ def test_bad_inputs_are_one_clear_error(env, tmp_path, capsys):
 
 def test_export_ships_the_time_grid_a_student_was_distilled_on(tmp_path):
     from ditnas.compress.export import student_sampler
-    from ditnas.compress.manifest import write_manifest
+    from ditnas.manifest import write_manifest
     from ditnas.config import ExportConfig
 
     (tmp_path / "subnet.pt").write_bytes(b"x")

@@ -28,7 +28,7 @@ from ditnas.compress.dmd import (
     trajectory_pairs,
     x0_from_v,
 )
-from ditnas.compress.manifest import check_files, read_manifest
+from ditnas.manifest import check_files, read_manifest
 from ditnas.config import DistillConfig, load_config
 from ditnas.data import load_dataset
 from ditnas.errors import DitnasError

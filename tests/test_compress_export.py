@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ditnas.arch import SearchSpace
 from ditnas.compress.export import artifact_name, export_subnet, generate_from_pte
-from ditnas.compress.manifest import read_manifest
+from ditnas.manifest import read_manifest
 from ditnas.config import ExportConfig, ModelConfig, RunConfig
 from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.io import atomic_torch_save

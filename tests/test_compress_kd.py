@@ -21,7 +21,7 @@ from ditnas.compress.kd import (
     kd_terms,
     projector_for,
 )
-from ditnas.compress.manifest import read_manifest
+from ditnas.manifest import read_manifest
 from ditnas.config import KDConfig, load_config
 from ditnas.data import load_dataset
 from ditnas.errors import DitnasError

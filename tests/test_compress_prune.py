@@ -17,7 +17,7 @@ from test_compress_kd import shared_env
 
 from ditnas.arch import Slot
 from ditnas.compress.kd import read_subnet_record
-from ditnas.compress.manifest import read_manifest
+from ditnas.manifest import read_manifest
 from ditnas.compress.prune import (
     KDProbe,
     PruneMask,

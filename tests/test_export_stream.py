@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ditnas.arch import SearchSpace
-from ditnas.compress.export_stream import (
+from ditnas.latency_models.stream_programs import (
     KIND,
     StreamPrograms,
     export_stream_programs,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ditnas.compress.manifest import read_manifest
+from ditnas.manifest import read_manifest
 
 pytest.importorskip("executorch")
 

@@ -9,7 +9,7 @@ student as a `student_steps`-step generator and writes into `out`:
 - `few_step_teacher.pt` ξ' of Eq. 10 (trajectory KD of the teacher, see dmd.py), built once, reused on resume;
 - `metrics.jsonl`  one line per iteration (critic loss, generator loss, grad norm, ...);
 - `losses.png`     those curves;
-- `manifest.json`  kind "ditnas.distill" (compress/manifest.py): inputs' hashes, config, final losses, update
+- `manifest.json`  kind "ditnas.distill" (ditnas/manifest.py): inputs' hashes, config, final losses, update
                    counts, the sampler the student was trained for, FD / label accuracy of its samples.
 
 The loop runs `steps * critic_updates` TTUR iterations (`steps` generator updates); `checkpoint_every` counts
@@ -39,7 +39,7 @@ from ditnas.compress.dmd import (
     train_trajectory_teacher,
     trajectory_pairs,
 )
-from ditnas.compress.manifest import write_manifest
+from ditnas.manifest import write_manifest
 from ditnas.config import DataConfig, DistillConfig
 from ditnas.data import DatasetSplit, load_split
 from ditnas.errors import DitnasError

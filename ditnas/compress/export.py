@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ditnas.compress.manifest import MANIFEST, check_files, read_manifest, write_manifest
+from ditnas.manifest import MANIFEST, check_files, read_manifest, write_manifest
 from ditnas.config import ExportConfig
 from ditnas.errors import DitnasError
 from ditnas.io import write_json

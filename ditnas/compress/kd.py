@@ -272,7 +272,7 @@ def distill_kd(
     (one line per step) and `manifest.json` (kind "ditnas.kd"). A checkpoint every `cfg.checkpoint_every`
     steps makes a rerun into the same `out` continue where it stopped (resumed == uninterrupted).
     `stop_after`: stop after this many steps of this call (tests interruption), without the final artifact."""
-    from ditnas.compress.manifest import write_manifest
+    from ditnas.manifest import write_manifest
 
     cfg = cfg.check()
     out = Path(out)

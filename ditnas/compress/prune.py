@@ -650,7 +650,7 @@ def prune_subnet(
 ) -> dict:
     """Prune the extracted subnet at `subnet` to `cfg.budget_ms` (on `table`'s predictor) and/or
     `cfg.memory_mb`; write `<out>/subnet.pt` (extract format + prune record) and a manifest."""
-    from ditnas.compress.manifest import write_manifest
+    from ditnas.manifest import write_manifest
 
     cfg, kd_cfg = cfg.check(), kd_cfg.check()
     if cfg.budget_ms is None and cfg.memory_mb is None:

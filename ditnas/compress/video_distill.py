@@ -29,7 +29,9 @@ it recomputes the causal context from the whole clean prefix (method.md §7.7 it
 generation equals full causal recomputation").
 
 Entry: `distill_video(cfg, teacher, student, split, out, progress)`; resumable from `<out>/video_checkpoint.pt`
-(resumed == uninterrupted), writes `student.pt`, `metrics.jsonl` and `manifest.json` (kind "ditnas.video_distill").
+(resumed == uninterrupted), writes `student.pt`, `metrics.jsonl` and `manifest.json` (kind "ditnas.video_distill");
+a student given as a subnet folder is also written as `<out>/subnet.pt` in the extract format (`load_subnet(out)`),
+which is how `ditnas run`'s distill stage (compress.distill.method: video_2in1, `video_config`) hands it to export.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ditnas.config import KDConfig, TrainConfig
+from ditnas.config import DistillConfig, KDConfig, TrainConfig
 from ditnas.data import DatasetSplit
 from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.io import atomic_torch_save, atomic_write_text, torch_load
@@ -58,6 +60,7 @@ from ditnas.video_data import check_chunking
 
 CHECKPOINT = "video_checkpoint.pt"
 STUDENT_NAME = "student.pt"
+SUBNET_NAME = "subnet.pt"  # = supernet/extract.py's: the student in the extract format (load_subnet)
 METRICS = "metrics.jsonl"
 KIND = "ditnas.video_distill"
 METHODS = ("regression", "dmd")
@@ -108,6 +111,20 @@ class VideoDistillConfig:
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigFieldError(f"video_distill.{name}", f"{getattr(self, name):g} must be a finite number >= 0")
         return self
+
+
+def video_config(cfg: DistillConfig) -> VideoDistillConfig:
+    """compress.distill (method video_2in1) as the VideoDistillConfig `distill_video` runs: the shared fields
+    as they are, the video ones under their compress.distill names (kd_lambda_out -> lambda_out, stream_loss ->
+    method, gap_clips -> eval_clips). compress.distill.lambda_out / lambda_feat are K-DMD's few-step-teacher
+    weights (SnapGen++ Eq. 10), another loss: they do not map."""
+    return VideoDistillConfig(
+        kd_steps=cfg.kd_steps, kd_lr=cfg.kd_lr, lambda_out=cfg.kd_lambda_out, lambda_feat=cfg.kd_lambda_feat,
+        steps=cfg.steps, method=cfg.stream_loss, student_steps=cfg.student_steps, chunk=cfg.chunk,
+        batch_size=cfg.batch_size, lr=cfg.lr, critic_lr=cfg.critic_lr, critic_updates=cfg.critic_updates,
+        cfg_scale=cfg.cfg_scale, shift=cfg.shift, teacher_substeps=cfg.teacher_substeps,
+        regression_pairs=cfg.regression_pairs, class_dropout=cfg.class_dropout, grad_clip=cfg.grad_clip,
+        eval_clips=cfg.gap_clips, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +377,41 @@ def teacher_gap(student: SubDiT, evals: EvalSet, chunk: int, times: Tensor) -> f
     return float((out - evals.target).pow(2).mean())
 
 
+def evaluate_clips(student: SubDiT, split: DatasetSplit, judge_cache: Path, *, n: int, chunk: int, steps: int,
+                   shift: float, batch: int = 64) -> dict[str, Any]:
+    """The student's frame label accuracy / FD with the digits judge (the quality stage's, `judge_cache`), as
+    compress.distill's `evaluate_student` scores a kdmd student: `n` clips of labels 0, 1, .. from the same
+    noise (EVAL_SEED), every frame judged with its clip's label against the validation clips' frames.
+
+    "eval": the streamed `steps`-step sampler the student was trained for (`rollout`, `chunk` frames at a
+    time); "eval_whole_clip": the whole-clip `steps`-step Euler sampler (what the exported host-loop .pte
+    runs, and what kdmd's figure measures) -- a different sampler for a causal model (docs/video.md §2)."""
+    from ditnas.compress.distill import EVAL_SEED, sample_student
+    from ditnas.judge import evaluate_samples, load_or_train_judge
+    from ditnas.video_quality import frames_of, judge_split
+
+    frames_split = judge_split(split)
+    judge = load_or_train_judge(frames_split, judge_cache, progress=False)  # trains (with grad) if not cached
+    labels = torch.arange(n) % split.num_classes
+    shape, frames = tuple(split.latent_shape), int(split.latent_shape[1])
+    device = next(student.parameters()).device
+    # the noise sample_student draws (the same seed and shape): both samplers start from the same clips' noise
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(EVAL_SEED)).to(device)
+    times, streamer = time_grid(steps, shift), Streamer(student.eval(), chunk)
+    with torch.no_grad():
+        streamed = torch.cat([rollout(streamer, noise[i:i + batch], labels[i:i + batch].to(device), times).clip.cpu()
+                              for i in range(0, n, batch)])
+    whole = sample_student(student, steps, shift, labels, shape, EVAL_SEED).cpu()  # no_grad inside
+
+    def judged(clips: Tensor, sampler: str) -> dict[str, Any]:
+        scores = evaluate_samples(judge, frames_of(clips)[:, :, None], labels.repeat_interleave(frames),
+                                  frames_split.val_x)
+        return {"steps": steps, "n": n, "fd": scores["fd"], "label_accuracy": scores["label_accuracy"],
+                "sampler": sampler}
+
+    return {"eval": judged(streamed, f"streamed, chunk {chunk}"), "eval_whole_clip": judged(whole, "whole clip")}
+
+
 # ----------------------------------------------------------------------------------------------
 # entry
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +423,16 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _load(model: SubDiT | Path | str, what: str) -> tuple[SubDiT, Path | None]:
+def _load(model: SubDiT | Path | str, what: str) -> tuple[SubDiT, Path | None, dict | None]:
+    """The model, its path and its subnet file's record (arch, config, space[, prune]; None for a module)."""
     if isinstance(model, SubDiT):
-        return model, None
+        return model, None, None
     if isinstance(model, (str, Path)):
+        from ditnas.compress.kd import read_subnet_record
         from ditnas.supernet.extract import load_subnet
 
-        return load_subnet(Path(model)), Path(model)
+        record = {k: v for k, v in read_subnet_record(Path(model)).items() if k != "weights"}
+        return load_subnet(Path(model)), Path(model), record
     raise DitnasError(f"the {what} must be an extracted sub-DiT or the folder `ditnas extract` wrote, "
                       f"got {type(model).__name__}")
 
@@ -391,20 +446,32 @@ def distill_video(
     progress: Callable[[int, int, dict], None] | None = None,
     *,
     stop_after: int | None = None,
+    make_causal: bool = False,
+    eval_samples: int = 0,
+    judge_cache: Path | None = None,
 ) -> dict:
     """Run stages (a) and (b) into folder `out`; returns the manifest (or {"complete": False} when stopped).
 
-    The student (a module is trained in place; a path is loaded) must be frame-causal; the teacher (usually
-    bidirectional) is frozen. `progress(step, total, record)` is called after every step of either stage
+    The student (a module is trained in place; a path is loaded) must be frame-causal -- or, with `make_causal`,
+    is switched to frame-causal first (a bidirectional student, S2DiT's starting point; stage (a) then teaches
+    it to predict without the future frames). The teacher (usually bidirectional) is frozen.
+    `progress(step, total, record)` is called after every step of either stage
     (`record["phase"]` = "kd" | "stream"). A checkpoint every `cfg.checkpoint_every` steps makes a rerun into the
-    same `out` continue where it stopped; `stop_after` ends this call after that many steps (tests)."""
+    same `out` continue where it stopped; `stop_after` ends this call after that many steps (tests).
+
+    A student given as a path (a subnet folder or file) is also written as `<out>/subnet.pt` in the extract
+    format with its record (pruned or not) and `model.causal: true`, so `load_subnet(out)` rebuilds the causal
+    student. `eval_samples > 0` (labelled data): the manifest's metrics get `evaluate_clips` (the judge cached
+    in `judge_cache`, default `<out>/judge`)."""
     from ditnas.compress.kd import KDTrainer
-    from ditnas.compress.manifest import write_manifest
+    from ditnas.manifest import write_manifest
 
     cfg = cfg.check()
     out = Path(out)
-    t_model, t_path = _load(teacher, "teacher")
-    s_model, s_path = _load(student, "student")
+    t_model, t_path, _ = _load(teacher, "teacher")
+    s_model, s_path, s_record = _load(student, "student")
+    if make_causal:
+        s_model.set_causal(True)
     check_models(t_model, s_model, split, cfg.chunk)
     t_model.eval().requires_grad_(False)
     device = next(s_model.parameters()).device
@@ -467,12 +534,30 @@ def distill_video(
                                            "student_steps": cfg.student_steps, "shift": cfg.shift,
                                            "weights": {k: v.detach().cpu().clone() for k, v in s_model.state_dict().items()}})
     atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    files = [STUDENT_NAME, METRICS]
+    if s_record is not None:  # the extract format: what load_subnet, export and the report read
+        from ditnas.compress.kd import save_subnet
+
+        record = copy.deepcopy(s_record)  # no weights: _load dropped them
+        # the student streams: rebuilt from this file it must be causal whatever the run that trained it was
+        record.setdefault("config", {}).setdefault("model", {})["causal"] = True
+        save_subnet(out, s_model, record)
+        files.append(SUBNET_NAME)
     inputs = {name: p for name, p in (("teacher", t_path), ("student", s_path)) if p is not None}
     metrics = {"before": before, "after": after, "kd_steps": cfg.kd_steps, "steps": cfg.steps,
                "generator_updates": stream.updates if stream is not None else 0,
                "iterations": stream.iterations if stream is not None else 0,
                "params": s_model.num_params(), "teacher_params": t_model.num_params()}
-    return write_manifest(out, KIND, inputs=inputs, config=cfg, metrics=metrics, files=[STUDENT_NAME, METRICS],
+    if eval_samples > 0 and split.num_classes >= 2:
+        metrics.update(evaluate_clips(s_model, split, Path(judge_cache) if judge_cache else out / "judge",
+                                      n=eval_samples, chunk=cfg.chunk, steps=cfg.student_steps, shift=cfg.shift))
+        # flat copies of the headline numbers, as compress.distill's manifest has them
+        metrics.update(fd=metrics["eval"]["fd"], label_accuracy=metrics["eval"]["label_accuracy"])
+    return write_manifest(out, KIND, inputs=inputs, config=cfg, metrics=metrics, files=files,
                           extra={"arch": str(s_model.arch), "teacher_arch": str(t_model.arch),
                                  "teacher_causal": bool(t_model.causal), "method": cfg.method,
-                                 "gradient": "last denoising step of each chunk (Self-Forcing)"})
+                                 "gradient": "last denoising step of each chunk (Self-Forcing)",
+                                 # what a sampler of this student must run (it was trained on exactly this)
+                                 "sampler": {"steps": cfg.student_steps, "shift": cfg.shift, "cfg_scale": 1.0,
+                                             "chunk": cfg.chunk, "streamed": True,
+                                             "times": time_grid(cfg.student_steps, cfg.shift).tolist()}})

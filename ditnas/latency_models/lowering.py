@@ -200,7 +200,7 @@ def lower(
     `constant_prop=False` exists only so tests can show what the recipe prevents; such a program's
     sidecar names another recipe and `check_recipe` refuses it.
 
-    `graph_edits` (a hook for callers whose graphs need it, e.g. compress/export_stream.py): functions
+    `graph_edits` (a hook for callers whose graphs need it, e.g. latency_models/stream_programs.py): functions
     ExportedProgram -> ExportedProgram applied right after export, before constprop. They must not
     change what the program computes; their names are recorded in the sidecar's recipe ("graph_edits").
     """

@@ -58,7 +58,9 @@ from ditnas.latency_models.table import LatencyTable
 PREDICTOR = "predictor.json"
 FORMAT_VERSION = 1
 SOURCES = ("measured", "interpolated", "regressed")
-AXES = ("width", "mlp_ratio", "tokens")  # interpolation order: width first (the densest axis in spaces)
+# interpolation order: width first (the densest axis in spaces); context last: a stream_block's cost is linear in
+# the frames it attends to, so a table may time only the first and last chunk positions (latency.stream_positions)
+AXES = ("width", "mlp_ratio", "tokens", "context")
 
 
 def _now() -> str:
@@ -67,12 +69,18 @@ def _now() -> str:
 
 # ----- per-(kind, op) regressor ------------------------------------------------------------------
 BLOCK_FEATURES = ("1", "t", "t*w^e", "t*w^e*r", "t^2*w")
+# a streamed chunk's block also attends over the cache of `c` earlier frames (t*c*w ~ its N_q x N_cached x d)
+STREAM_BLOCK_FEATURES = (*BLOCK_FEATURES, "t*c*w")
 OTHER_FEATURES = ("1", "t", "t*w", "t*w^e")
+GROUP_FEATURES = {"block": BLOCK_FEATURES, "stream_block": STREAM_BLOCK_FEATURES}
 
 
-def _features(names: Sequence[str], tokens: np.ndarray, width: np.ndarray, ratio: np.ndarray, e: float) -> np.ndarray:
+def _features(names: Sequence[str], tokens: np.ndarray, width: np.ndarray, ratio: np.ndarray, e: float,
+              context: np.ndarray | None = None) -> np.ndarray:
     t, w, r = (np.asarray(v, dtype=float) for v in (tokens, width, ratio))
+    c = np.zeros_like(t) if context is None else np.asarray(context, dtype=float)
     table = {
+        "t*c*w": t * c * w,
         "1": np.ones_like(t),
         "t": t,
         "t*w": t * w,
@@ -102,8 +110,8 @@ class OpRegressor:
     def fit(cls, kind: str, op: str, rows: pd.DataFrame, width_exponent: float) -> OpRegressor | None:
         if len(rows) < 2:  # one point fits nothing but a constant: not a regressor worth the label
             return None
-        names = list(BLOCK_FEATURES if kind == "block" else OTHER_FEATURES)
-        x = _features(names, rows["tokens"], rows["width"], rows["mlp_ratio"], width_exponent)
+        names = list(GROUP_FEATURES.get(kind, OTHER_FEATURES))
+        x = _features(names, rows["tokens"], rows["width"], rows["mlp_ratio"], width_exponent, rows["context"])
         scale = np.abs(x).max(axis=0)
         scale[scale == 0] = 1.0
         y = rows["p50"].to_numpy(float)
@@ -116,7 +124,7 @@ class OpRegressor:
         )
 
     def predict(self, cell: Cell) -> float:
-        x = _features(self.features, [cell.tokens], [cell.width], [cell.mlp_ratio], self.width_exponent)
+        x = _features(self.features, [cell.tokens], [cell.width], [cell.mlp_ratio], self.width_exponent, [cell.context])
         value = float(((x / np.asarray(self.scale)) @ np.asarray(self.coef))[0])
         # assumption: a negative extrapolation means "negligible", not a time; floor at 0
         return max(value, 0.0)
@@ -319,7 +327,8 @@ class LatencyPredictor:
         if group is None or group.empty:
             return None
         for axis in AXES:
-            fixed = [f for f in ("width", "mlp_ratio", "tokens", "stage") if f != axis and not (axis == "tokens" and f == "stage")]
+            fixed = [f for f in ("width", "mlp_ratio", "tokens", "stage", "context")
+                     if f != axis and not (axis == "tokens" and f == "stage")]
             mask = np.ones(len(group), dtype=bool)
             for f in fixed:
                 mask &= group[f].to_numpy() == getattr(cell, f)
@@ -363,7 +372,7 @@ class LatencyPredictor:
             raise DitnasError(
                 f"arch {arch.key()} is a video arch (latent {shape}, T={arch.latent[1]} frames) but latency table "
                 f"{self.table.root or '(in memory)'} was profiled on images (latent {table}, T=1); profile a table "
-                f"with the video latent {shape} (or price streaming with compress.export_stream.stream_fps_host)"
+                f"with the video latent {shape} (or price streaming with latency_models.stream_programs.stream_fps_host)"
             )
 
     def predict_detail(self, arch: Arch) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.config import LatencyConfig, RunConfig, SampleConfig
-from ditnas.errors import DitnasError
+from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.generation_profile import measure_generations
 from ditnas.latency_models.programs import (
@@ -91,6 +91,12 @@ def profile_space(
                     workers=lowering_workers(cfg), cache=lowering_cache(cfg))
     measure_generations(supernet, archs, cfg, session, cfg_scale=cfg_scale, progress=progress,
                         workers=lowering_workers(cfg))
+    if cfg.stream_chunk and session.device.get("backend") == "executorch-xnnpack":  # streams run on its runtime
+        from ditnas.latency_models.stream_latency import measure_streams
+
+        threads = int(session.device.get("threads") or cfg.threads)
+        measure_streams(supernet, archs[: cfg.stream_models], cfg.stream_chunk, cfg.stream_steps, threads,
+                        cfg.generation_iters, session.root, progress=progress)
     return session
 
 
@@ -147,7 +153,13 @@ def _open_session(supernet: ElasticDiT, cfg: LatencyConfig, out: Path, kinds: tu
         changed = ", ".join(f"{k} {was.get(k)!r} -> {v!r}" for k, v in model.items() if was.get(k) != v)
         raise DitnasError(f"session {out} profiled another model ({changed}); its cells do not price this one -- "
                           "choose a new --out folder")
-    cells = cells_for_space(supernet.space, kinds=tuple(k for k in kinds if k in KINDS and k != "model"))
+    cell_kinds = tuple(k for k in kinds if k in KINDS and k not in ("model", "stream_block"))
+    cells = cells_for_space(supernet.space, kinds=cell_kinds)
+    if cfg.stream_chunk:  # clips: every cell of a streamed chunk call too (stream_latency.py)
+        if supernet.space.latent[1] < 2:
+            raise ConfigFieldError("latency.stream_chunk", f"{cfg.stream_chunk}: the space's latent has one frame (images); "
+                                   "streaming prices clips (data.frames > 1)")
+        cells += cells_for_space(supernet.space, kinds=cell_kinds, chunk=cfg.stream_chunk, positions=cfg.stream_positions)
     archs = sample_archs(supernet.space, cfg.models, cfg.seed)
     cells += [model_cell(supernet, arch) for arch in archs]
     return session, backend, cells, archs

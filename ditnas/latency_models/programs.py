@@ -18,6 +18,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,7 +38,8 @@ from ditnas.supernet.model import (
 )
 from ditnas.supernet.ops import layer_norm
 
-KINDS = ("block", "patch_embed", "final", "down", "up", "model")
+# stream_block: one block's causal `step` on a chunk of frames with a cache of `context` earlier frames
+KINDS = ("block", "patch_embed", "final", "down", "up", "model", "stream_block")
 
 # a cell's columns in samples and tables: column -> pandas dtype, in order
 CELL_SCHEMA: dict[str, str] = {
@@ -49,8 +51,14 @@ CELL_SCHEMA: dict[str, str] = {
     "tokens": "int64",
     "stage": "int64",
     "arch": "string",
+    "context": "int64",
 }
 Grid = tuple[int, int, int]
+
+
+def with_context(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a table or samples file written before stream_block cells existed: context 0 (none)."""
+    return df if "context" in df.columns else df.assign(context=0)
 
 
 def _fmt(x: float) -> str:
@@ -70,6 +78,7 @@ class Cell:
     tokens: int = 0
     stage: int = 0
     arch: str = ""  # only for kind == "model": str(Arch)
+    context: int = 0  # only for kind == "stream_block": frames already in the cache before the chunk
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,14 +92,18 @@ class Cell:
             return f"model:{Arch.parse(self.arch).key()}:n{self.tokens}"
         if self.kind == "block":
             return f"block:{self.op}:w{_fmt(self.width)}:r{_fmt(self.mlp_ratio)}:n{self.tokens}:s{self.stage}"
+        if self.kind == "stream_block":
+            return (f"stream_block:{self.op}:w{_fmt(self.width)}:r{_fmt(self.mlp_ratio)}:n{self.tokens}:s{self.stage}"
+                    f":c{self.context}")
         return f"{self.kind}:w{_fmt(self.width)}:n{self.tokens}:s{self.stage}"
 
     @classmethod
     def from_fields(cls, row: dict) -> Cell:
         """The cell of one samples/table row (the inverse of `fields`; missing strings read as empty)."""
         text = {name: row.get(name) if isinstance(row.get(name), str) else "" for name in ("op", "arch")}
+        context = row.get("context", 0)
         return cls(row["kind"], text["op"], float(row["width"]), float(row["mlp_ratio"]), int(row["tokens"]),
-                   int(row["stage"]), text["arch"])
+                   int(row["stage"]), text["arch"], 0 if pd.isna(context) else int(context))
 
     def fields(self) -> dict:
         """The cell as flat columns for a samples table."""
@@ -103,6 +116,7 @@ class Cell:
             "tokens": self.tokens,
             "stage": self.stage,
             "arch": self.arch,
+            "context": self.context,
         }
 
 
@@ -138,14 +152,30 @@ class Program:
 # ----------------------------------------------------------------------------------------------
 # cells of a space
 # ----------------------------------------------------------------------------------------------
-def _grid(space: SearchSpace, stage: int) -> Grid:
+def _grid(space: SearchSpace, stage: int, frames: int | None = None) -> Grid:
+    """The token grid (T, H, W) at `stage`; `frames` (a streamed chunk's) replaces the clip's T."""
     _, t, h, w = space.latent
-    return (t, (h // space.patch_size) >> stage, (w // space.patch_size) >> stage)
+    return (t if frames is None else frames, (h // space.patch_size) >> stage, (w // space.patch_size) >> stage)
 
 
-def _tokens(space: SearchSpace, stage: int) -> int:
-    t, h, w = _grid(space, stage)
+def _tokens(space: SearchSpace, stage: int, frames: int | None = None) -> int:
+    t, h, w = _grid(space, stage, frames)
     return t * h * w
+
+
+def _cell_grid(space: SearchSpace, cell: Cell) -> Grid:
+    """The grid of a cell's tokens: whole clip, or the chunk of frames a stream cell runs on."""
+    _, h, w = _grid(space, cell.stage)
+    return (cell.tokens // (h * w), h, w)
+
+
+def stream_positions(space: SearchSpace, chunk: int) -> tuple[int, ...]:
+    """The first frame t0 of every chunk of a clip streamed `chunk` latent frames at a time."""
+    from ditnas.video_data import check_chunking
+
+    frames = space.latent[1]
+    check_chunking(frames, chunk)
+    return tuple(range(0, frames, chunk))
 
 
 def space_stages(space: SearchSpace) -> tuple[int, ...]:
@@ -157,56 +187,75 @@ def space_stages(space: SearchSpace) -> tuple[int, ...]:
     return tuple(sorted(set(space.stage_pattern)))
 
 
-def cells_for_space(space: SearchSpace, kinds: Sequence[str] = ("block", "patch_embed", "final", "down", "up")) -> list[Cell]:
+def cells_for_space(space: SearchSpace, kinds: Sequence[str] = ("block", "patch_embed", "final", "down", "up"), *,
+                    chunk: int | None = None, positions: str = "all") -> list[Cell]:
     """Every cell an arch of `space` can produce: op x width x MLP ratio x stage blocks, plus the
-    patch embedding, final layer and 2x2 transitions at every stream width. Deterministic order."""
-    unknown = [k for k in kinds if k not in KINDS or k == "model"]
+    patch embedding, final layer and 2x2 transitions at every stream width. Deterministic order.
+
+    With `chunk` (streaming a clip `chunk` latent frames at a time): the cells of one chunk call instead,
+    at the chunk's tokens, a `stream_block` per block and chunk position (`context` = frames cached before it);
+    `positions="ends"`: only the first and last positions (the predictor interpolates between them, linear in context)."""
+    unknown = [k for k in kinds if k not in KINDS or k in ("model", "stream_block")]
     if unknown:
-        raise DitnasError(f"cells_for_space: kinds {unknown} unknown; choose from {[k for k in KINDS if k != 'model']}")
+        raise DitnasError(f"cells_for_space: kinds {unknown} unknown; choose from "
+                          f"{[k for k in KINDS if k not in ('model', 'stream_block')]}")
     stages = space_stages(space)
+    if positions not in ("all", "ends"):
+        raise DitnasError(f"cells_for_space: positions={positions!r}; choose all or ends")
+    contexts = (0,) if chunk is None else stream_positions(space, chunk)
+    contexts = tuple(sorted({contexts[0], contexts[-1]})) if positions == "ends" else contexts
     cells: list[Cell] = []
     if "block" in kinds:
         for stage in stages:
             for op in space.ops_for(stage):
                 for width in space.widths:
                     for ratio in space.mlp_ratios:
-                        cells.append(Cell("block", op, width, ratio, _tokens(space, stage), stage))
+                        for t0 in contexts:
+                            cells.append(_block_cell(op, width, ratio, _tokens(space, stage, chunk), stage, chunk, t0))
     # assumption: the stream can be as wide as any width of the space (it is the arch's widest block)
     for width in space.widths:
         if "patch_embed" in kinds:
-            cells.append(Cell("patch_embed", width=width, tokens=_tokens(space, 0), stage=0))
+            cells.append(Cell("patch_embed", width=width, tokens=_tokens(space, 0, chunk), stage=0))
         if "final" in kinds:
-            cells.append(Cell("final", width=width, tokens=_tokens(space, 0), stage=0))
+            cells.append(Cell("final", width=width, tokens=_tokens(space, 0, chunk), stage=0))
         if 1 in stages:
             if "down" in kinds:
-                cells.append(Cell("down", width=width, tokens=_tokens(space, 0), stage=0))
+                cells.append(Cell("down", width=width, tokens=_tokens(space, 0, chunk), stage=0))
             if "up" in kinds:
-                cells.append(Cell("up", width=width, tokens=_tokens(space, 1), stage=1))
+                cells.append(Cell("up", width=width, tokens=_tokens(space, 1, chunk), stage=1))
     return cells
 
 
-def cells_for_arch(space: SearchSpace, arch: Arch) -> list[Cell]:
-    """The cells whose sum prices `arch` (one per block, transition, plus embed and final)."""
+def _block_cell(op: str, width: float, ratio: float, tokens: int, stage: int, chunk: int | None, t0: int) -> Cell:
+    if chunk is None:
+        return Cell("block", op, width, ratio, tokens, stage)
+    return Cell("stream_block", op, width, ratio, tokens, stage, context=t0)
+
+
+def cells_for_arch(space: SearchSpace, arch: Arch, *, chunk: int | None = None, t0: int = 0) -> list[Cell]:
+    """The cells whose sum prices `arch` (one per block, transition, plus embed and final); with `chunk`,
+    the cells of its streamed chunk call at frames t0 .. t0 + chunk - 1."""
     space.validate(arch)
     stream = arch.stream_width
-    cells = [Cell("patch_embed", width=stream, tokens=_tokens(space, 0), stage=0)]
+    cells = [Cell("patch_embed", width=stream, tokens=_tokens(space, 0, chunk), stage=0)]
     stage = 0
     for slot in arch.slots:
         if slot.stage != stage:
-            cells.append(_transition_cell(space, stream, slot.stage))
+            cells.append(_transition_cell(space, stream, slot.stage, chunk))
             stage = slot.stage
         if not slot.is_skip:
-            cells.append(Cell("block", slot.op, slot.width, slot.mlp_ratio, _tokens(space, slot.stage), slot.stage))
+            cells.append(_block_cell(slot.op, slot.width, slot.mlp_ratio, _tokens(space, slot.stage, chunk), slot.stage,
+                                     chunk, t0))
     if stage != 0:
-        cells.append(_transition_cell(space, stream, 0))
-    cells.append(Cell("final", width=stream, tokens=_tokens(space, 0), stage=0))
+        cells.append(_transition_cell(space, stream, 0, chunk))
+    cells.append(Cell("final", width=stream, tokens=_tokens(space, 0, chunk), stage=0))
     return cells
 
 
-def _transition_cell(space: SearchSpace, stream: float, to: int) -> Cell:
+def _transition_cell(space: SearchSpace, stream: float, to: int, chunk: int | None = None) -> Cell:
     if to == 1:
-        return Cell("down", width=stream, tokens=_tokens(space, 0), stage=0)
-    return Cell("up", width=stream, tokens=_tokens(space, 1), stage=1)
+        return Cell("down", width=stream, tokens=_tokens(space, 0, chunk), stage=0)
+    return Cell("up", width=stream, tokens=_tokens(space, 1, chunk), stage=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +270,20 @@ class BlockProgram(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, ctx: Tensor) -> Tensor:
         return self.block(x, c, ctx, self.grid, self.op, None, None, "own")
+
+
+class StreamBlockProgram(nn.Module):
+    """One block's causal `step` on a chunk at frames t0.. (what a streaming chunk program runs per slot):
+    forward(x, c, ctx, *cache_in) -> (x, *cache_out), the cache of the `t0` earlier frames explicit in and out
+    as in the exported chunk programs (stream_programs.py)."""
+
+    def __init__(self, block: Block, op: str, grid: Grid, t0: int, in_names: Sequence[str]) -> None:
+        super().__init__()
+        self.block, self.op, self.grid, self.t0, self.in_names = block, op, tuple(grid), int(t0), list(in_names)
+
+    def forward(self, x: Tensor, c: Tensor, ctx: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        out, new = self.block.step(x, c, ctx, self.grid, self.op, None, None, "own", dict(zip(self.in_names, cache)), self.t0)
+        return (out, *[new[name] for name in sorted(new)])
 
 
 class PatchEmbedProgram(nn.Module):
@@ -304,9 +367,11 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _model_inputs(space: SearchSpace, seed: int = 0, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+def _model_inputs(space: SearchSpace, seed: int = 0, batch: int = 1, frames: int | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     g = _gen(seed)
-    x = torch.randn((batch, *space.latent), generator=g)
+    c, t, h, w = space.latent
+    x = torch.randn((batch, c, t if frames is None else frames, h, w), generator=g)
     t = torch.rand((batch,), generator=g)
     y = torch.randint(0, max(space.num_classes, 1), (batch,), generator=g)
     return x, t, y
@@ -344,6 +409,25 @@ def _block_module(supernet: ElasticDiT, cell: Cell) -> Block:
         )
 
 
+def _stream_block(supernet: ElasticDiT, cell: Cell, g: torch.Generator, cond: Tensor, ctx: Tensor, batch: int
+                  ) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """A stream_block cell's program and inputs: the cache is the block's own, built by stepping it over
+    `cell.context` random earlier frames (so its shapes are the ones a real stream carries at that t0)."""
+    block = _block_module(supernet, Cell("block", cell.op, cell.width, cell.mlp_ratio, cell.tokens, cell.stage))
+    block.mixers[cell.op].causal = True  # a streamed block is frame-causal whatever the profiled supernet is
+    grid = _cell_grid(supernet.space, cell)
+    d = _stream_dim(supernet, cell.width)
+    cache: dict[str, Tensor] = {}
+    if cell.context:
+        prefix = torch.randn(batch, cell.context * grid[1] * grid[2], d, generator=g)
+        with torch.no_grad():
+            _, cache = block.step(prefix, cond, ctx, (cell.context, grid[1], grid[2]), cell.op, None, None, "own", {}, 0)
+    # contiguous: the runtime is fed contiguous caches (stream_programs.py measured a strided example fail)
+    names = sorted(cache)
+    x = torch.randn(batch, cell.tokens, d, generator=g)
+    return StreamBlockProgram(block, cell.op, grid, cell.context, names), (x, cond, ctx, *[cache[n].contiguous() for n in names])
+
+
 def _stream_dim(supernet: ElasticDiT, width: float) -> int:
     return supernet.heads_for(width) * supernet.head_dim
 
@@ -363,20 +447,22 @@ def build_program(supernet: ElasticDiT, cell: Cell, *, seed: int = 0, batch: int
         d = _stream_dim(supernet, cell.width)
         module = BlockProgram(_block_module(supernet, cell), cell.op, grid)
         inputs = (torch.randn(batch, cell.tokens, d, generator=g), cond, ctx)
+    elif cell.kind == "stream_block":
+        module, inputs = _stream_block(supernet, cell, g, cond, ctx, batch)
     elif cell.kind == "patch_embed":
         module = PatchEmbedProgram(_reference_sub(supernet, cell.width))
-        inputs = _model_inputs(space, seed, batch)
+        inputs = _model_inputs(space, seed, batch, frames=_cell_grid(space, cell)[0])
     elif cell.kind == "final":
-        module = FinalProgram(_reference_sub(supernet, cell.width), _grid(space, 0))
+        module = FinalProgram(_reference_sub(supernet, cell.width), _cell_grid(space, cell))
         inputs = (torch.randn(batch, cell.tokens, _stream_dim(supernet, cell.width), generator=g), cond)
     elif cell.kind == "down":
         sub = _reference_sub(supernet, cell.width, need_half=True)
-        module = DownProgram(sub.down, _grid(space, 0))
+        module = DownProgram(sub.down, _cell_grid(space, cell))
         inputs = (torch.randn(batch, cell.tokens, _stream_dim(supernet, cell.width), generator=g),)
     else:  # up
         sub = _reference_sub(supernet, cell.width, need_half=True)
         d = _stream_dim(supernet, cell.width)
-        module = UpProgram(sub.up, _grid(space, 1))
+        module = UpProgram(sub.up, _cell_grid(space, cell))
         inputs = (
             torch.randn(batch, cell.tokens, d, generator=g),
             torch.randn(batch, 4 * cell.tokens, d, generator=g),

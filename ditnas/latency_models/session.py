@@ -32,7 +32,7 @@ import pandas as pd
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, read_json, write_json
 from ditnas.latency_models.backends.base import Backend, Prepared, package_version
-from ditnas.latency_models.programs import CELL_SCHEMA, Cell, Program
+from ditnas.latency_models.programs import CELL_SCHEMA, Cell, Program, with_context
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
@@ -64,6 +64,7 @@ def empty_samples() -> pd.DataFrame:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = with_context(df)
     missing = [c for c in SAMPLE_SCHEMA if c not in df.columns]
     if missing:
         raise DitnasError(f"samples table lacks columns {missing}; it was not written by this version of ditnas")

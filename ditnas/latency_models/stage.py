@@ -12,7 +12,7 @@ import pandas as pd
 
 from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
-from ditnas.io import atomic_write_bytes
+from ditnas.io import atomic_write_bytes, write_json
 from ditnas.latency_models.backends import get_backend
 from ditnas.latency_models.generation_latency import GENERATIONS, summarize_generations
 from ditnas.latency_models.generation_profile import read_generation_samples
@@ -20,6 +20,7 @@ from ditnas.latency_models.predictor import PREDICTOR, LatencyPredictor, remeasu
 from ditnas.latency_models.programs import model_cell
 from ditnas.latency_models.session import MANIFEST as SESSION_MANIFEST
 from ditnas.latency_models.session import ProfilingSession
+from ditnas.latency_models.stream_latency import STREAMS, read_streams, summarize_streams
 from ditnas.latency_models.table import LatencyTable
 from ditnas.supernet.model import ElasticDiT
 
@@ -44,6 +45,9 @@ def build_table(session: ProfilingSession, supernet: ElasticDiT) -> tuple[Latenc
     buf = BytesIO()
     generations.to_parquet(buf, index=False)
     atomic_write_bytes(out / GENERATIONS, buf.getvalue())
+    streams = read_streams(session.root)
+    if streams:  # the measured streams travel with the table (stream_latency.StreamingPredictor.load reads them)
+        write_json(out / STREAMS, summarize_streams(streams))
     predictor = LatencyPredictor.fit(table, generations=generations)
     predictor.save(out)
     return table, predictor

@@ -30,7 +30,7 @@ from ditnas.arch import SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.io import atomic_write_bytes, read_json, write_json
 from ditnas.latency_models.backends.base import package_version
-from ditnas.latency_models.programs import CELL_SCHEMA, Cell, cells_for_space
+from ditnas.latency_models.programs import CELL_SCHEMA, Cell, cells_for_space, with_context
 from ditnas.latency_models.session import IDENTITY_FIELDS, ProfilingSession, summarize
 
 TABLE = "table.parquet"
@@ -86,11 +86,19 @@ def _plain_model(model: Any) -> dict[str, Any] | None:
 
 # ----- rows --------------------------------------------------------------------------------------
 def _typed(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
+    df = with_context(df)
     missing = [c for c in TABLE_SCHEMA if c not in df.columns]
     if missing:
         raise DitnasError(f"{source} lacks columns {missing}; it was not written by this version of ditnas, rebuild it")
     out = df[list(TABLE_SCHEMA)].astype(TABLE_SCHEMA)
     return out.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def rows_digest(rows: pd.DataFrame) -> str:
+    """sha256 of every column of every row: table_id covers the stats the predictor reads, this the whole file
+    (a flipped bit in `mean` or `cv` read back as a different table without it)."""
+    text = rows.sort_values("key", kind="stable").to_csv(index=False, float_format="%.17g")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def table_id(rows: pd.DataFrame) -> str:
@@ -101,7 +109,8 @@ def table_id(rows: pd.DataFrame) -> str:
 
 
 def _cell_of(row: Any) -> Cell:
-    return Cell(row.kind, row.op, row.width, row.mlp_ratio, int(row.tokens), int(row.stage), row.arch)
+    return Cell(row.kind, row.op, row.width, row.mlp_ratio, int(row.tokens), int(row.stage), row.arch,
+                int(getattr(row, "context", 0)))
 
 
 @dataclass
@@ -126,6 +135,7 @@ class LatencyTable:
         if dupes:
             raise DitnasError(f"latency table holds cells {dupes[:5]} twice; each cell has one row")
         self.manifest["table_id"] = table_id(self.rows)
+        self.manifest["rows_sha256"] = rows_digest(self.rows)
         self.manifest["n_cells"] = int((self.rows["kind"] != "model").sum())
         self.manifest["n_models"] = int((self.rows["kind"] == "model").sum())
         self._by_key = {r.key: r for r in self.rows.itertuples(index=False)}
@@ -192,7 +202,7 @@ class LatencyTable:
         """A table from a DataFrame of cell rows (CELL_COLUMNS + p50 at least; other stats default from
         p50). For tests, ingested tables and hand-made fixtures; identity columns come from `identity`."""
         rows = rows.copy()
-        defaults = {"op": "", "arch": "", "mlp_ratio": 0.0, "stage": 0, "n": 1, "std": 0.0, "cv": 0.0, "session_id": ""}
+        defaults = {"op": "", "arch": "", "mlp_ratio": 0.0, "stage": 0, "context": 0, "n": 1, "std": 0.0, "cv": 0.0, "session_id": ""}
         for col, val in defaults.items():
             if col not in rows.columns:
                 rows[col] = val
@@ -253,9 +263,9 @@ class LatencyTable:
             raise DitnasError(
                 f"{tpath} is unreadable or truncated ({type(exc).__name__}); delete {root} and rebuild the table from its sessions"
             ) from None
-        stored = manifest["table_id"]
+        stored, digest = manifest["table_id"], manifest.get("rows_sha256")  # tables before the digest have none
         table = cls(_typed(rows, str(tpath)), manifest, root)
-        if table.manifest["table_id"] != stored:
+        if table.manifest["table_id"] != stored or (digest is not None and table.manifest["rows_sha256"] != digest):
             raise DitnasError(
                 f"{tpath} does not match {mpath} (table_id {table.manifest['table_id']} vs {stored}); "
                 "one of the two was replaced, rebuild the table from its sessions"

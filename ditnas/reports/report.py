@@ -35,6 +35,15 @@ def _png(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}">'
 
 
+def _with_gif(png: Path) -> str:
+    """The PNG, and the animated GIF of the same samples beside it when there is one (clips: `<png>.gif`)."""
+    gif = Path(png).with_suffix(".gif")
+    if not gif.is_file():
+        return _png(png)
+    return (_png(png) + f'<img src="data:image/gif;base64,{base64.b64encode(gif.read_bytes()).decode()}" '
+            'alt="animated clips">')
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p><i>none</i></p>"
@@ -225,13 +234,15 @@ def curves_figure(frame: pd.DataFrame, columns: list[str], title: str) -> str:
 
 def save_samples(x: Any, out: Path, per_class: int) -> Path:
     """Class-major samples as a PNG: a grid of `per_class` columns for images; for clips (N, C, T, H, W), T > 1,
-    a frame strip (video_quality.save_frame_strip) of each class's first clip, one row per class, a frame a column."""
+    a frame strip (video_quality.save_frame_strip) of each class's first clip, one row per class, a frame a column,
+    and beside it (`out` with suffix .gif) those clips animated side by side (video_quality.save_gif)."""
     from ditnas.supernet.quality import save_grid
 
     if x.dim() == 5 and x.shape[2] > 1:
-        from ditnas.video_quality import save_frame_strip
+        from ditnas.video_quality import save_frame_strip, save_gif
 
         firsts = x[::per_class]
+        save_gif(firsts, Path(out).with_suffix(".gif"), max_clips=firsts.shape[0])
         return save_frame_strip(firsts, out, max_clips=firsts.shape[0])
     return save_grid(x, out, nrow=per_class)
 
@@ -253,7 +264,37 @@ def subnet_grid(folder: Path, out: Path, steps: int, cfg_scale: float) -> str:
             x = generate(sub, labels, tuple(sub.arch.latent), steps=steps, cfg_scale=cfg_scale,
                          null_label=classes, seed=0)
         save_samples(x, out, per_class=4)
-    return _png(out)
+    return _with_gif(out)
+
+
+def streamed_student_grid(folder: Path, out: Path) -> tuple[str, dict[str, Any]] | None:
+    """The video_2in1 student (`<run>/distill`, compress/video_distill.py) generating as it was trained: streamed
+    chunk by chunk (`rollout`, eager torch) on its manifest's sampler; None for another distillation."""
+    import torch
+
+    from ditnas.compress.video_distill import KIND, rollout
+    from ditnas.manifest import MANIFEST, read_manifest
+    from ditnas.supernet.extract import SUBNET_NAME, load_subnet
+    from ditnas.supernet.flow import time_grid
+    from ditnas.supernet.streaming import Streamer
+
+    if not (folder / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(folder)
+    sampler = manifest.get("sampler") or {}
+    if manifest.get("kind") != KIND or "chunk" not in sampler:
+        return None
+    source = folder / SUBNET_NAME
+    if not (out.is_file() and source.is_file() and out.stat().st_mtime >= source.stat().st_mtime):
+        sub = load_subnet(folder)
+        classes = sub.arch.num_classes
+        labels = torch.arange(max(classes, 1)).repeat_interleave(4)
+        noise = torch.randn((labels.shape[0], *sub.arch.latent), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            x = rollout(Streamer(sub, int(sampler["chunk"])), noise, labels,
+                        time_grid(int(sampler["steps"]), float(sampler["shift"]))).clip.clamp(-1, 1)
+        save_samples(x, out, per_class=4)
+    return _with_gif(out), sampler
 
 
 def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
@@ -270,7 +311,7 @@ def student_grid(pte: Path, out: Path) -> tuple[str, dict[str, Any]]:
     samples = torch.cat(images)
     grid = save_samples(samples, out, per_class=4)
     per = "clip" if samples.dim() == 5 and samples.shape[2] > 1 else "image"  # a clip's frames come from one call
-    return _png(grid), {"median_ms_per_image": sorted(timings)[len(timings) // 2], "steps": timing["steps"], "per": per}
+    return _with_gif(grid), {"median_ms_per_image": sorted(timings)[len(timings) // 2], "steps": timing["steps"], "per": per}
 
 
 # ----- the document -------------------------------------------------------------------------------
@@ -331,8 +372,9 @@ def latency_figures(stages: dict[str, Any], table_root: Path) -> list[dict[str, 
     return rows
 
 
-def clip_note(table_root: Path) -> str:
-    """For a video run (latent T > 1): the clip shape, and that every latency priced is the whole clip's."""
+def clip_note(table_root: Path, streamed: bool = False) -> str:
+    """For a video run (latent T > 1): the clip shape, and which latency the search priced: one streamed clip
+    (`streamed`: search.stream_chunk) or whole-clip calls; compression and export figures are whole-clip calls."""
     manifest = table_root / "table.json"
     if not manifest.is_file():
         return ""
@@ -344,9 +386,12 @@ def clip_note(table_root: Path) -> str:
     if len(shape) != 4 or int(shape[1]) <= 1:
         return ""
     c, t, h, w = (int(v) for v in shape)
-    return (f"<p>Data: video clips, (C, T, H, W) = ({c}, {t}, {h}, {w}). Every latency here is of the whole clip "
-            f"(one call denoises all {t} frames), not the per-chunk time of streaming; samples show each clip as a "
-            "frame strip (a row per clip, a column per frame).</p>")
+    priced = (f"The search priced ONE STREAMED CLIP (chunk by chunk, its latency definition below); the pruning and "
+              f"export latencies are of the whole clip (one call denoises all {t} frames)" if streamed else
+              f"Every latency here is of the whole clip (one call denoises all {t} frames), not the per-chunk time of "
+              "streaming")
+    return (f"<p>Data: video clips, (C, T, H, W) = ({c}, {t}, {h}, {w}). {priced}; samples show each clip as a "
+            "frame strip (a row per clip, a column per frame) with the clips animated beside it (GIF).</p>")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -360,7 +405,10 @@ def write_report(run_dir: Path) -> Path:
     parts.append("<h2>Stages</h2>" + _table([{"stage": k, "status": v.get("status"), "wall s": v.get("wall_s"),
                                              "redone because": "; ".join(v.get("redone_because", []))}
                                             for k, v in stages.items()]))
-    parts.append(clip_note(Path(((stages.get("profile") or {}).get("outputs") or {}).get("table", run_dir / "profile" / "table"))))
+    streamed = str(((stages.get("search") or {}).get("metrics") or {}).get("latency_definition", "")).startswith(
+        "one streamed clip")
+    parts.append(clip_note(Path(((stages.get("profile") or {}).get("outputs") or {}).get("table", run_dir / "profile" / "table")),
+                           streamed))
     search = stages.get("search", {})
     best = (search.get("outputs") or {}).get("best")
     budget = (search.get("metrics") or {}).get("budget_ms")
@@ -397,7 +445,7 @@ def write_report(run_dir: Path) -> Path:
     # `ditnas run` draws it in the quality stage; an older run folder has it in train/
     grid = next((p for p in (run_dir / "quality" / "samples_max.png", run_dir / "train" / "samples_max.png") if p.is_file()), None)
     if grid is not None:
-        grids.append(f"<figure>{_png(grid)}<figcaption>max net, supernet weights</figcaption></figure>")
+        grids.append(f"<figure>{_with_gif(grid)}<figcaption>max net, supernet weights</figcaption></figure>")
     steps, cfg_scale = 28, float((manifest.get("config") or {}).get("sample", {}).get("cfg_scale", 2.0))
     for stage, key, caption in (("extract", "chosen", "chosen subnet, supernet weights"),
                                 ("prune", "subnet", "pruned subnet"), ("kd", "subnet", "chosen subnet after KD")):
@@ -413,6 +461,17 @@ def write_report(run_dir: Path) -> Path:
             grids.append(f"<figure>{img}<figcaption>{caption}, {steps} steps, CFG {cfg_scale:g}</figcaption></figure>")
         except DitnasError as exc:
             grids.append(f"<p>{caption} samples unavailable: {html.escape(str(exc))}</p>")
+    distilled = ((stages.get("distill") or {}).get("outputs") or {}).get("subnet")
+    if distilled and Path(distilled).is_dir():
+        try:
+            streamed = streamed_student_grid(Path(distilled), run_dir / "report_distill_stream.png")
+            if streamed is not None:
+                img, sampler = streamed
+                grids.append(f"<figure>{img}<figcaption>{sampler['steps']}-step streaming student as trained: "
+                             f"{sampler['chunk']} frame(s) per chunk on its own cache (eager torch); the .pte below "
+                             "runs the whole-clip sampler</figcaption></figure>")
+        except DitnasError as exc:
+            grids.append(f"<p>streaming student samples unavailable: {html.escape(str(exc))}</p>")
     export = stages.get("export", {})
     pte = (export.get("outputs") or {}).get("pte")
     if pte and Path(pte).is_file():

@@ -73,6 +73,11 @@ class Objectives:
         """Score quality with `signal` from now on."""
         self.signal = signal
 
+    def use_predictor(self, predictor: Any) -> None:
+        """Price latency with `predictor` from now on (e.g. a StreamingPredictor); forgets earlier prices."""
+        self.predictor = predictor
+        self._step_ms.clear()
+
     def step_ms(self, arch: Arch) -> float:
         """Predicted latency of one denoising step (ms, calibrated p50)."""
         if self.predictor is None:

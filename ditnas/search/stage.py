@@ -19,6 +19,7 @@ from typing import Any
 from ditnas.config import SearchConfig
 from ditnas.errors import DitnasError
 from ditnas.io import versions, write_json
+from ditnas.latency_models.stream_latency import search_predictor
 from ditnas.search.baselines import score_baselines
 from ditnas.search.objectives import EvalContext
 from ditnas.search.optuna_search import open_storage, pareto_frame, run_study, trials_frame, write_tables
@@ -112,7 +113,7 @@ def run_search(
     started = time.time()
     out = Path(out)
     cfg.check()
-    budget = cfg.needs_budget()
+    budget = cfg.needs_budget() if cfg.target_fps is None else None  # a target FPS needs the clip's frames (below)
     steps = cfg.sorted_steps
     # storage first: an unreachable URL fails before minutes of loading
     store, store_desc = open_storage(cfg.storage, out)
@@ -124,6 +125,10 @@ def run_search(
     ctx.objectives.steps = tuple(steps)
     ctx.objectives.guidance = cfg.guidance
     space = ctx.space
+    if cfg.stream_chunk:  # clips: price one streamed clip, chunk by chunk (stream_latency.py)
+        ctx.objectives.use_predictor(search_predictor(ctx.objectives.predictor, ctx.table.root, cfg.stream_chunk, steps[0]))
+    if budget is None:
+        budget = cfg.needs_budget(frames=space.latent[1])
     check_space_match(space, ctx.table)
     check_coverage(ctx.table, space)
     predictor = ctx.objectives.predictor
@@ -144,6 +149,8 @@ def run_search(
     name = study_name or study_name_for(ctx.checkpoint_sha256, ctx.table_id, budget, steps, cfg.memory_mb, cfg.guidance)
     if study_name is None and cfg.quality != "supernet":  # another signal's losses must not join the same study
         name = f"{name}-{cfg.quality}{cfg.quality_steps}"
+    if study_name is None and cfg.stream_chunk:  # streamed-clip latencies must not join a whole-clip study
+        name = f"{name}-stream{cfg.stream_chunk}"
     memory_limit = None if cfg.memory_mb is None else float(cfg.memory_mb) * 2**20
     study = open_study(cfg, choices, store, name, budget, seeds)
     run_study(
@@ -187,6 +194,7 @@ def run_search(
         "guidance": cfg.guidance,
         "generation_pricing": {g: asdict(f) for g, f in predictor.generation.fits.items()},
         "budget_ms_per_step": {str(s): fit.per_step(s) for s in steps},
+        "streaming": predictor.describe() if cfg.stream_chunk else None,
         "min_reachable_ms_per_step": fit.min_ms_per_step,
         "steps": steps,
         "steps_reachable": fit.reachable,

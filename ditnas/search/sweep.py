@@ -131,6 +131,9 @@ def sweep(
 
     search_cfg.check()
     sweep_cfg.check()
+    if search_cfg.stream_chunk:  # its Ray workers price with the tables' whole-clip predictors
+        raise ConfigFieldError("search.stream_chunk", f"{search_cfg.stream_chunk}: `ditnas sweep` prices whole-clip calls "
+                               "only; run `ditnas search --stream-chunk K --target-fps F` once per target instead")
     budgets = [float(b) for b in sweep_cfg.budgets_ms]
     tables = [Path(t) for t in tables]
     checkpoint, out = Path(checkpoint), Path(out)

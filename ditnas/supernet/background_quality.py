@@ -41,7 +41,10 @@ def compute(cfg: RunConfig, checkpoint: Path, folder: Path, *, progress: bool = 
         result = {"judge_val_accuracy": None, "quality": {}, "skipped": "the data has no labels to train the judge on"}
     else:
         result = reference_quality(ema, cfg, split, folder / "judge", progress=progress)
-    result["samples"] = SAMPLES
+    result["samples"] = SAMPLES  # clips: a frame strip per sample (every frame), and its animated GIF beside it
+    gif = (folder / SAMPLES).with_suffix(".gif")
+    if gif.is_file():
+        result["samples_gif"] = gif.name
     result["seconds"] = round(time.time() - started, 1)
     write_json(folder / RESULT, result)
     return result

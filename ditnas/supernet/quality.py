@@ -61,22 +61,42 @@ def generate(
     return torch.cat(outs).clamp(-1, 1)
 
 
-def save_grid(samples: Tensor, path: Path, nrow: int) -> Path:
-    """Write (N, C, T, H, W) or (N, C, H, W) samples in [-1, 1] as a PNG grid (first frame)."""
-    if samples.dim() == 5:
-        samples = samples[:, :, 0]
-    n, c, h, w = samples.shape
+def _grid_image(x: Tensor, nrow: int, scale_to: int) -> Image.Image:
+    """(N, C, T, H, W) in [-1, 1] -> a PIL grid of `nrow` samples per row, each sample its T frames left to right
+    (1-pixel gaps; 3 between samples of more than one frame), upscaled so the grid's frames are readable."""
+    n, c, t, h, w = x.shape
+    sep = 1 if t == 1 else 3
+    cell = t * (w + 1) - 1
     rows = (n + nrow - 1) // nrow
-    grid = torch.ones(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    grid = torch.ones(c, rows * (h + 1) + 1, nrow * (cell + sep) - sep + 2)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = samples[i]
+        for f in range(t):
+            left = 1 + col * (cell + sep) + f * (w + 1)
+            grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, left : left + w] = x[i, :, f]
     pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
-    scale = max(1, 256 // max(h, w))  # upscale tiny digits so the grid is readable
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    scale = max(1, scale_to // max(h, w))  # upscale tiny digits so the grid is readable
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def save_grid(samples: Tensor, path: Path, nrow: int) -> Path:
+    """Write (N, C, T, H, W) or (N, C, H, W) samples in [-1, 1] as a PNG grid of `nrow` samples per row.
+
+    Clips (T > 1) show every frame: each clip is a frame strip (its T frames left to right), and an animated
+    GIF of the same grid (one GIF frame per clip frame, `path` with suffix .gif) is written beside the PNG."""
+    x = samples if samples.dim() == 5 else samples[:, :, None]
+    frames = x.shape[2]
     path = Path(path)
-    atomic_write_bytes(path, _png(image))
+    # assumption: a clip grid is upscaled 1/T as much as an image grid, so it stays as wide as the image grid
+    atomic_write_bytes(path, _png(_grid_image(x.cpu(), nrow, 256 // frames)))
+    if frames > 1:
+        import io
+
+        gif = [_grid_image(x[:, :, f : f + 1].cpu(), nrow, 64) for f in range(frames)]
+        buffer = io.BytesIO()
+        gif[0].save(buffer, format="GIF", save_all=True, append_images=gif[1:], duration=150, loop=0)
+        atomic_write_bytes(path.with_suffix(".gif"), buffer.getvalue())
     return path
 
 

@@ -1,4 +1,4 @@
-"""The manifest every compression step writes beside its artifact.
+"""The manifest every ditnas artifact folder carries (compression steps, exports, streaming chunk programs).
 
 `{"kind", "inputs": {name: {"path", "sha256"}}, "config", "metrics", "files": {name: sha256},
 "versions", "written"}`: the input hashes let a rerun tell that an input changed, the file hashes let
