@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import time
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, default=400)
     p.add_argument("--samples", type=int, default=64, help="clips sampled per layout for the judge")
     p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--merge-into", type=Path, default=Path("bench/results/video.json"),
+                   help="bench/video.py's JSON: the layout comparison is copied into it as `layouts` (one file per issue item)")
     args = p.parse_args()
     torch.set_num_threads(1)
     began = time.perf_counter()
@@ -192,6 +195,11 @@ def main() -> None:
     rows += [("stream within 10%", result["stream_within_10pct"]), ("stream median |err| %", result["stream_median_abs_err_pct"]),
              ("stream max |err| %", result["stream_max_abs_err_pct"])]
     report(rows, result, args.out)
+    if args.merge_into.is_file():
+        merged = json.loads(args.merge_into.read_text())
+        merged["layouts"] = {"source": f"bench/video_search.py ({args.out}, {result['date']})",
+                             "target_fps": result["target_fps"], "budget_ms": result["budget_ms"], **result["layouts"]}
+        args.merge_into.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Streaming chunk programs (compress/export_stream.py): each exported chunk program equals the eager
+"""Streaming chunk programs (latency_models/stream_programs.py): each exported chunk program equals the eager
 Streamer's step on the same inputs, a whole streamed generation on the ExecuTorch runtime equals the
 eager one, every program is one XNNPACK delegate, and the errors a user can cause -- plus the image
 latency table refusing a video arch (latency_models/predictor.py)."""
