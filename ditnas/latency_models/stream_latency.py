@@ -109,9 +109,9 @@ def summarize_streams(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ms = np.asarray(r["total_ms"], dtype=float)
         if not len(ms) or not np.isfinite(ms).all() or (ms <= 0).any():
             raise DitnasError(f"stream row of {r['arch']} at {r['steps']} steps has no usable times; re-time the session")
-        out.append({k: r[k] for k in ("arch", "chunk", "steps") } | {"threads": r.get("threads"),
-                   "p50": float(np.median(ms)), "p10": float(np.quantile(ms, 0.1)), "p90": float(np.quantile(ms, 0.9)),
-                   "n": int(len(ms))})
+        out.append({"arch": r["arch"], "chunk": r["chunk"], "steps": r["steps"], "threads": r.get("threads"),
+                    "p50": float(np.median(ms)), "p10": float(np.quantile(ms, 0.1)), "p90": float(np.quantile(ms, 0.9)),
+                    "n": int(len(ms))})
     return out
 
 
