@@ -75,7 +75,7 @@ def read_streams(root: Path, stat: str = "total_ms") -> list[dict[str, Any]]:
 
 def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tuple[int, ...], threads: int, iters: int,
                     root: Path, *, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Export each arch's chunk programs into `<root>/streams/<arch key>/` and time whole streamed clips at
+    """Export each arch's chunk programs into `<root>/streams/<arch key>_chunk<k>/` and time whole streamed clips at
     every steps value (fresh processes, `iters` clips each after one warm-up) into `<root>/streams.json`.
     Resumable: an (arch, chunk, steps, threads) already timed, or a folder already exported, is not redone."""
     from ditnas.latency_models.stream_programs import export_stream_programs, time_stream_in_fresh_process
@@ -89,7 +89,7 @@ def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tu
     for i, (arch, steps) in enumerate(todo):
         if progress:
             progress(i, len(todo), f"stream {steps} steps: {arch}")
-        folder = root / "streams" / arch.key()
+        folder = root / "streams" / f"{arch.key()}_chunk{chunk}"  # programs of another chunk size are other programs
         if not (folder / MANIFEST).exists():
             sub = supernet.extract(arch).eval().set_causal(True)
             export_stream_programs(sub, chunk, frames, folder)
