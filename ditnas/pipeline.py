@@ -397,7 +397,7 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
         if cfg.search.stream_chunk:
             # assumption: the pruner prices whole-clip calls; a streamed clip's budget is handed to it as the same
             # fraction of the chosen arch's whole-clip call (the two scale together: the same cells at fewer tokens)
-            per_step = load_predictor(table_root)[1].predict(arch) * budget / predicted
+            per_step = predictor.base.predict(arch) * budget / predicted
         # the pruner stops at a predicted budget; on this host's own table the result is also timed (~1 min)
         m = prune_subnet(replace(cfg.compress.prune, budget_ms=per_step), cfg.compress.kd, chosen, table_root, folder,
                          data_cfg=cfg.data, progress=log, measure=cfg.latency.backend == "executorch-xnnpack")
