@@ -52,6 +52,8 @@ LEVERS: dict[str, tuple[list[str], int, str]] = {
     "fair_uniform2_x3": (["train.fair_sampling=true", "train.steps=3000"], 3,
                          "max + 2 fair random, 3000 steps (3x the default's compute)"),
     "sandwich_x3": (SANDWICH + ["train.steps=3000"], 3, "the sandwich rule, 3000 steps (3x compute)"),
+    "uniform2_x4": (["train.steps=4000"], 3, "the default for 4000 steps: 12,000 subnet-steps, just under the proxy's "
+                    "12,800 for a default search (the longest schedule the issue's compute rule allows)"),
     "graft_uniform2": (["train.steps=900", "graft.teacher_steps=300"], 3,
                        "grafted (max arch alone 300 steps, then every other op per slot by activation distillation), "
                        "then the default for 900 steps: 300 + 2700 subnet-steps"),

@@ -52,6 +52,10 @@ class ModelConfig:
     # frame-causal token mixers (video streaming, supernet/streaming.py): frames never attend to later frames;
     # a no-op on still images (T = 1). Train, extract and sample a model in the mode it will stream in
     causal: bool = False
+    # per-op private adaLN modulation: every (op, width) of a slot gets its own shift/scale/gate Linear instead
+    # of one per width shared by the ops (the norms themselves carry no weights); a fidelity lever (issue:
+    # ops of a slot fight over one modulation under weight sharing). An extracted model is the same either way
+    private_mod: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class TrainConfig:
     sampler: str = "uniform"
     num_random: int = 2  # random subnets per step besides max (and min for sandwich / attentive)
     fair_sampling: bool = False  # random subnets' per-slot ops, widths, MLP ratios drawn from shuffled decks (FairNAS)
+    # progressive shrinking (OFA): for this share of the steps the random subnets use only each slot's reference
+    # op (elastic width, MLP ratio and depth first); every op of the space after it. 0 = off
+    progressive_ops: float = 0.0
     attentive_trials: int = 3  # AttentiveNAS num_trials
     attentive_mode: str = "worstup"  # bestup | worstup
     distill_weight: float = 1.0  # lambda_d on ||v_s - sg(v_max)||^2 (SnapGen++ Eq. 5; weight [NF], 1 assumed)

@@ -1,4 +1,5 @@
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +89,28 @@ def test_widths_use_private_modulation():
         model.final_mod["h4"].weight.add_(1.0)
     assert torch.equal(before, model.run(arch, x, t, y))
     assert not torch.equal(model(x, t, y), before)
+
+
+def test_private_mod_gives_every_op_its_own_modulation_and_extracts_it():
+    torch.manual_seed(0)
+    model = ElasticDiT(SPACE, replace(CFG, private_mod=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    assert sorted(model.blocks[0].mod) == sorted(f"{op}_h{h}" for op in SPACE.ops for h in (2, 3, 4))
+    x, t, y = _inputs()
+    sa, ssa = SPACE.parse("sa:1:4*6"), SPACE.parse("ssa:1:4*6")
+    before_sa, before_ssa = model.run(sa, x, t, y), model.run(ssa, x, t, y)
+    with torch.no_grad():  # sa's modulation moves: ssa's subnet must not
+        for block in model.blocks:
+            block.mod["sa_h4"].weight.add_(1.0)
+    assert torch.equal(before_ssa, model.run(ssa, x, t, y))
+    assert not torch.equal(before_sa, model.run(sa, x, t, y))
+    rng = random.Random(3)
+    for _ in range(8):  # extraction copies the op's own modulation: parity as without private_mod
+        arch = SPACE.sample(rng)
+        assert (model.run(arch, x, t, y) - model.extract(arch)(x, t, y)).abs().max().item() <= 1e-5, str(arch)
 
 
 def test_narrow_block_only_updates_leading_features_of_the_stream():

@@ -264,3 +264,21 @@ def test_fair_sampling_resumed_run_equals_uninterrupted(tmp_path, split):
     _same_state(straight.model.state_dict(), resumed.model.state_dict())
     assert [h["loss_subnets"] for h in straight.history] == [h["loss_subnets"] for h in resumed.history]
     assert straight.subnets.fair.state_dict() == resumed.subnets.fair.state_dict()
+
+
+def test_progressive_ops_trains_reference_ops_first_then_every_op(tmp_path, split):
+    # 6 steps at progressive_ops 0.5: steps 1-3 only each stage's reference op (widths, ratios, skips still
+    # elastic), then all three ops; a run stopped inside the first phase resumes into the same schedule
+    cfg = load_config(None, TINY + ["train.num_random=4", "train.progressive_ops=0.5"])
+    trainer = Trainer(cfg, tmp_path / "t", split)
+    per_step = [[trainer.space.parse(layout) for layout in trainer.train_step().archs] for _ in range(6)]
+    slots = [[s for a in archs for s in a.slots if not s.is_skip] for archs in per_step]
+    assert {s.op for step in slots[:3] for s in step} == {"sa"}
+    assert {s.op for step in slots[3:] for s in step} == {"sa", "lcha", "ssa"}
+    assert len({(s.width, s.mlp_ratio) for step in slots[:3] for s in step}) > 1
+    straight = train_supernet(cfg, tmp_path / "a", split=split)
+    train_supernet(cfg, tmp_path / "b", stop_after=2, split=split)
+    resumed = train_supernet(cfg, tmp_path / "b", split=split)
+    _same_state(straight.model.state_dict(), resumed.model.state_dict())
+    with pytest.raises(DitnasError, match="train.progressive_ops"):
+        Trainer(load_config(None, TINY + ["train.progressive_ops=1.0"]), tmp_path / "c", split)

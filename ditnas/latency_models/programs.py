@@ -405,7 +405,7 @@ def _block_module(supernet: ElasticDiT, cell: Cell) -> Block:
             {cell.op: sblock.mixers[cell.op].sliced(heads)},
             sblock.cross.sliced(heads),
             sblock.ffn.sliced(d, hidden),
-            {"own": copy.deepcopy(sblock.mod[f"h{heads}"])},
+            {"own": copy.deepcopy(sblock.mod[supernet.mod_key(cell.op, heads)])},
         )
 
 

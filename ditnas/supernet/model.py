@@ -296,7 +296,8 @@ class ElasticDiT(_Trunk):
         blocks = []
         for _ in range(space.depth):
             mixers = {op: make_token_mixer(op, cfg) for op in space.ops}
-            mods = {f"h{h}": _new_mod(cfg.cond_dim, h * cfg.head_dim, 6) for h in self.head_counts.values()}
+            mods = {self.mod_key(op, h): _new_mod(cfg.cond_dim, h * cfg.head_dim, 6)
+                    for op in (space.ops if cfg.private_mod else space.ops[:1]) for h in self.head_counts.values()}
             blocks.append(
                 Block(mixers, CrossAttention(cfg.max_heads, cfg.head_dim, cfg.cond_dim), FeedForward(dim, int(max_ratio * dim)), mods)
             )
@@ -326,6 +327,10 @@ class ElasticDiT(_Trunk):
     def stream_heads(self, arch: Arch) -> int:
         return self.heads_for(arch.stream_width)
 
+    def mod_key(self, op: str, heads: int) -> str:
+        """The block modulation an op runs with at `heads`: its own under model.private_mod, else the width's."""
+        return f"{op}_h{heads}" if self.cfg.private_mod else f"h{heads}"
+
     def _plan(self, arch: Arch, blocks) -> list:
         plan = []
         for slot, block in zip(arch.slots, blocks):
@@ -333,7 +338,7 @@ class ElasticDiT(_Trunk):
                 plan.append((slot.stage, None, None, 0, 0, ""))
             else:
                 heads = self.heads_for(slot.width)
-                plan.append((slot.stage, block, slot.op, heads, self.hidden_for(slot), f"h{heads}"))
+                plan.append((slot.stage, block, slot.op, heads, self.hidden_for(slot), self.mod_key(slot.op, heads)))
         return plan
 
     # ----- OFA contract ----------------------------------------------------------------------
@@ -389,7 +394,7 @@ class SubDiT(_Trunk):
                 continue
             heads = supernet.heads_for(slot.width)
             d = heads * self.head_dim
-            mod = sblock.mod[f"h{heads}"]
+            mod = sblock.mod[supernet.mod_key(slot.op, heads)]
             blocks.append(
                 Block(
                     {slot.op: sblock.mixers[slot.op].sliced(heads)},

@@ -23,7 +23,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ditnas.arch import Arch, SearchSpace
 from ditnas.config import RunConfig, config_from_dict
 from ditnas.data import BatchSampler, DatasetSplit, load_split
 from ditnas.device import autocast, check_precision, resolve_device
-from ditnas.errors import DitnasError
+from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.io import atomic_torch_save, torch_load
 from ditnas.supernet.distributed import Group, env_ranks, join
 from ditnas.supernet.fair_sampling import FairDraw
@@ -92,27 +92,37 @@ class StepStats:
 class SubnetSampler:
     """Chooses the subnets trained next to the max arch in one step."""
 
-    def __init__(self, space: SearchSpace, kind: str, num_random: int, trials: int, mode: str, fair: bool = False):
+    def __init__(self, space: SearchSpace, kind: str, num_random: int, trials: int, mode: str, fair: bool = False,
+                 ops_from: int = 0):
         if kind not in SAMPLERS:
             raise DitnasError(f"train.sampler={kind!r} unknown; use one of {', '.join(SAMPLERS)}")
         if mode not in ("bestup", "worstup"):
             raise DitnasError(f"train.attentive_mode={mode!r} unknown; use bestup or worstup")
         self.space, self.kind, self.k, self.trials, self.mode = space, kind, num_random, trials, mode
         self.fair = FairDraw(space) if fair else None  # train.fair_sampling (fair_sampling.py)
+        # train.progressive_ops: steps before `ops_from` draw from the space cut to each stage's reference op
+        # assumption: a skippable slot is then skipped with probability 1/2 (uniform over {op, skip}, as sample does)
+        self.ops_from = ops_from
+        refs = {s: space.ops_for(s)[0] for s in (0, 1)}  # the two resolution stages
+        self.reference_ops = replace(space, ops=tuple(dict.fromkeys(refs.values())),
+                                     stage_ops={s: (op,) for s, op in refs.items()})
 
-    def _draw(self, rng: random.Random) -> Arch:
+    def _draw(self, rng: random.Random, step: int) -> Arch:
+        if step < self.ops_from:
+            return self.reference_ops.sample(rng)
         return self.fair.sample(rng) if self.fair is not None else self.space.sample(rng)
 
-    def choose(self, rng: random.Random, score: Callable[[Arch], float]) -> list[Arch]:
+    def choose(self, rng: random.Random, score: Callable[[Arch], float], step: int = 0) -> list[Arch]:
+        """The subnets of the step with index `step` (0-based; it decides the progressive phase)."""
         archs: list[Arch] = []
         for _ in range(self.k):
             if self.kind == "attentive":
-                candidates = [self._draw(rng) for _ in range(self.trials)]
+                candidates = [self._draw(rng, step) for _ in range(self.trials)]
                 losses = [score(a) for a in candidates]
                 pick = max if self.mode == "worstup" else min
                 archs.append(candidates[losses.index(pick(losses))])
             else:
-                archs.append(self._draw(rng))
+                archs.append(self._draw(rng, step))
         if self.kind in ("sandwich", "attentive"):
             archs.append(self.space.min_arch())  # sandwich rule: the smallest child every step
         return archs
@@ -160,8 +170,11 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(tc.seed + 1)
         self.arch_rng = random.Random(tc.seed + 2)
         self.batches = BatchSampler(self.split, tc.batch_size, seed=tc.seed + 3)
+        if not 0.0 <= tc.progressive_ops < 1.0:
+            raise ConfigFieldError("train.progressive_ops", f"{tc.progressive_ops} must lie in [0, 1): the share of the "
+                                   "steps trained on the reference ops only")
         self.subnets = SubnetSampler(self.space, tc.sampler, tc.num_random, tc.attentive_trials, tc.attentive_mode,
-                                     fair=tc.fair_sampling)
+                                     fair=tc.fair_sampling, ops_from=round(tc.progressive_ops * tc.steps))
         self.step = 0
         self.history: list[dict] = []
         self.max_arch = self.space.max_arch()
@@ -191,7 +204,7 @@ class Trainer:
             with torch.no_grad():
                 return group.mean([mse(run(arch), target).item()], device)[0]
 
-        archs = self.subnets.choose(self.arch_rng, score)
+        archs = self.subnets.choose(self.arch_rng, score, self.step)
         group.check_same(f"the subnets of step {self.step + 1}", " ".join(a.layout() for a in archs), device)
         sub_losses, distill_losses = [], []
         for arch in archs:
