@@ -123,9 +123,14 @@ def sample(
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     arch: Annotated[str, typer.Option(help="layout string, max/mid/min/narrowest, or a file holding one (supernet checkpoints only)")] = "max",
     steps: Annotated[int, typer.Option(min=1)] = 28,
-    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance scale (1 = off)")] = 2.0,
+    cfg_scale: Annotated[float, typer.Option(help="guidance scale w (1 = off)")] = 2.0,
     per_class: Annotated[int, typer.Option(min=1)] = 8,
     seed: int = 0,
+    guidance: Annotated[str, typer.Option(help="cfg (classifier-free) | pdg (Path-Drop Guidance: the unconditional "
+                                          "branch skips the middle slots; a model trained with train.path_drop > 0) "
+                                          "(sample.guidance)")] = "cfg",
+    pdg_dense: Annotated[Optional[int], typer.Option(help="pdg: slots at each end the unconditional branch keeps; "
+                                                     "default the checkpoint's train.token_drop_dense")] = None,
 ) -> None:
     """Draw a class-by-class sample grid from a supernet subnet or an extracted model."""
     import torch
@@ -133,18 +138,26 @@ def sample(
     from ditnas.arch import resolve_arch
     from ditnas.supernet.extract import SUBNET_NAME, load_subnet
     from ditnas.supernet.quality import generate, save_grid, velocity_fn
+    from ditnas.supernet.token_drop import dense_only_fn
     from ditnas.supernet.train import load_supernet
 
     if checkpoint.is_dir() or checkpoint.name == SUBNET_NAME:
         model = load_subnet(checkpoint)
         latent, classes, fn = model.arch.latent, model.arch.num_classes, velocity_fn(model)
+        dense = pdg_dense if pdg_dense is not None else 1  # assumption: a subnet file does not say; the field's default
+        uncond, depth = dense_only_fn(model, dense), len(model.arch.slots)
     else:
-        supernet, _, _ = load_supernet(checkpoint)
+        supernet, run_cfg, _ = load_supernet(checkpoint)
         chosen = resolve_arch(supernet.space, arch)
         latent, classes, fn = chosen.latent, chosen.num_classes, velocity_fn(supernet, chosen)
+        dense = pdg_dense if pdg_dense is not None else run_cfg.train.token_drop_dense
+        uncond, depth = dense_only_fn(supernet, dense, chosen), len(chosen.slots)
+    if guidance == "pdg" and not 1 <= dense < depth - dense:
+        raise DitnasError(f"--pdg-dense: {dense} dense slots at each end of a depth-{depth} arch leave no middle to skip")
     labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
-    samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
-                       null_label=classes, seed=seed)
+    with field_flags({"sample.guidance": "--guidance"}):
+        samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
+                           null_label=classes, seed=seed, guidance=guidance, uncond_fn=uncond)
     typer.echo(f"wrote {save_grid(samples, out, nrow=per_class)}")
 
 
@@ -340,7 +353,7 @@ SEARCH_FLAGS = {"search.budget_ms": "--budget-ms", "search.steps": "--steps", "s
                 "search.quality_steps": "--quality-steps", "search.guidance": "--guidance", "search.threads": "--threads",
                 "search.fidelity_archs": "--fidelity", "search.rerank_top": "--rerank-top",
                 "search.stream_chunk": "--stream-chunk", "search.target_fps": "--target-fps"}
-SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.quality", "search.guidance", "search.threads", "search.stream", "search.target"))},  # set by --set in a sweep
+SWEEP_FLAGS = {**{k: v for k, v in SEARCH_FLAGS.items() if not k.startswith(("search.guidance", "search.threads", "search.stream", "search.target"))},  # set by --set in a sweep
                "sweep.budgets_ms": "--budgets", "sweep.ray_address": "--ray-address",
                "sweep.max_in_flight": "--max-in-flight", "sweep.retries": "--retries"}
 
@@ -432,19 +445,25 @@ def sweep(
     retries: Annotated[Optional[int], typer.Option(help="retries of a task whose worker died (sweep.retries, default 2)")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="DP layouts enqueued first in each study (search.dp_seeds, default 16)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="sampler seed (search.seed)")] = None,
+    quality: Annotated[Optional[str], typer.Option(help="quality signal: supernet | proxy | finetune, trained on the workers (search.quality)")] = None,
+    quality_steps: Annotated[Optional[int], typer.Option(help="training steps per arch of the proxy / finetune signal (search.quality_steps)")] = None,
+    fidelity: Annotated[Optional[int], typer.Option(help="per study, train this many of its archs standalone and report how the signal ranks them (search.fidelity_archs)")] = None,
+    rerank_top: Annotated[Optional[int], typer.Option(help="per study, train the best N feasible archs in successive-halving rungs and pick by the trained loss (search.rerank_top)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fan (budget x device table) searches out over a Ray cluster; one Optuna study per pair, each
-    checked and seeded with exact-DP layouts under its budget as `ditnas search` does."""
+    checked and seeded with exact-DP layouts under its budget as `ditnas search` does (and reranked / checked
+    for fidelity on the driver afterwards when asked)."""
     from ditnas.latency_models.stage import table_dir
     from ditnas.search.sweep import sweep as run_sweep
 
     flags = {"sweep.budgets_ms": _numbers(budgets, float, "--budgets"), "search.trials": trials,
              "search.steps": _numbers(steps, int, "--steps"), "search.storage": storage, "search.sampler": sampler,
              "sweep.ray_address": ray_address, "sweep.max_in_flight": max_in_flight, "sweep.retries": retries,
-             "search.dp_seeds": seeds, "search.seed": seed}
+             "search.dp_seeds": seeds, "search.seed": seed, "search.quality": quality,
+             "search.quality_steps": quality_steps, "search.fidelity_archs": fidelity, "search.rerank_top": rerank_top}
     table_list = [table_dir(Path(t.strip())) for t in tables.split(",") if t.strip()]
     with field_flags(SWEEP_FLAGS):
         cfg = load_run_config(config, overrides, flags)
@@ -452,9 +471,17 @@ def sweep(
         bar = progress_bar(progress)
         with bar:
             task = bar.add_task("sweep", total=total, phase="sweep", info="")
+            after: dict[str, int] = {}  # phase -> bar task
+
+            def after_search(phase: str, done: int, n: int, what: str) -> None:  # rerank / fidelity per study
+                if phase not in after:
+                    after[phase] = bar.add_task(phase, total=n, phase=phase, info="")
+                bar.update(after[phase], completed=done, total=n, info=what)
+
             manifest = run_sweep(
                 cfg.search, cfg.sweep, checkpoint, table_list, out,
                 on_result=lambda label, number, result: bar.update(task, advance=1, info=f"{label} #{number}"),
+                progress=after_search,
             )
     typer.echo(f"sweep of {len(manifest.get('studies', []))} studies -> {out / 'sweep.json'}, combined front {out / 'front.csv'}")
 

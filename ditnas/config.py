@@ -98,6 +98,15 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights, optimiser and EMA stay fp32)
     # start weights: '' = fresh init; a path = a grafted supernet (`ditnas graft`'s grafted.pt, supernet/graft.py)
     init: str = ""
+    # token dropping (SPRINT, supernet/token_drop.py): the middle slots see one token of every 2x2 group (0.75 is
+    # the only drop ratio; 0 = off); `token_drop_dense` slots at EACH end of the arch always see every token; the
+    # last `token_drop_finetune` share of the steps runs every token (SPRINT's short full-token fine-tune)
+    token_drop: float = 0.0
+    token_drop_dense: int = 1  # assumption: SPRINT keeps 2 of 28 blocks per end; 1 of 6 at our depth
+    token_drop_finetune: float = 0.1  # assumption: "short" fine-tune = the last 10% of the steps
+    # probability per step that every middle slot is skipped (the dense-only net Path-Drop Guidance's unconditional
+    # branch runs, `ditnas sample --guidance pdg`); SPRINT: 0.1 with its token drop
+    path_drop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,9 @@ class SampleConfig:
     steps: int = 28
     cfg_scale: float = 2.0  # assumption: moderate guidance for 10-class digits
     time_shift: float = 1.0
+    # cfg: v_null + w (v_cond - v_null), one batch-2 call per step; pdg (Path-Drop Guidance, SPRINT): the
+    # unconditional branch is the dense-only net (middle slots skipped) on the null label (flow.SAMPLER_GUIDANCE)
+    guidance: str = "cfg"
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,8 @@ class LatencyConfig:
             raise ConfigFieldError("latency.iters", f"{self.iters} must be >= 1")
         if self.threads < 1:
             raise ConfigFieldError("latency.threads", f"{self.threads} must be >= 1")
+        if "pdg" in self.guidance:
+            raise ConfigFieldError("latency.guidance", "pdg is not priced by the latency tables yet; time none or cfg")
         bad = [g for g in self.guidance if g not in GUIDANCE]
         if bad:
             raise ConfigFieldError("latency.guidance", f"{list(self.guidance)}: choose from {', '.join(GUIDANCE)}")
@@ -299,6 +313,8 @@ class SearchConfig:
             raise ConfigFieldError("search.fidelity_steps", f"{self.fidelity_steps} must be >= 1")
         if self.quality_steps < 0:
             raise ConfigFieldError("search.quality_steps", f"{self.quality_steps} must be >= 0 training steps per arch")
+        if self.guidance == "pdg":
+            raise ConfigFieldError("search.guidance", "pdg is not priced by the latency tables yet; search with none or cfg")
         if self.guidance not in GUIDANCE:
             raise ConfigFieldError("search.guidance", f"unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE)}")
         if self.threads is not None and self.threads < 1:

@@ -141,6 +141,41 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
                         "--no-progress"], capsys)
     assert code == 2 and "--budgets (sweep.budgets_ms): 0.001 ms is below the cheapest reachable arch" in err
     assert not (tmp_path / "bad" / "sweep.journal").exists()
+    _sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, budgets[1])
     import ray
 
     ray.shutdown()
+
+
+def _sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, budget):
+    """search.quality / rerank_top in a sweep: the workers score with the proxy signal (= an independent
+    standalone run), and each study's pick is successive halving over its own top archs, as `ditnas search`."""
+    import optuna
+
+    from ditnas.search.optuna_search import open_storage
+
+    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", repr(budget), "--tables",
+                        str(env["table_dir"]), "--trials", "5", "--steps", "4", "--seeds", "2", "--quality", "proxy",
+                        "--quality-steps", "2", "--rerank-top", "3", "--set", "search.rerank_steps=[2,4]",
+                        "--out", str(tmp_path / "q"), "--no-progress"], capsys)
+    assert code == 0, err
+    store, _ = open_storage(str(tmp_path / "q" / "sweep.journal"), tmp_path / "q")
+    (name,) = optuna.get_all_study_names(store)
+    assert name.endswith("-proxy2")  # never mixed with supernet-signal studies
+    from ditnas.search.objectives import EvalContext
+    from ditnas.supernet.flow import EVAL_SEED, VAL_BATCH
+
+    ctx = EvalContext.from_paths(env["ckpt"], None, VAL_BATCH, EVAL_SEED)  # the sweep's eval batch
+    proxy = {s: ctx.new_signal("proxy", s, tmp_path / "independent") for s in (2, 4)}  # its own cache
+    trials = pd.read_parquet(next((tmp_path / "q").rglob("trials.parquet")))
+    done = trials[trials["state"] == "COMPLETE"]
+    for row in done.head(2).itertuples():
+        assert row.quality == pytest.approx(proxy[2](ctx.space.parse(row.arch, source="test")), abs=1e-6)
+    study = json.loads(next((tmp_path / "q").rglob("study.json")).read_text())
+    top = list(done[done["feasible"]].sort_values(["quality", "latency_ms"]).drop_duplicates("arch")["arch"].head(3))
+    assert study["rerank"]["candidates"] == top and len(top) == 3
+    loss = {(a, s): proxy[s](ctx.space.parse(a, source="test")) for a in top for s in (2, 4)}
+    want = min(sorted(top, key=lambda a: loss[(a, 2)])[:2], key=lambda a: loss[(a, 4)])
+    assert study["rerank"]["pick"] == want and study["best"]["arch"] == want
+    assert study["best_by"] == "rerank: proxy loss after 4 steps"
+    assert json.loads((tmp_path / "q" / "sweep.json").read_text())["studies"][0]["rerank"]["pick"] == want

@@ -9,8 +9,8 @@ exception raised by the function is retried only with `retry_exceptions=True`).
 
 - `run_studies([...])` / `distributed_ask_tell(study, ...)` is the generic driver loop: the evaluator
   is any picklable top-level function, so this module does not depend on `objectives.py`.
-- `evaluate_arch_task(checkpoint, table, n, seed, guidance, arch_text, steps)` is the real evaluator: it builds
-  one `EvalContext` per worker process and reuses it.
+- `evaluate_arch_task(checkpoint, table, n, seed, guidance, quality, quality_steps, arch_text, steps)` is the real
+  evaluator: it builds one `EvalContext` per worker process and reuses it.
 """
 
 from __future__ import annotations
@@ -42,19 +42,24 @@ def _task_error(exc: BaseException) -> str:
 
 
 # ----- the evaluator task ----------------------------------------------------------------------
-_CONTEXTS: dict[tuple, Any] = {}  # per worker process: (checkpoint, table, n, seed, guidance) -> EvalContext
+_CONTEXTS: dict[tuple, Any] = {}  # per worker process: (checkpoint, table, n, seed, guidance, quality, steps) -> EvalContext
 
 
-def evaluate_arch_task(checkpoint: str, table: str | None, n: int, seed: int, guidance: str, arch_text: str, steps: int) -> dict:
-    """Evaluate one candidate inside a Ray worker; the EvalContext (supernet, eval batch, predictor)
-    is loaded on the first call in a process and reused, since Ray keeps workers alive between tasks."""
+def evaluate_arch_task(checkpoint: str, table: str | None, n: int, seed: int, guidance: str, quality: str,
+                       quality_steps: int, arch_text: str, steps: int) -> dict:
+    """Evaluate one candidate inside a Ray worker; the EvalContext (supernet, eval batch, predictor, the
+    quality signal `search.quality`) is loaded on the first call in a process and reused, since Ray keeps
+    workers alive between tasks. A trained signal (proxy, finetune) caches beside the checkpoint
+    (`<checkpoint folder>/search_cache`, as `ditnas search` does), so a retried task trains nothing twice."""
     # lazy: torch is only needed on workers
     from ditnas.search.objectives import EvalContext
 
-    key = (str(checkpoint), None if table is None else str(table), int(n), int(seed), str(guidance))
+    key = (str(checkpoint), None if table is None else str(table), int(n), int(seed), str(guidance), str(quality),
+           int(quality_steps))
     ctx = _CONTEXTS.get(key)
     if ctx is None:
-        ctx = _CONTEXTS[key] = EvalContext.from_paths(checkpoint, table, n, seed, guidance=guidance)
+        ctx = _CONTEXTS[key] = EvalContext.from_paths(checkpoint, table, n, seed, guidance=guidance, quality=quality,
+                                                      quality_steps=quality_steps)
     return dict(ctx.evaluate(arch_text, int(steps)))
 
 

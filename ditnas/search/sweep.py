@@ -10,6 +10,12 @@ settings), and its results go through the same atomic parquet/CSV writer:
     <out>/sweep.json               inputs, config, cluster, versions, per-study counts
 
 Rerunning the same command tops each study up to `search.trials` finished trials.
+
+The quality signal is `search.quality` as in `ditnas search` (a trained one, proxy or finetune, trains on the
+workers and caches beside the checkpoint; its studies are named apart). `search.rerank_top` and
+`search.fidelity_archs` run on the driver after the studies, once per study, exactly as `ditnas search` runs them
+(stage.search_rerank / search_fidelity); their records land in the study's study.json and in sweep.json, and a
+reranked study's pick is its `best`.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ def budget_dir(budget_ms: float) -> str:
     return f"{float(budget_ms):g}ms"
 
 
-def study_name(prefix: str, table_name: str, budget_ms: float) -> str:
-    return f"{prefix}-{table_name}-{budget_dir(budget_ms)}"
+def study_name(prefix: str, table_name: str, budget_ms: float, quality: str = "supernet", quality_steps: int = 0) -> str:
+    """One study per (table, budget); another quality signal's losses must not join the same study."""
+    name = f"{prefix}-{table_name}-{budget_dir(budget_ms)}"
+    return name if quality == "supernet" else f"{name}-{quality}{quality_steps}"
 
 
 @dataclass
@@ -113,6 +121,7 @@ def sweep(
     *,
     resources: Mapping[str, float] | None = None,
     on_result: Callable[[str, int, Result | None], None] | None = None,
+    progress: Callable[[str, int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """(budget × device table) searches over a Ray cluster: one study per pair in one storage
     (`search.storage`, default the journal `out/sweep.journal`). `search.budget_ms` is not used: the
@@ -186,7 +195,8 @@ def sweep(
     for table, tname, b, predictor, fit in plans:
         seeds = dp_seeds(choices, predictor, sens, b, fit.reachable, search_cfg.dp_seeds, buckets=search_cfg.dp_buckets,
                          guidance=search_cfg.guidance)
-        study = open_study(search_cfg, choices, store, study_name(sweep_cfg.prefix, tname, b), b, seeds,
+        name = study_name(sweep_cfg.prefix, tname, b, search_cfg.quality, search_cfg.quality_steps)
+        study = open_study(search_cfg, choices, store, name, b, seeds,
                            constant_liar=True, user_attrs={"table": str(table)})
         seeded[f"{tname}/{budget_dir(b)}"] = [{"arch": str(a), "steps": s} for a, s in seeds]
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
@@ -198,7 +208,8 @@ def sweep(
             return c
 
         job = StudyJob(study, evaluate_arch_task, make_params, max(0, int(search_cfg.trials) - done),
-                       eval_args=(str(checkpoint), str(table), n_eval, EVAL_SEED, search_cfg.guidance), constraints_fn=constraints,
+                       eval_args=(str(checkpoint), str(table), n_eval, EVAL_SEED, search_cfg.guidance, search_cfg.quality,
+                                  search_cfg.quality_steps), constraints_fn=constraints,
                        label=f"{tname}/{budget_dir(b)}")
         cells.append(SweepStudy(tname, b, job, out / tname / budget_dir(b)))
     extra = {"checkpoint": str(checkpoint), "tables": [str(t) for t in tables], "budgets_ms": budgets,
@@ -206,6 +217,39 @@ def sweep(
                                         "sweep": asdict(sweep_cfg)},
              "eval": {"n": n_eval, "seed": EVAL_SEED}, "dp_seeds": seeded,
              "ray": {"address": conn.address, "token_auth": conn.token_auth}}
-    return run_sweep(cells, out, storage_desc=storage_desc, max_in_flight=sweep_cfg.max_in_flight,
-                     retries=sweep_cfg.retries, resources=resources, num_cpus=sweep_cfg.num_cpus,
-                     extra_manifest=extra, on_result=on_result)
+    manifest = run_sweep(cells, out, storage_desc=storage_desc, max_in_flight=sweep_cfg.max_in_flight,
+                         retries=sweep_cfg.retries, resources=resources, num_cpus=sweep_cfg.num_cpus,
+                         extra_manifest=extra, on_result=on_result)
+    if search_cfg.rerank_top or search_cfg.fidelity_archs:
+        check_after_search(search_cfg, checkpoint, n_eval, cells, manifest, out, progress)
+    return manifest
+
+
+def check_after_search(search_cfg: SearchConfig, checkpoint: Path, n_eval: int, cells: Sequence[SweepStudy],
+                       manifest: dict[str, Any], out: Path, progress: Callable[[str, int, int, str], None] | None) -> None:
+    """`search.rerank_top` and `search.fidelity_archs` on every finished study, on the driver, as `ditnas search`
+    runs them; each study's study.json gets `best`, `rerank` and `fidelity`, sweep.json the same per study."""
+    from ditnas.search.objectives import EvalContext
+    from ditnas.search.stage import search_fidelity, search_rerank
+    from ditnas.supernet.flow import EVAL_SEED
+
+    ctx = EvalContext.from_paths(checkpoint, None, n_eval, EVAL_SEED)
+    cache = checkpoint.parent / "search_cache"  # where the workers' trained signals are cached
+    signal = ctx.use_quality(search_cfg.quality, search_cfg.quality_steps, cache)
+    for cell, info in zip(cells, manifest["studies"], strict=True):
+        trials = trials_frame(cell.job.study)
+        feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)] if len(trials) else trials
+        if not len(feasible):
+            info.update(best=None, best_by="no feasible trial", rerank=None, fidelity=None)
+        else:
+            best, rerank = feasible.sort_values(["quality", "latency_ms"]).iloc[0].to_dict(), None
+            if search_cfg.rerank_top:
+                best, rerank = search_rerank(search_cfg, ctx, trials, cache, progress)
+            fidelity = search_fidelity(search_cfg, ctx, signal, trials, cache, progress) if search_cfg.fidelity_archs else None
+            info.update(best={"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
+                              "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
+                        best_by="signal" if rerank is None else
+                        f"rerank: {search_cfg.rerank_signal} loss after {rerank['pick_steps']} steps",
+                        rerank=rerank, fidelity=fidelity)
+        write_json(cell.out_dir / "study.json", info)
+    write_json(out / "sweep.json", manifest)

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ditnas.errors import ConfigFieldError
+
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> v
+# guidance modes of the sampler (sample.guidance); the latency tables price only config.GUIDANCE (none, cfg)
+SAMPLER_GUIDANCE = ("cfg", "pdg")
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -103,8 +107,17 @@ def euler_sample(
     generator: torch.Generator,
     shift: float = 1.0,
     noise: Tensor | None = None,
+    guidance: str = "cfg",
+    uncond_fn: VelocityFn | None = None,
 ) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (noise) to 0; CFG v = v_null + g (v_cond - v_null) when g != 1."""
+    """Integrate dx/dt = v from t = 1 (noise) to 0; when g = cfg_scale != 1:
+    cfg: v = v_null + g (v_cond - v_null), one batch-2 call of `fn`;
+    pdg (Path-Drop Guidance, SPRINT): v = v_u + g (v_cond - v_u), v_cond = fn(labels) and v_u = uncond_fn(null
+    label) -- the dense-only net (token_drop.dense_only_fn): two batch-1 calls, the second over the dense slots only."""
+    if guidance not in SAMPLER_GUIDANCE:
+        raise ConfigFieldError("sample.guidance", f"unknown guidance {guidance!r}; choose one of {', '.join(SAMPLER_GUIDANCE)}")
+    if guidance == "pdg" and uncond_fn is None and cfg_scale != 1.0:
+        raise ValueError("guidance pdg needs uncond_fn, the dense-only velocity (token_drop.dense_only_fn)")
     n = labels.shape[0]
     x = noise if noise is not None else torch.randn((n, *shape), generator=generator)
     times = time_grid(steps, shift)
@@ -114,6 +127,9 @@ def euler_sample(
         tt = torch.full((n,), float(t))
         if cfg_scale == 1.0:
             v = fn(x, tt, labels)
+        elif guidance == "pdg":
+            v_cond, v_u = fn(x, tt, labels), uncond_fn(x, tt, null)
+            v = v_u + cfg_scale * (v_cond - v_u)
         else:
             both = fn(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
             v_cond, v_null = both[:n], both[n:]

@@ -34,6 +34,7 @@ from ditnas.arch import Arch, SearchSpace, Slot
 from ditnas.config import ModelConfig
 from ditnas.errors import DitnasError
 from ditnas.supernet.ops import ASSA, LCHA, SSA, Attention, CrossAttention, FeedForward, layer_norm, with_io_dim
+from ditnas.supernet.token_drop import dense_only_plan, gather_tokens, half, keep_index, scatter_tokens, sparse_plan_ok
 
 Grid = tuple[int, int, int]
 
@@ -195,7 +196,8 @@ class _Trunk(nn.Module):
 
     def _walk(
         self, x: Tensor, t: Tensor, y: Tensor, plan: list, stream: int, patch, down, up, final_mod, final,
-        features: bool = False, chunk: ChunkStep | None = None,
+        features: bool = False, chunk: ChunkStep | None = None, keep: Tensor | None = None, dense: int = 1,
+        path_drop: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Run the blocks of `plan` = [(stage, block | None, op, heads, hidden, mod_key[, width])] on the stream.
 
@@ -203,17 +205,38 @@ class _Trunk(nn.Module):
         mixer keeps fewer heads than its width; heads=None then runs every module at its own size).
         `features=True` also returns the stream right before the final adaLN (B, tokens, stream).
         With `chunk`, x holds frames chunk.t0.. of a clip and every block runs its causal `step` on
-        chunk.past[i]; the extended caches land in chunk.new."""
+        chunk.past[i]; the extended caches land in chunk.new.
+
+        Token dropping (token_drop.py): `keep` (B, T, H/2, W/2) offsets run the middle slots (all but `dense`
+        at each end) on one token of every 2x2 group of the grid before the first middle slot, scattered
+        back after the last (dropped tokens pass through); if the middle cannot run on that sub-grid (odd
+        sides, an odd merge, a skip tensor saved before the middle, an op's grid rule) the forward runs
+        dense instead. `path_drop=True` skips every middle slot (the dense-only net of Path-Drop Guidance)."""
         tokens, grid = patchify(x, self.patch_size)
         h = patch(tokens)
         c, ctx = self._condition(t, y)
         stage, saved = 0, []
         if chunk is not None:
             chunk.new = [None] * len(plan)
+            if keep is not None or path_drop:
+                raise ValueError("token dropping and path drop are training/sampling options of whole clips, not of "
+                                 "streamed chunks")
+        if path_drop:
+            plan = dense_only_plan(plan, dense)
+        # assumption: RoPE and every grid-aware op take the kept tokens' positions on the sub-grid's own
+        # integer coordinates (ops compute positions from the grid they are given)
+        sparse = keep is not None and not path_drop and sparse_plan_ok(plan, dense, grid)
+        lo, hi = dense, len(plan) - dense
         for i, entry in enumerate(plan):
             slot_stage, block, op, heads, hidden, mod_key = entry[:6]
+            if sparse and i == lo:  # SPRINT: the middle sees one token of every 2x2 group
+                before, before_grid = h, grid
+                index = keep_index(keep, grid)
+                h, grid = gather_tokens(h, index), half(grid)
             if slot_stage != stage:
                 h, grid, stage = self._transition(h, grid, slot_stage, saved, down, up)
+            if sparse and i == hi:  # back at the drop point's stage: reinsert, dropped tokens pass through
+                h, grid = scatter_tokens(before, h, index), before_grid
             if block is None:
                 continue
             d = entry[6] if len(entry) > 6 else heads * self.head_dim
@@ -342,18 +365,22 @@ class ElasticDiT(_Trunk):
         return plan
 
     # ----- OFA contract ----------------------------------------------------------------------
-    def run(self, arch: Arch, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """Velocity of sub-DiT `arch` at (x_t, t, label y) with the supernet's shared weights."""
+    def run(self, arch: Arch, x: Tensor, t: Tensor, y: Tensor, keep: Tensor | None = None, *, dense: int = 1,
+            path_drop: bool = False) -> Tensor:
+        """Velocity of sub-DiT `arch` at (x_t, t, label y) with the supernet's shared weights.
+
+        `keep` / `dense` / `path_drop`: token dropping and the dense-only path (_Trunk._walk, token_drop.py)."""
         self.space.validate(arch)
         stream_heads = self.stream_heads(arch)
         stream = stream_heads * self.head_dim
-        keep = _group_index(4, self.dim, stream)
-        down = lambda z: F.linear(z, self.down.weight[:stream][:, keep], self.down.bias[:stream])  # noqa: E731
-        up = lambda z: F.linear(z, self.up.weight[keep][:, :stream], self.up.bias[keep])  # noqa: E731
+        groups = _group_index(4, self.dim, stream)
+        down = lambda z: F.linear(z, self.down.weight[:stream][:, groups], self.down.bias[:stream])  # noqa: E731
+        up = lambda z: F.linear(z, self.up.weight[groups][:, :stream], self.up.bias[groups])  # noqa: E731
         patch = lambda z: F.linear(z, self.patch.weight[:stream], self.patch.bias[:stream])  # noqa: E731
         final = lambda z: F.linear(z, self.final.weight[:, :stream], self.final.bias)  # noqa: E731
         plan = self._plan(arch, self.blocks)
-        return self._walk(x, t, y, plan, stream, patch, down, up, self.final_mod[f"h{stream_heads}"], final)
+        return self._walk(x, t, y, plan, stream, patch, down, up, self.final_mod[f"h{stream_heads}"], final,
+                          keep=keep, dense=dense, path_drop=path_drop)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, arch: Arch | None = None) -> Tensor:
         return self.run(arch or self.space.max_arch(), x, t, y)
@@ -422,8 +449,11 @@ class SubDiT(_Trunk):
                 plan.append((stage, None, None, 0, 0, ""))
         return plan
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod, self.final)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, keep: Tensor | None = None, *, dense: int = 1,
+                path_drop: bool = False) -> Tensor:
+        """Velocity at (x_t, t, y); `keep` / `dense` / `path_drop` as ElasticDiT.run (token_drop.py)."""
+        return self._walk(x, t, y, self._sub_plan(), self.stream, self.patch, self.down, self.up, self.final_mod, self.final,
+                          keep=keep, dense=dense, path_drop=path_drop)
 
     def forward_chunk(self, x: Tensor, t: Tensor, y: Tensor, chunk: ChunkStep) -> Tensor:
         """Velocity of frames chunk.t0 .. of a clip, x = those frames (B, C, T_chunk, H, W), given each

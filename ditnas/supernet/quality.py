@@ -49,14 +49,16 @@ def generate(
     seed: int,
     batch: int = 250,
     shift: float = 1.0,
+    guidance: str = "cfg",
+    uncond_fn: VelocityFn | None = None,
 ) -> Tensor:
-    """Samples for `labels`, in batches, clamped to the data range [-1, 1]."""
+    """Samples for `labels`, in batches, clamped to the data range [-1, 1] (guidance: flow.euler_sample)."""
     g = torch.Generator().manual_seed(seed)
     outs = []
     for i in range(0, labels.shape[0], batch):
         outs.append(
             euler_sample(fn, labels[i : i + batch], shape, steps=steps, cfg_scale=cfg_scale,
-                         null_label=null_label, generator=g, shift=shift)
+                         null_label=null_label, generator=g, shift=shift, guidance=guidance, uncond_fn=uncond_fn)
         )
     return torch.cat(outs).clamp(-1, 1)
 

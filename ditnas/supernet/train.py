@@ -39,6 +39,7 @@ from ditnas.supernet.distributed import Group, env_ranks, join
 from ditnas.supernet.fair_sampling import FairDraw
 from ditnas.supernet.flow import interpolate, mse, sample_time, velocity_target
 from ditnas.supernet.model import ElasticDiT
+from ditnas.supernet.token_drop import DropSchedule
 
 SAMPLERS = ("uniform", "sandwich", "attentive")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -175,6 +176,10 @@ class Trainer:
                                    "steps trained on the reference ops only")
         self.subnets = SubnetSampler(self.space, tc.sampler, tc.num_random, tc.attentive_trials, tc.attentive_mode,
                                      fair=tc.fair_sampling, ops_from=round(tc.progressive_ops * tc.steps))
+        # token dropping / path drop (token_drop.py): its own seeded RNG, checkpointed, so a resumed run draws the
+        # same keep patterns as an uninterrupted one (and the other streams are untouched when it is off)
+        self.drop_rng = torch.Generator().manual_seed(tc.seed + 4)
+        self.drop = DropSchedule(tc, self.space.depth, self.space.max_arch().grid(0), self.drop_rng)
         self.step = 0
         self.history: list[dict] = []
         self.max_arch = self.space.max_arch()
@@ -190,15 +195,20 @@ class Trainer:
         x_t, t, y, target = (a.to(device) for a in batch)
         set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        drop = self.drop.options(self.step, tc.batch_size, lambda k: group.shard(k)[0], device)
 
         def run(arch: Arch) -> Tensor:
-            with autocast(device, tc.precision):
-                return self.model.run(arch, x_t, t, y).float()  # losses in fp32
+            with autocast(device, tc.precision):  # losses in fp32, on every token (dropped ones via the dense ends)
+                return self.model.run(arch, x_t, t, y, **drop([s.stage for s in arch.slots])).float()
 
         v_max = run(self.max_arch)
         loss_max = mse(v_max, target)
         loss_max.backward()
-        teacher = v_max.detach()  # in-place distillation target: no gradient flows through it
+        # in-place distillation target: no gradient flows through it. Under token dropping it is the max net's
+        # velocity with the step's keep pattern, the one the subnets run with too.
+        # assumption: same-pattern teacher rather than dense: it costs no extra forward (L_max needs it anyway)
+        # and the students are distilled to what the max net computes from the same kept tokens
+        teacher = v_max.detach()
 
         def score(arch: Arch) -> float:  # the global batch's loss, so every rank picks the same subnet
             with torch.no_grad():
@@ -243,6 +253,7 @@ class Trainer:
             "noise_rng": self.noise.get_state(),
             "torch_rng": torch.get_rng_state(),
             "arch_rng": _encode_py_rng(self.arch_rng.getstate()),
+            "drop_rng": self.drop_rng.get_state(),
             "batches": self.batches.state_dict(),
             "subnet_decks": self.subnets.fair.state_dict() if self.subnets.fair is not None else {},
             "history": self.history,
@@ -280,6 +291,8 @@ class Trainer:
         self.noise.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.arch_rng.setstate(_decode_py_rng(state["arch_rng"]))
+        if "drop_rng" in state:  # checkpoints from before token dropping have none (and never drew from it)
+            self.drop_rng.set_state(state["drop_rng"])
         self.batches.load_state_dict(state["batches"])
         if self.subnets.fair is not None:
             self.subnets.fair.load_state_dict(state.get("subnet_decks", {}))
@@ -423,14 +436,18 @@ class StandaloneTrainer:
         self.batches = BatchSampler(split, tc.batch_size, seed=tc.seed + 3)
         self.null = space.num_classes
         self.step = 0
+        self.drop_rng = torch.Generator().manual_seed(tc.seed + 4)  # token dropping / path drop (token_drop.py)
+        self.drop = DropSchedule(tc, space.depth, arch.grid(0), self.drop_rng)
+        self.stages = [s.stage for s in arch.slots]
 
     def train_step(self) -> float:
         tc = self.tc
         x_t, t, y, target = (a.to(self.device) for a in flow_batch(self.batches, self.noise, tc, self.null))
         set_lr(self.optimizer, tc, self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        drop = self.drop.options(self.step, tc.batch_size, device=self.device)(self.stages)
         with autocast(self.device, tc.precision):
-            v = self.model(x_t, t, y).float()
+            v = self.model(x_t, t, y, **drop).float()
         loss = mse(v, target)
         loss.backward()
         if tc.grad_clip > 0:
