@@ -52,6 +52,10 @@ LEVERS: dict[str, tuple[list[str], int, str]] = {
     "fair_uniform2_x3": (["train.fair_sampling=true", "train.steps=3000"], 3,
                          "max + 2 fair random, 3000 steps (3x the default's compute)"),
     "sandwich_x3": (SANDWICH + ["train.steps=3000"], 3, "the sandwich rule, 3000 steps (3x compute)"),
+    "private_mod": (["model.private_mod=true"], 3, "the default with per-op private adaLN modulation (every op x width "
+                    "its own shift/scale/gate)"),
+    "progressive": (["train.progressive_ops=0.3"], 3, "the default with progressive shrinking: the first 30% of steps "
+                    "train the reference op only (elastic width/ratio/depth), then every op"),
     "uniform2_x4": (["train.steps=4000"], 3, "the default for 4000 steps: 12,000 subnet-steps, just under the proxy's "
                     "12,800 for a default search (the longest schedule the issue's compute rule allows)"),
     "graft_uniform2": (["train.steps=900", "graft.teacher_steps=300"], 3,

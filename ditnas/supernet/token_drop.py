@@ -156,7 +156,7 @@ def dense_only_plan(plan: list, dense: int) -> list:
     A forward flag rather than a dense-only `Arch`: SearchSpace.validate refuses skips in non-skippable
     slots, and an Arch without its middle would have another residual-stream width (its widest block)."""
     n = len(plan)
-    return [(e[0], None, None, 0, 0, "") if dense <= i < n - dense - 1 else e for i, e in enumerate(plan)]
+    return [(e[0], None, None, 0, 0, "") if dense <= i < n - dense else e for i, e in enumerate(plan)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +192,8 @@ class DropSchedule:
         def for_arch(stages: list[int]) -> dict:
             grid = gather_grid(stages, self.dense, self.grid0)
             if grid not in patterns:  # one pattern per drop grid per step: the max net and its subnets share it
-                patterns[grid] = shard(draw_keep(self.generator, batch, grid)).to(device)
+                pass
+            patterns[grid] = shard(draw_keep(self.generator, batch, grid)).to(device)
             return {"keep": patterns[grid], "dense": self.dense}
 
         return for_arch
