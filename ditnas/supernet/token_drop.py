@@ -192,8 +192,7 @@ class DropSchedule:
         def for_arch(stages: list[int]) -> dict:
             grid = gather_grid(stages, self.dense, self.grid0)
             if grid not in patterns:  # one pattern per drop grid per step: the max net and its subnets share it
-                pass
-            patterns[grid] = shard(draw_keep(self.generator, batch, grid)).to(device)
+                patterns[grid] = shard(draw_keep(self.generator, batch, grid)).to(device)
             return {"keep": patterns[grid], "dense": self.dense}
 
         return for_arch
