@@ -185,10 +185,14 @@ def damaged_outputs(outputs: dict[str, Any]) -> list[str]:
 
 
 def max_generation_ms(table_root: Path, predictor: Any, arch: Any, steps: int, guidance: str) -> tuple[float, str]:
-    """The max net's generation latency: measured (the profile times the max arch's generations) if
-    available, else the predictor's; says which."""
+    """The max net's generation latency (one streamed clip under a StreamingPredictor): measured (the profile
+    times the max arch's generations and streams) if available, else the predictor's; says which."""
     from ditnas.latency_models.stage import table_generations
+    from ditnas.latency_models.stream_latency import StreamingPredictor, measured_stream_ms
 
+    if isinstance(predictor, StreamingPredictor):
+        measured = measured_stream_ms(predictor, arch)
+        return (measured, "measured") if measured is not None else (predictor.predict(arch), "predicted")
     gens = table_generations(table_root)
     if gens is not None and len(gens):
         hit = gens[(gens["arch"] == str(arch)) & (gens["steps"] == steps) & (gens["guidance"] == guidance)]
@@ -325,17 +329,14 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
 
     # ----- 3. search --------------------------------------------------------------------------
     from ditnas.latency_models.stage import load_predictor
-    from ditnas.latency_models.stream_latency import measured_stream_ms, search_predictor
+    from ditnas.latency_models.stream_latency import search_predictor
 
     table, predictor = load_predictor(table_root)
     steps = cfg.search.sorted_steps[0]
     max_arch = table.space.max_arch()
     if cfg.search.stream_chunk:  # clips streamed chunk by chunk: every latency below is one streamed clip
         predictor = search_predictor(predictor, table_root, cfg.search.stream_chunk, steps)
-        measured = measured_stream_ms(predictor, max_arch)
-        reference, source = (measured, "measured") if measured is not None else (predictor.predict(max_arch), "predicted")
-    else:
-        reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
+    reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
     cheapest = cheapest_generation_ms(table, predictor, steps, cfg.search.guidance)
     top = max(reference, 1.1 * cheapest)  # a measured max net can undercut the predicted cheapest arch
     if cfg.search.target_fps is not None:

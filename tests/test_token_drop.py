@@ -161,6 +161,14 @@ def test_a_sub_grid_that_cannot_run_falls_back_to_dense():
     arch = space.max_arch()
     keep = draw_keep(torch.Generator().manual_seed(0), 3, (1, 6, 6))
     assert torch.equal(model.run(arch, x, t, y, keep), model.run(arch, x, t, y))
+    # no merge, but ASSA's 2x2 KV compression / SSA's stride 2 cannot run on a 3x3 sub-grid: dense too
+    space = SearchSpace(depth=3, ops=("sa", "assa", "ssa"), widths=(1.0,), mlp_ratios=(2.0,), latent=(1, 1, 12, 12))
+    model = _supernet(space)
+    for layout in ("sa:1:2 assa:1:2 sa:1:2", "sa:1:2 ssa:1:2 sa:1:2"):
+        arch = space.parse(layout)
+        assert torch.equal(model.run(arch, x, t, y, keep), model.run(arch, x, t, y)), layout
+    arch = space.parse("sa:1:2*3")  # the control: plain attention does drop on the 3x3 sub-grid
+    assert not torch.equal(model.run(arch, x, t, y, keep), model.run(arch, x, t, y))
 
 
 def test_frame_causal_clips_stay_causal_under_token_dropping():
@@ -236,6 +244,7 @@ def test_last_finetune_share_of_steps_runs_every_token(tmp_path, split):
 @pytest.mark.parametrize("extra, field", [
     (["train.token_drop=0.5"], "train.token_drop"),
     (DROP + ["train.token_drop_dense=2"], "train.token_drop_dense"),  # depth 3: 2 + 2 dense slots, no middle
+    (DROP + ["train.token_drop_dense=2", "space.depth=4", "space.stage_pattern=[0,1,1,0]"], "train.token_drop_dense"),
     (["train.path_drop=0.1", "train.token_drop_dense=0"], "train.token_drop_dense"),
     (["train.path_drop=1.5"], "train.path_drop"),
     (["train.path_drop=-0.1"], "train.path_drop"),

@@ -132,21 +132,22 @@ class StreamGeneration:
     def fits(self) -> dict[str, GenerationFit]:
         return {"stream": self.fit}
 
-    def _check(self, steps: int, guidance: str) -> None:
+    def check(self, steps: int, guidance: str) -> None:
+        """DitnasError unless (steps, guidance) is what the streams were priced at."""
         if int(steps) != self.steps or guidance != "none":
             raise DitnasError(f"the streaming latency is priced at {self.steps} steps per chunk without guidance; "
                               f"asked for {steps} steps with guidance {guidance!r}")
 
     def fit_for(self, guidance: str, where: str = "the latency table") -> GenerationFit:
-        self._check(self.steps, guidance)
+        self.check(self.steps, guidance)
         return self.fit
 
     def per_step_budget(self, budget_ms: float, steps: int, guidance: str = "none") -> float:
-        self._check(steps, guidance)
+        self.check(steps, guidance)
         return float(budget_ms)
 
     def generation_ms(self, stream_ms: float, steps: int, guidance: str = "none") -> float:
-        self._check(steps, guidance)
+        self.check(steps, guidance)
         return float(stream_ms)
 
     def definition(self, guidance: str = "none", steps: int | None = None) -> str:
@@ -219,7 +220,7 @@ class StreamingPredictor:
         return self.fit.apply(w / self.total_calls, self.total_calls) if calibrated else w
 
     def predict_generation(self, arch: Arch, steps: int | None = None, guidance: str = "none") -> float:
-        self.generation.per_step_budget(0.0, self.steps if steps is None else steps, guidance)
+        self.generation.check(self.steps if steps is None else steps, guidance)
         return self.predict(arch)
 
     def fps(self, arch: Arch) -> float:
