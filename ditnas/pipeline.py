@@ -41,6 +41,8 @@ STAGES = ("train", "profile", "search", "extract", "prune", "kd", "quality", "di
 # with changed inputs they start in a fresh folder, the old one kept aside. train, profile and search
 # continue in theirs on purpose: training further, a session that resumes, trials added to one study
 FRESH_ON_CHANGE = ("extract", "prune", "kd", "distill", "export")
+# inputs that change where a resumable stage starts from: the stage is redone in a fresh folder, not resumed
+FRESH_WHEN_CHANGED = {"train": ("graft.", "train.init")}
 # default budget: halfway from the cheapest reachable arch's generation to the max net's (measured).
 # A fixed fraction of the max net alone can fall below the cheapest arch when fixed costs dominate
 # (a tiny space: the cheapest arch was 82% of the max net), and then the search has nothing to find.
@@ -131,7 +133,8 @@ class Run:
         old = self.manifest["stages"].get(name)
         why: list[str] = []
         if old is not None and old.get("status") in ("done", "skipped"):
-            why = [f"input {k} changed" for k in _diff(old.get("inputs", {}), inputs)]
+            changed = _diff(old.get("inputs", {}), inputs)
+            why = [f"input {k} changed" for k in changed]
             damaged = [] if why else damaged_outputs(old.get("outputs", {}))  # changed inputs redo it anyway
             if not why and not damaged:
                 self.log(f"[{name}] done earlier, inputs unchanged: reused")
@@ -139,7 +142,7 @@ class Run:
             if damaged:  # the stage resumes from its own folder: set the damaged one aside, keep it for a look
                 why += damaged
                 self.set_aside(name, "damaged", "; ".join(damaged))
-            elif name in FRESH_ON_CHANGE:
+            elif name in FRESH_ON_CHANGE or any(k.startswith(p) for k in changed for p in FRESH_WHEN_CHANGED.get(name, ())):
                 self.set_aside(name, "changed", "; ".join(why))
         started = time.time()
         self.log(f"[{name}] {'redoing: ' + ', '.join(why) if why else 'running'}")
@@ -266,10 +269,20 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
     def train(folder: Path) -> dict[str, Any]:
         from ditnas.supernet.run import train_run
 
+        start = cfg
+        if cfg.graft.in_run:  # graft.in_run: the supernet starts from every op grafted on a trained teacher
+            from ditnas.supernet.graft import graft_supernet
+            from ditnas.supernet.train import GRAFTED_NAME
+
+            if not (folder / "graft" / "graft.json").is_file():  # written last: a finished graft is reused
+                log("[train] grafting every op onto the teacher first (graft.in_run)")
+                graft_supernet(cfg, folder / "graft")
+            start = replace(cfg, train=replace(cfg.train, init=str(folder / "graft" / GRAFTED_NAME)))
         # the judge's verdict and the sample grid: the quality stage's, in the background
-        m = train_run(cfg, folder, resume=True, progress=progress, evaluate=False, samples=False)
+        m = train_run(start, folder, resume=True, progress=progress, evaluate=False, samples=False)
         ckpt = folder / m["checkpoint"]
-        return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt)},
+        grafted = {"grafted_from": start.train.init} if cfg.graft.in_run else {}
+        return {"outputs": {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), **grafted},
                 "metrics": {"step": m["step"], "val_flow_loss_ema": m["val_flow_loss_ema"]}}
 
     # latency depends on the space and model dimensions, not on the weights: training longer keeps the
@@ -277,7 +290,8 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
     profile_inputs = {k: v for k, v in _section(cfg, "space", "model", "latency", "sample.cfg_scale").items()
                       if k not in ("latency.workers", "latency.lowering_cache")}  # how programs get built changes no figure
     # the post-training quality check is the quality stage's: its settings do not redo training
-    train_inputs = {k: v for k, v in _section(cfg, "data", "space", "model", "train", "sample").items()
+    train_inputs = {k: v for k, v in _section(cfg, "data", "space", "model", "train", "sample",
+                                              *(["graft"] if cfg.graft.in_run else [])).items()
                     if k not in ("train.eval_samples", "train.quality_archs")}
     _set_aside_incompatible_session(run, profile_inputs)
     background = None

@@ -203,3 +203,30 @@ def test_the_quality_check_runs_in_the_background_and_its_judge_is_shared(search
     again = json.loads((searched / "run.json").read_text())["stages"]
     assert again["train"] == stages["train"] and again["quality"]["redone_because"] == ["input train.eval_samples changed"]
     assert again["quality"]["metrics"]["quality"]["max"]["n_fd"] == 10
+
+
+def test_graft_in_run_trains_from_the_grafted_start_and_a_graft_change_starts_afresh(tmp_path, capsys):
+    """graft.in_run: the train stage grafts first and trains from grafted.pt -- the same weights as
+    `ditnas graft` + `ditnas train --set train.init=...`; a changed graft setting retrains in a new folder."""
+    import torch
+
+    from ditnas.config import load_config
+    from ditnas.supernet.train import train_supernet
+
+    graft = ["train.steps=6", "graft.in_run=true", "graft.teacher_steps=2", "graft.steps=2", "graft.batches=2"]
+    stop = ["--stop-after", "train"]
+    code, out, err = run(["run", "--out", str(tmp_path / "r"), "--no-progress", *_sets(TINY + graft), *stop], capsys)
+    assert code == 0, err
+    train = json.loads((tmp_path / "r" / "run.json").read_text())["stages"]["train"]
+    grafted = tmp_path / "r" / "train" / "graft" / "grafted.pt"
+    assert train["outputs"]["grafted_from"] == str(grafted) and grafted.is_file()
+    # the run's own config (`ditnas run` starts from configs/default.yaml), trained from its grafted.pt
+    reference = train_supernet(load_config(tmp_path / "r" / "config.yaml", [f"train.init={grafted}"]), tmp_path / "ref")
+    ours = torch.load(train["outputs"]["checkpoint"], weights_only=False)["model"]
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+    code, out, err = run(["run", "--out", str(tmp_path / "r"), "--no-progress", *_sets(TINY + graft + ["graft.steps=3"]),
+                          *stop], capsys)
+    assert code == 0, err
+    assert "train.changed-" in out and len(list((tmp_path / "r").glob("train.changed-*"))) == 1
+    assert json.loads((tmp_path / "r" / "train" / "graft" / "graft.json").read_text())["steps_per_op"] == 3
