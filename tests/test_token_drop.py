@@ -374,3 +374,17 @@ def test_pdg_is_refused_where_it_is_not_priced_and_unknown_guidance_is_named():
     with pytest.raises(ValueError, match="uncond_fn"):
         euler_sample(lambda x, t, y: x, torch.tensor([0]), (1, 1, 2, 2), steps=1, cfg_scale=2.0, null_label=10,
                      generator=torch.Generator(), guidance="pdg")
+
+
+def test_sample_cli_runs_pdg_and_names_a_bad_guidance(tmp_path, split, capsys):
+    from cli_helpers import run
+
+    train_supernet(load_config(None, TINY + ["train.steps=1", "train.path_drop=0.5"]), tmp_path / "run", split=split)
+    ckpt = str(tmp_path / "run" / CHECKPOINT_NAME)
+    common = ["sample", "--checkpoint", ckpt, "--steps", "2", "--per-class", "1"]
+    code, out, err = run([*common, "--out", str(tmp_path / "pdg.png"), "--guidance", "pdg"], capsys)
+    assert code == 0 and (tmp_path / "pdg.png").exists(), out + err
+    code, out, err = run([*common, "--out", str(tmp_path / "x.png"), "--guidance", "cgf"], capsys)
+    assert code != 0 and "--guidance (sample.guidance)" in out + err
+    code, out, err = run([*common, "--out", str(tmp_path / "x.png"), "--guidance", "pdg", "--pdg-dense", "2"], capsys)
+    assert code != 0 and "--pdg-dense" in out + err

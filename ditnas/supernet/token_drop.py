@@ -99,7 +99,7 @@ def gather_tokens(h: Tensor, index: Tensor) -> Tensor:
 
 def scatter_tokens(full: Tensor, sub: Tensor, index: Tensor) -> Tensor:
     """`full` (B, N, D) with the tokens at `index` (B, K) replaced by `sub` (B, K, D); out of place."""
-    return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, full.shape[-1]), sub)
+    return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, full.shape[-1]), sub.to(full.dtype))  # bf16 autocast
 
 
 # ----------------------------------------------------------------------------------------------
