@@ -44,11 +44,13 @@ TARGET_FACTOR = 1.02  # assumption: "comparable quality" = within 2% of the dens
 
 
 def train_curve(arch, overrides: list[str], split, eval_every: int) -> dict:
-    """Train `arch` standalone under `overrides`; the EMA validation curve against training wall seconds."""
+    """Train `arch` standalone under `overrides`; the EMA validation curve against training wall seconds and
+    CPU seconds of this thread (1 torch thread: the CPU time is the compute, much less sensitive than wall time to
+    other processes on a shared machine)."""
     cfg = load_config(None, overrides)
     trainer = StandaloneTrainer(arch, cfg, split)
     batch = fixed_eval_batch(split.val_x, split.val_y, VAL_BATCH, seed=EVAL_SEED, null_label=arch.num_classes)
-    curve, step_seconds, wall = [], [], 0.0
+    curve, step_seconds, wall, cpu = [], [], 0.0, 0.0
 
     def ema_model():
         model = copy.deepcopy(trainer.model)
@@ -56,19 +58,21 @@ def train_curve(arch, overrides: list[str], split, eval_every: int) -> dict:
         return model.eval()
 
     for step in range(1, cfg.train.steps + 1):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         trainer.train_step()
         took = time.perf_counter() - began
+        cpu += time.thread_time() - began_cpu
         step_seconds.append(round(took, 5))
         wall += took
         if step % eval_every == 0 or step == cfg.train.steps:
-            curve.append({"step": step, "seconds": round(wall, 3), "val_loss": round(eval_flow_loss(ema_model(), batch), 6)})
+            curve.append({"step": step, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+                          "val_loss": round(eval_flow_loss(ema_model(), batch), 6)})
             print(f"  {' '.join(overrides[1:]) or 'dense'}: step {step} {wall:.1f}s val {curve[-1]['val_loss']:.5f}", flush=True)
     return {"curve": curve, "step_seconds": step_seconds, "model": ema_model(), "cfg": cfg}
 
 
-def seconds_to(curve: list[dict], target: float) -> float | None:
-    return next((p["seconds"] for p in curve if p["val_loss"] <= target), None)
+def seconds_to(curve: list[dict], target: float, clock: str = "seconds") -> float | None:
+    return next((p[clock] for p in curve if p["val_loss"] <= target), None)
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -128,6 +132,8 @@ def main() -> None:
     target = dense["curve"][-1]["val_loss"] * TARGET_FACTOR
     t_dense, t_drop = seconds_to(dense["curve"], target), seconds_to(drop["curve"], target)
     speedup = round(t_dense / t_drop, 3) if t_dense and t_drop else None
+    c_dense, c_drop = seconds_to(dense["curve"], target, "cpu_seconds"), seconds_to(drop["curve"], target, "cpu_seconds")
+    speedup_cpu = round(c_dense / c_drop, 3) if c_dense and c_drop else None
 
     # ----- CFG vs PDG on the token-drop-trained model ---------------------------------------------------------
     model, dense_slots = drop["model"], drop["cfg"].train.token_drop_dense
@@ -158,6 +164,7 @@ def main() -> None:
         "overrides_dense": base, "overrides_drop": drop_sets,
         "target_val_loss": round(target, 6), "target_factor": TARGET_FACTOR,
         "seconds_to_target_dense": t_dense, "seconds_to_target_drop": t_drop, "speedup": speedup,
+        "cpu_seconds_to_target_dense": c_dense, "cpu_seconds_to_target_drop": c_drop, "speedup_cpu": speedup_cpu,
         "final_val_loss_dense": dense["curve"][-1]["val_loss"], "final_val_loss_drop": drop["curve"][-1]["val_loss"],
         "curves": {"dense": dense["curve"], "drop": drop["curve"]},
         "step_seconds": {"dense": dense["step_seconds"], "drop": drop["step_seconds"]},
@@ -172,7 +179,9 @@ def main() -> None:
     rows = [
         ("target val loss (dense final x 1.02)", f"{target:.5f}"),
         ("seconds to target: dense / drop", f"{t_dense} / {t_drop}"),
-        ("speedup", speedup),
+        ("speedup (wall)", speedup),
+        ("CPU seconds to target: dense / drop", f"{c_dense} / {c_drop}"),
+        ("speedup (CPU time)", speedup_cpu),
         ("final val loss: dense / drop", f"{result['final_val_loss_dense']:.5f} / {result['final_val_loss_drop']:.5f}"),
         ("median step s: dense / drop / drop fine-tune", " / ".join(str(v) for v in result["median_step_seconds"].values())),
         (f"CFG w={scale:g}: label acc / FD", f"{guidance['cfg']['label_accuracy']:.3f} / {guidance['cfg']['fd']:.2f}"),
