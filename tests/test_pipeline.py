@@ -205,6 +205,7 @@ def test_the_quality_check_runs_in_the_background_and_its_judge_is_shared(search
     assert again["quality"]["metrics"]["quality"]["max"]["n_fd"] == 10
 
 
+@pytest.mark.slow  # grafting + training + a retrain: ~20 s on 2 cores
 def test_graft_in_run_trains_from_the_grafted_start_and_a_graft_change_starts_afresh(tmp_path, capsys):
     """graft.in_run: the train stage grafts first and trains from grafted.pt -- the same weights as
     `ditnas graft` + `ditnas train --set train.init=...`; a changed graft setting retrains in a new folder."""

@@ -141,19 +141,24 @@ def test_sweep_on_a_local_ray_cluster(env, tmp_path, capsys, monkeypatch):
                         "--no-progress"], capsys)
     assert code == 2 and "--budgets (sweep.budgets_ms): 0.001 ms is below the cheapest reachable arch" in err
     assert not (tmp_path / "bad" / "sweep.journal").exists()
-    _sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, budgets[1])
     import ray
 
     ray.shutdown()
 
 
-def _sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, budget):
+@pytest.mark.slow  # a local Ray cluster of its own and a trained signal on its workers: ~1 min on 2 cores
+@pytest.mark.timeout(300)
+def test_sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, monkeypatch):
     """search.quality / rerank_top in a sweep: the workers score with the proxy signal (= an independent
     standalone run), and each study's pick is successive halving over its own top archs, as `ditnas search`."""
     import optuna
+    import ray
 
     from ditnas.search.optuna_search import open_storage
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file stays out of the user's home
+    budget = 2 * float(env["budget"])
     code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", repr(budget), "--tables",
                         str(env["table_dir"]), "--trials", "5", "--steps", "4", "--seeds", "2", "--quality", "proxy",
                         "--quality-steps", "2", "--rerank-top", "3", "--set", "search.rerank_steps=[2,4]",
@@ -179,3 +184,4 @@ def _sweep_with_a_trained_signal_and_rerank(env, tmp_path, capsys, budget):
     assert study["rerank"]["pick"] == want and study["best"]["arch"] == want
     assert study["best_by"] == "rerank: proxy loss after 4 steps"
     assert json.loads((tmp_path / "q" / "sweep.json").read_text())["studies"][0]["rerank"]["pick"] == want
+    ray.shutdown()
