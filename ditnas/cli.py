@@ -127,8 +127,7 @@ def sample(
     per_class: Annotated[int, typer.Option(min=1)] = 8,
     seed: int = 0,
     guidance: Annotated[str, typer.Option(help="cfg (classifier-free) | pdg (Path-Drop Guidance: the unconditional "
-                                          "branch skips the middle slots; a model trained with train.path_drop > 0) "
-                                          "(sample.guidance)")] = "cfg",
+                                          "branch skips the middle slots; a model trained with train.path_drop > 0)")] = "cfg",
     pdg_dense: Annotated[Optional[int], typer.Option(help="pdg: slots at each end the unconditional branch keeps; "
                                                      "default the checkpoint's train.token_drop_dense")] = None,
 ) -> None:
@@ -137,6 +136,7 @@ def sample(
 
     from ditnas.arch import resolve_arch
     from ditnas.supernet.extract import SUBNET_NAME, load_subnet
+    from ditnas.supernet.flow import SAMPLER_GUIDANCE
     from ditnas.supernet.quality import generate, save_grid, velocity_fn
     from ditnas.supernet.token_drop import dense_only_fn
     from ditnas.supernet.train import load_supernet
@@ -152,12 +152,13 @@ def sample(
         latent, classes, fn = chosen.latent, chosen.num_classes, velocity_fn(supernet, chosen)
         dense = pdg_dense if pdg_dense is not None else run_cfg.train.token_drop_dense
         uncond, depth = dense_only_fn(supernet, dense, chosen), len(chosen.slots)
+    if guidance not in SAMPLER_GUIDANCE:
+        raise DitnasError(f"--guidance {guidance!r} unknown; choose one of {', '.join(SAMPLER_GUIDANCE)}")
     if guidance == "pdg" and not 1 <= dense < depth - dense:
         raise DitnasError(f"--pdg-dense: {dense} dense slots at each end of a depth-{depth} arch leave no middle to skip")
     labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
-    with field_flags({"sample.guidance": "--guidance"}):
-        samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
-                           null_label=classes, seed=seed, guidance=guidance, uncond_fn=uncond)
+    samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
+                       null_label=classes, seed=seed, guidance=guidance, uncond_fn=uncond)
     typer.echo(f"wrote {save_grid(samples, out, nrow=per_class)}")
 
 

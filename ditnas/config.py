@@ -144,9 +144,6 @@ class SampleConfig:
     steps: int = 28
     cfg_scale: float = 2.0  # assumption: moderate guidance for 10-class digits
     time_shift: float = 1.0
-    # cfg: v_null + w (v_cond - v_null), one batch-2 call per step; pdg (Path-Drop Guidance, SPRINT): the
-    # unconditional branch is the dense-only net (middle slots skipped) on the null label (flow.SAMPLER_GUIDANCE)
-    guidance: str = "cfg"
 
 
 @dataclass(frozen=True)

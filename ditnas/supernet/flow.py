@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ditnas.errors import ConfigFieldError
+from ditnas.errors import DitnasError
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> v
-# guidance modes of the sampler (sample.guidance); the latency tables price only config.GUIDANCE (none, cfg)
+# guidance modes of the sampler (`ditnas sample --guidance`); the latency tables price only config.GUIDANCE (none, cfg)
 SAMPLER_GUIDANCE = ("cfg", "pdg")
 
 
@@ -115,7 +115,7 @@ def euler_sample(
     pdg (Path-Drop Guidance, SPRINT): v = v_u + g (v_cond - v_u), v_cond = fn(labels) and v_u = uncond_fn(null
     label) -- the dense-only net (token_drop.dense_only_fn): two batch-1 calls, the second over the dense slots only."""
     if guidance not in SAMPLER_GUIDANCE:
-        raise ConfigFieldError("sample.guidance", f"unknown guidance {guidance!r}; choose one of {', '.join(SAMPLER_GUIDANCE)}")
+        raise DitnasError(f"guidance {guidance!r} unknown; choose one of {', '.join(SAMPLER_GUIDANCE)}")
     if guidance == "pdg" and uncond_fn is None and cfg_scale != 1.0:
         raise ValueError("guidance pdg needs uncond_fn, the dense-only velocity (token_drop.dense_only_fn)")
     n = labels.shape[0]
