@@ -70,6 +70,17 @@ def search_fidelity(cfg: SearchConfig, ctx: EvalContext, signal: Any, trials: An
     return {**report, "trained_steps_this_call": standalone.trained_steps}
 
 
+def best_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `best` entry of a trials-table row."""
+    return {"number": int(row["number"]), "arch": str(row["arch"]), "steps": int(row["steps"]),
+            "latency_ms": float(row["latency_ms"]), "quality": float(row["quality"])}
+
+
+def best_by(cfg: SearchConfig, rerank: dict[str, Any] | None) -> str:
+    """What chose `best`: the search's signal, or the rerank's trained loss."""
+    return "signal" if rerank is None else f"rerank: {cfg.rerank_signal} loss after {rerank['pick_steps']} steps"
+
+
 def search_rerank(cfg: SearchConfig, ctx: EvalContext, trials: Any, cache: Path,
                   progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The search's top `cfg.rerank_top` feasible archs re-scored by training (search/rerank.py); the pick's
@@ -210,9 +221,8 @@ def run_search(
         "trials_complete": int((all_trials["state"] == "COMPLETE").sum()) if len(all_trials) else 0,
         "trials_feasible": int(all_trials["feasible"].sum()) if len(all_trials) else 0,
         "pareto_size": len(front),
-        "best": None if best is None else {"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
-                                            "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
-        "best_by": "signal" if rerank is None else f"rerank: {cfg.rerank_signal} loss after {rerank['pick_steps']} steps",
+        "best": None if best is None else best_record(best),
+        "best_by": best_by(cfg, rerank),
         "rerank": rerank,
         "baselines": baselines,
         "fidelity": fidelity,

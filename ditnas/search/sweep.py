@@ -230,7 +230,7 @@ def check_after_search(search_cfg: SearchConfig, checkpoint: Path, n_eval: int, 
     """`search.rerank_top` and `search.fidelity_archs` on every finished study, on the driver, as `ditnas search`
     runs them; each study's study.json gets `best`, `rerank` and `fidelity`, sweep.json the same per study."""
     from ditnas.search.objectives import EvalContext
-    from ditnas.search.stage import search_fidelity, search_rerank
+    from ditnas.search.stage import best_by, best_record, search_fidelity, search_rerank
     from ditnas.supernet.flow import EVAL_SEED
 
     ctx = EvalContext.from_paths(checkpoint, None, n_eval, EVAL_SEED)
@@ -246,10 +246,6 @@ def check_after_search(search_cfg: SearchConfig, checkpoint: Path, n_eval: int, 
             if search_cfg.rerank_top:
                 best, rerank = search_rerank(search_cfg, ctx, trials, cache, progress)
             fidelity = search_fidelity(search_cfg, ctx, signal, trials, cache, progress) if search_cfg.fidelity_archs else None
-            info.update(best={"number": int(best["number"]), "arch": str(best["arch"]), "steps": int(best["steps"]),
-                              "latency_ms": float(best["latency_ms"]), "quality": float(best["quality"])},
-                        best_by="signal" if rerank is None else
-                        f"rerank: {search_cfg.rerank_signal} loss after {rerank['pick_steps']} steps",
-                        rerank=rerank, fidelity=fidelity)
+            info.update(best=best_record(best), best_by=best_by(search_cfg, rerank), rerank=rerank, fidelity=fidelity)
         write_json(cell.out_dir / "study.json", info)
     write_json(out / "sweep.json", manifest)
