@@ -11,7 +11,8 @@ torch thread (`torch.set_num_threads(1)`) and timing at 1 ExecuTorch thread:
 3. picks the obvious layouts at the same FPS: all-SA and a uniform LCHA/SSA interleave (every slot the same width
    and MLP ratio, no skips), each the slowest of its family that still meets the target;
 4. measures a whole streamed 4-step clip of every one of them and of `--held-out` random archs on the runtime
-   (stream_programs.stream_fps_host: chunk programs exported, timed in a fresh process) against the prediction:
+   (chunk programs exported, then `--rounds` fresh processes each timing one clip of every arch in a new order,
+   median over rounds: latency_models/stream_timing.py) against the prediction:
    `stream_within_10pct`, `stream_median_abs_err_pct`, `stream_max_abs_err_pct` (held-out: no arch of the fit);
 5. trains the three layouts standalone (`--quality-steps`, same seed and data) and scores them: validation
    flow-matching loss (the search's protocol) and, on 28-step whole-clip samples, frame label accuracy and FD.
@@ -42,7 +43,8 @@ from ditnas.judge import evaluate_samples, load_or_train_judge
 from ditnas.latency_models.profile import profile_space, sample_archs, supernet_for_profiling
 from ditnas.latency_models.stage import build_table
 from ditnas.latency_models.stream_latency import StreamingPredictor
-from ditnas.latency_models.stream_programs import stream_fps_host
+from ditnas.latency_models.stream_programs import export_stream_programs
+from ditnas.latency_models.stream_timing import stream_p50, time_streams_in_rounds
 from ditnas.search.problem import min_reachable_ms
 from ditnas.search.space import SearchChoices
 from ditnas.search.stage import run_search
@@ -53,7 +55,8 @@ from ditnas.video_quality import frame_label_accuracy, frames_of, judge_split
 CHUNK, STEPS = 1, 4
 # assumption: video.yaml's space at one MLP ratio and 3 whole-model rows (half the programs to lower: the bench has
 # to finish in well under an hour on 2 shared cores); everything else as the video run prices it
-BENCH_SETS = ["space.mlp_ratios=[2]", "latency.models=3", "latency.generation_steps=[4]"]
+BENCH_SETS = ["space.mlp_ratios=[2]", "latency.models=3", "latency.generation_steps=[4]",
+              "latency.generation_iters=10"]  # 10 rounds of fresh processes for the calibration streams
 
 
 def uniform_family(space, ops: tuple[str, ...]) -> list[Arch]:
@@ -68,13 +71,31 @@ def slowest_within(pred: StreamingPredictor, family: list[Arch], budget_ms: floa
     return max(fits, key=pred.predict) if fits else None
 
 
-def measure(pred: StreamingPredictor, supernet, arch: Arch, iters: int) -> dict:
-    sub = supernet.extract(arch).eval().set_causal(True)
-    m = stream_fps_host(sub, CHUNK, pred.frames, steps=STEPS, threads=1, warmup=1, iters=iters)
-    predicted = pred.predict(arch)
-    return {"arch": str(arch), "predicted_ms": round(predicted, 3), "measured_ms": round(m["total_ms"], 3),
-            "err_pct": round((predicted - m["total_ms"]) / m["total_ms"] * 100, 2), "measured_fps": round(m["fps"], 1),
-            "predicted_fps": round(pred.fps(arch), 1), "chunk_ms": [round(v, 3) for v in m["chunk_ms"]]}
+def measure_all(pred: StreamingPredictor, supernet, archs: dict[str, Arch], rounds: int, work: Path) -> dict[str, dict]:
+    """Every arch's chunk programs exported (kept in `work`: a rerun re-times, it does not lower again), then whole
+    streamed 4-step clips timed in `rounds` fresh processes, each timing one clip of every arch in a new order
+    (stream_timing.py: one process per arch varied 30-45% here), against the prediction."""
+    from ditnas.manifest import MANIFEST
+
+    jobs = []
+    for name, arch in archs.items():
+        folder = work / f"{arch.key()}_chunk{CHUNK}"
+        if not (folder / MANIFEST).exists():
+            export_stream_programs(supernet.extract(arch).eval().set_causal(True), CHUNK, pred.frames, folder)
+        jobs.append((name, folder, STEPS))
+    show = lambda i, n, what: print(f"  [{i}/{n}] {what}", flush=True)  # noqa: E731
+    timed = time_streams_in_rounds(jobs, 1, rounds, warmup=1, iters=1, seed=0, progress=show)["streams"]
+    out = {}
+    for name, arch in archs.items():
+        ms = stream_p50(timed[name]["total_ms"])
+        flat = [c for rnd in timed[name]["chunk_ms"] for c in rnd]
+        predicted = pred.predict(arch)
+        out[name] = {"arch": str(arch), "predicted_ms": round(predicted, 3), "measured_ms": round(ms, 3),
+                     "err_pct": round((predicted - ms) / ms * 100, 2), "measured_fps": round(pred.frames / ms * 1e3, 1),
+                     "predicted_fps": round(pred.fps(arch), 1),
+                     "chunk_ms": [round(statistics.median(col), 3) for col in zip(*flat)],
+                     "rounds_ms": [round(r[0], 3) for r in timed[name]["total_ms"]]}
+    return out
 
 
 def quality(arch: Arch, cfg, split, steps: int, judge, samples: int) -> dict:
@@ -104,7 +125,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench_video_search"), help="resumable work folder")
     p.add_argument("--target-fps", type=float, default=None)
     p.add_argument("--held-out", type=int, default=5)
-    p.add_argument("--iters", type=int, default=5, help="timed streams per arch (median)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="fresh processes, each timing one stream of every arch in a new order (median over rounds)")
     p.add_argument("--quality-steps", type=int, default=400)
     p.add_argument("--samples", type=int, default=64, help="clips sampled per layout for the judge")
     p.add_argument("--trials", type=int, default=16)
@@ -155,8 +177,10 @@ def main() -> None:
         a = table.space.sample(rng)
         if str(a) not in calibration and a not in held and a not in layouts.values():
             held.append(a)
-    timed = {name: measure(pred, supernet, a, args.iters) for name, a in layouts.items() if a is not None}
-    held_rows = [measure(pred, supernet, a, args.iters) for a in held]
+    measured = measure_all(pred, supernet, {**{n: a for n, a in layouts.items() if a is not None},
+                                            **{f"held_{i}": a for i, a in enumerate(held)}}, args.rounds, work / "streams")
+    timed = {name: measured[name] for name, a in layouts.items() if a is not None}
+    held_rows = [measured[f"held_{i}"] for i in range(len(held))]
     rows_all = list(timed.values()) + held_rows
     errs = [abs(r["err_pct"]) for r in rows_all]
 

@@ -189,7 +189,7 @@ class LatencyConfig:
     seed: int = 0  # which random archs become whole-model programs
     guidance: tuple[str, ...] = ("none", "cfg")  # sampler modes whose whole generations are timed (calibration)
     generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
-    generation_iters: int = 5  # timed generations per (arch, steps, guidance); xnnpack: rounds of fresh processes
+    generation_iters: int = 5  # timed generations / streams per (arch, steps[, guidance]); xnnpack: rounds of fresh processes
     workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
     lowering_cache: bool = True  # reuse programs lowered by earlier sessions on this machine (lowered_cache.py)
     # executorch-xnnpack: per program an ETRecord (op names) + an ETDump of a few runs (per-op events), for

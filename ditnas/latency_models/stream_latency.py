@@ -4,7 +4,7 @@
 frames in T/k chunks of k frames (`chunk`); each chunk `steps` denoiser calls from noise plus one commit call
 at t = 0 that extends the caches (none after the last chunk: it would feed no one), batch 1, no guidance,
 the chunk programs of stream_programs.py lowered with the project's recipe, at the table's thread count,
-timed as whole streams in a fresh process. Streaming FPS = T / stream_ms. (stream_programs._stream_generate
+timed as whole streams in rounds of fresh processes (stream_timing.py). Streaming FPS = T / stream_ms. (stream_programs._stream_generate
 is the loop; `stream_fps_host` measures the same quantity for one model.)
 
 **Per cell.** A chunk call at frames t0.. costs the sum of `cells_for_arch(space, arch, chunk=k, t0=t0)`:
@@ -73,32 +73,39 @@ def read_streams(root: Path, stat: str = "total_ms") -> list[dict[str, Any]]:
     return rows
 
 
-def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tuple[int, ...], threads: int, iters: int,
-                    root: Path, *, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Export each arch's chunk programs into `<root>/streams/<arch key>_chunk<k>/` and time whole streamed clips at
-    every steps value (fresh processes, `iters` clips each after one warm-up) into `<root>/streams.json`.
-    Resumable: an (arch, chunk, steps, threads) already timed, or a folder already exported, is not redone."""
-    from ditnas.latency_models.stream_programs import export_stream_programs, time_stream_in_fresh_process
+def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tuple[int, ...], threads: int, rounds: int,
+                    root: Path, *, progress: Progress | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Export each arch's chunk programs into `<root>/streams/<arch key>_chunk<k>/`, then time whole streamed clips
+    at every steps value in `rounds` rounds of fresh processes, each timing one clip of every (arch, steps) in a new
+    seeded order (stream_timing.py: why) into `<root>/streams.json`, one sample per round.
+    Resumable: a folder already exported is not lowered again, an (arch, chunk, steps, threads) already timed is
+    not re-timed; the timing itself is all rounds or none (a partial set of rounds would not be interleaved alike)."""
+    from ditnas.latency_models.stream_programs import export_stream_programs
+    from ditnas.latency_models.stream_timing import time_streams_in_rounds
     from ditnas.manifest import MANIFEST
 
     root = Path(root)
     rows = read_streams(root)
     done = {(r["arch"], int(r["chunk"]), int(r["steps"]), int(r.get("threads", 0))) for r in rows}
     frames = int(supernet.space.latent[1])
-    todo = [(a, s) for a in archs for s in sorted(set(steps_list)) if (str(a), chunk, int(s), threads) not in done]
-    for i, (arch, steps) in enumerate(todo):
+    todo = [(a, int(s)) for a in archs for s in sorted(set(steps_list)) if (str(a), chunk, int(s), threads) not in done]
+    if not todo:
+        return rows
+    folders: dict[str, Path] = {}
+    for i, arch in enumerate(dict.fromkeys(a for a, _ in todo)):
         if progress:
-            progress(i, len(todo), f"stream {steps} steps: {arch}")
+            progress(i, len(archs), f"stream programs: {arch}")
         folder = root / "streams" / f"{arch.key()}_chunk{chunk}"  # programs of another chunk size are other programs
         if not (folder / MANIFEST).exists():
             sub = supernet.extract(arch).eval().set_causal(True)
             export_stream_programs(sub, chunk, frames, folder)
-        raw = time_stream_in_fresh_process(folder, int(steps), threads, warmup=1, iters=iters)
-        rows.append({"arch": str(arch), "chunk": chunk, "steps": int(steps), "threads": threads, "frames": frames,
-                     "total_ms": [s * 1e3 for s in raw["total_s"]]})
-        write_json(root / STREAMS, rows)  # after every arch: an interrupted profile keeps what it timed
-    if progress and todo:
-        progress(len(todo), len(todo), "streams timed")
+        folders[str(arch)] = folder
+    jobs = [(f"{a}@{s}", folders[str(a)], s) for a, s in todo]
+    timed = time_streams_in_rounds(jobs, threads, rounds, warmup=1, iters=1, seed=seed, progress=progress)
+    for (arch, steps), (key, _, _) in zip(todo, jobs):
+        rows.append({"arch": str(arch), "chunk": chunk, "steps": steps, "threads": threads, "frames": frames,
+                     "rounds": rounds, "total_ms": [t for rnd in timed["streams"][key]["total_ms"] for t in rnd]})
+    write_json(root / STREAMS, rows)
     return rows
 
 

@@ -5,7 +5,8 @@
     StreamPrograms(out)                              -> the programs loaded on the ExecuTorch runtime,
                                                         step / commit / new_cache like supernet.Streamer
     run_stream_pte(out, noise, labels, steps)        -> a whole streamed generation on the runtime
-    stream_fps_host(sub, chunk, frames, steps)       -> export, then time that generation in a fresh process
+    stream_fps_host(sub, chunk, frames, steps)       -> export, then time that generation in rounds of fresh
+                                                        processes (stream_timing.py)
 
 Each program is `forward(x_chunk, t, y, *cache_in) -> (velocity_chunk, *cache_out)`: the cache is an
 explicit input and output, named as `StreamCache.tensors()` names it (`block<i>.<entry>`), so a runtime
@@ -34,7 +35,6 @@ eager Streamer -- the reference the tests and the benchmark compare with.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -325,66 +325,38 @@ def _folder(manifest: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # measured streaming FPS on this host
 # ----------------------------------------------------------------------------------------------
-def _timing_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """The fresh process: load the programs at `threads`, run whole streamed generations, time them."""
-    programs = StreamPrograms(Path(spec["folder"]), threads=spec["threads"])
-    g = torch.Generator().manual_seed(0)
-    shape = [programs.batch, programs.stream["chunk_shape"][1], programs.frames, *programs.stream["chunk_shape"][3:]]
-    noise = torch.randn(shape, generator=g)
-    labels = torch.zeros(programs.batch, dtype=torch.long)
-    totals, per_chunk = [], []
-    for i in range(spec["warmup"] + spec["iters"]):
-        began = time.perf_counter()
-        clip, seconds = run_stream_pte(programs, noise, labels, spec["steps"])
-        total = time.perf_counter() - began
-        if i >= spec["warmup"]:
-            totals.append(total)
-            per_chunk.append(seconds)
-    if not bool(torch.isfinite(clip).all()):
-        raise DitnasError(f"{programs.folder}: a timed streamed generation produced non-finite latents; export it again")
-    return {"total_s": totals, "chunk_s": per_chunk}
-
-
-def time_stream_in_fresh_process(folder: Path, steps: int, threads: int, warmup: int, iters: int) -> dict[str, Any]:
-    from ditnas.latency_models.backends.fresh_process import run_fresh
-
-    request = {"folder": str(folder), "steps": steps, "threads": threads, "warmup": warmup, "iters": iters}
-    return run_fresh(__name__, request, what=f"the streaming timing process for {folder}",
-                     debug="call _timing_job in-process to debug")
-
-
 def stream_fps_host(
     subnet: SubDiT, chunk: int, frames: int, steps: int = 4, threads: int = 1, *,
-    warmup: int = 1, iters: int = 5, workdir: Path | None = None,
+    warmup: int = 1, iters: int = 5, rounds: int = 1, workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Export the chunk programs of `subnet`, then time whole streamed generations of a `frames`-frame clip
-    (batch 1, `steps` Euler steps per chunk + one commit call) in a fresh process on this host.
+    (batch 1, `steps` Euler steps per chunk + one commit call) on this host: `rounds` fresh processes, each
+    `warmup` + `iters` streams (stream_timing.py: why rounds).
 
-    Returns fps (latent frames / median wall time of a whole generation), per-chunk median ms, the cache
+    Returns fps (latent frames / stream_timing.stream_p50 of the rounds), per-chunk median ms, the cache
     bytes per kind at the clip's end, and the raw samples."""
+    from ditnas.latency_models.stream_timing import stream_p50, time_streams_in_rounds
+
     _check_model(subnet, chunk, frames)
-    if steps < 1 or threads < 1 or iters < 1 or warmup < 0:
-        raise DitnasError(f"stream_fps_host: steps={steps}, threads={threads}, iters={iters} must be >= 1 and warmup >= 0")
+    if steps < 1 or threads < 1 or iters < 1 or warmup < 0 or rounds < 1:
+        raise DitnasError(f"stream_fps_host: steps={steps}, threads={threads}, iters={iters}, rounds={rounds} must be "
+                          f">= 1 and warmup >= 0")
     with tempfile.TemporaryDirectory(prefix="ditnas-stream-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         began = time.perf_counter()
         manifest = export_stream_programs(subnet, chunk, frames, folder)
         export_s = time.perf_counter() - began
-        raw = time_stream_in_fresh_process(folder, steps, threads, warmup, iters)
-    total = statistics.median(raw["total_s"])
-    chunks = [statistics.median(col) * 1e3 for col in zip(*raw["chunk_s"])]
+        raw = time_streams_in_rounds([("stream", folder, steps)], threads, rounds, warmup=warmup, iters=iters)
+    timed = raw["streams"]["stream"]
+    total_ms = stream_p50(timed["total_ms"])
+    chunks = [statistics.median(col) for col in zip(*(c for rnd in timed["chunk_ms"] for c in rnd))]
     nbytes = manifest["stream"]["cache_nbytes_at_end"]
     return {
         "chunk": chunk, "frames": frames, "steps": steps, "threads": threads, "programs": len(chunks),
-        "fps": frames / total, "total_ms": total * 1e3, "chunk_ms": chunks,
+        "fps": frames / total_ms * 1e3, "total_ms": total_ms, "chunk_ms": chunks, "rounds": rounds,
         "cache_bytes": {**nbytes, "total": sum(nbytes.values())},
         "delegated_subgraphs": manifest["metrics"]["delegated_subgraphs"], "export_s": export_s,
         # every chunk: `steps` calls; every chunk but the last: one commit call
-        "program_calls": len(chunks) * (steps + 1) - 1, "samples_total_ms": [s * 1e3 for s in raw["total_s"]],
+        "program_calls": len(chunks) * (steps + 1) - 1,
+        "samples_total_ms": [t for rnd in timed["total_ms"] for t in rnd], "rounds_total_ms": timed["total_ms"],
     }
-
-
-if __name__ == "__main__":
-    from ditnas.latency_models.backends.fresh_process import serve
-
-    sys.exit(serve(_timing_job, sys.argv[1:3]))
