@@ -154,8 +154,10 @@ def sample(
         uncond, depth = dense_only_fn(supernet, dense, chosen), len(chosen.slots)
     if guidance not in SAMPLER_GUIDANCE:
         raise DitnasError(f"--guidance {guidance!r} unknown; choose one of {', '.join(SAMPLER_GUIDANCE)}")
-    if guidance == "pdg" and not 1 <= dense < depth - dense:
-        raise DitnasError(f"--pdg-dense: {dense} dense slots at each end of a depth-{depth} arch leave no middle to skip")
+    if guidance == "pdg":
+        from ditnas.supernet.token_drop import check_pdg_dense
+
+        check_pdg_dense(dense, depth, "--pdg-dense")
     labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
     samples = generate(fn, labels, tuple(latent), steps=steps, cfg_scale=cfg_scale if classes else 1.0,
                        null_label=classes, seed=seed, guidance=guidance, uncond_fn=uncond)
@@ -364,7 +366,7 @@ def search(
     checkpoint: Annotated[Path, typer.Option(help="trained supernet checkpoint.pt")],
     table: Annotated[Path, typer.Option(help="latency table folder (or the session folder holding table/)")],
     budget_ms: Annotated[Optional[float], typer.Option(help="latency budget of ONE WHOLE generation (all steps, with --guidance), ms (search.budget_ms)")] = None,
-    guidance: Annotated[Optional[str], typer.Option(help="sampler priced: none (one batch-1 call per step) | cfg (one batch-2 call per step, as `ditnas sample` runs) (search.guidance, default none)")] = None,
+    guidance: Annotated[Optional[str], typer.Option(help="sampler priced: none (one batch-1 call per step) | cfg (one batch-2 call per step, as `ditnas sample` runs) | pdg (the full + the dense-only net per step, `ditnas sample --guidance pdg`; search.pdg_dense) (search.guidance, default none)")] = None,
     threads: Annotated[Optional[int], typer.Option(help="thread count the budget is for; refused unless the table was measured at it (search.threads)")] = None,
     steps: Annotated[Optional[list[int]], typer.Option(help="denoising steps; repeat for a set, a joint dimension (search.steps, default 28)")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Optuna trials added by this call (search.trials, default 64)")] = None,
@@ -569,7 +571,7 @@ def distill(
 
 EXPORT_FLAGS = {"compress.export.backend": "--backend", "compress.export.dtype": "--dtype",
                 "compress.export.steps": "--steps", "compress.export.cfg_scale": "--cfg-scale",
-                "compress.export.sampler": "--sampler"}
+                "compress.export.sampler": "--sampler", "compress.export.guidance": "--guidance"}
 
 
 @app.command()
@@ -582,6 +584,8 @@ def export(
     cfg_scale: Annotated[Optional[float], typer.Option(help="guidance baked into the denoiser; 0 = none (compress.export.cfg_scale)")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="host-loop | unrolled | fastest: ship the faster of the two, timed here "
                                                        "(compress.export.sampler)")] = None,
+    guidance: Annotated[Optional[str], typer.Option(help="cfg | pdg: where a guided denoiser's unconditional velocity "
+                                                        "comes from (compress.export.guidance; pdg: compress.export.pdg_dense)")] = None,
     name: Annotated[Optional[str], typer.Option(help="file name stem (default dit_<arch key>)")] = None,
     measure: Annotated[bool, typer.Option(help="time eager vs .pte (one call and one whole generation) after export")] = True,
     config: ConfigOpt = None,
@@ -591,7 +595,7 @@ def export(
     from ditnas.compress.export import export_subnet
 
     flags = {"compress.export.backend": backend, "compress.export.dtype": dtype, "compress.export.steps": steps,
-             "compress.export.cfg_scale": cfg_scale, "compress.export.sampler": sampler}
+             "compress.export.cfg_scale": cfg_scale, "compress.export.sampler": sampler, "compress.export.guidance": guidance}
     with field_flags(EXPORT_FLAGS):
         cfg = load_run_config(config, overrides, flags)
         manifest = export_subnet(cfg.compress.export, subnet, out, name=name, measure=measure)

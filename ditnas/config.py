@@ -174,7 +174,7 @@ class SpaceConfig:
         )
 
 
-GUIDANCE = ("none", "cfg")  # = ditnas.latency_models.generation_latency.GUIDANCE
+GUIDANCE = ("none", "cfg", "pdg")  # = ditnas.latency_models.generation_latency.GUIDANCE
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,7 @@ class LatencyConfig:
     threads: int = 1  # a table is valid for the thread count it was measured at
     seed: int = 0  # which random archs become whole-model programs
     guidance: tuple[str, ...] = ("none", "cfg")  # sampler modes whose whole generations are timed (calibration)
+    pdg_dense: int = 1  # pdg generations: dense slots at each end of the dense-only net (train.token_drop_dense's)
     generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
     generation_iters: int = 5  # timed generations / streams per (arch, steps[, guidance]); xnnpack: rounds of fresh processes
     workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
@@ -215,8 +216,8 @@ class LatencyConfig:
             raise ConfigFieldError("latency.iters", f"{self.iters} must be >= 1")
         if self.threads < 1:
             raise ConfigFieldError("latency.threads", f"{self.threads} must be >= 1")
-        if "pdg" in self.guidance:
-            raise ConfigFieldError("latency.guidance", "pdg is not priced by the latency tables yet; time none or cfg")
+        if self.pdg_dense < 1:
+            raise ConfigFieldError("latency.pdg_dense", f"{self.pdg_dense} must be >= 1 dense slot at each end")
         bad = [g for g in self.guidance if g not in GUIDANCE]
         if bad:
             raise ConfigFieldError("latency.guidance", f"{list(self.guidance)}: choose from {', '.join(GUIDANCE)}")
@@ -270,8 +271,10 @@ class SearchConfig:
     rerank_signal: str = "proxy"
     rerank_steps: tuple[int, ...] = (200, 500)
     # the sampler priced: none (one batch-1 call per step: the shipped distilled student) | cfg (one batch-2 call
-    # per step, as `ditnas sample --cfg-scale 2` runs); a table without measured cfg generations refuses cfg
+    # per step, as `ditnas sample --cfg-scale 2` runs; a table without measured cfg generations refuses it) | pdg
+    # (Path-Drop Guidance: the full net + its dense-only net per step, `ditnas sample --guidance pdg`)
     guidance: str = "none"
+    pdg_dense: int | None = None  # pdg: dense slots at each end of the dense-only net; None = the table's pdg rows' (1)
     threads: int | None = None  # the thread count the budget is for; None = the table's (a mismatch is refused)
     # clips: search streamed generation instead of whole-clip calls (latency_models/stream_latency.py). The latency
     # priced is one clip streamed `stream_chunk` latent frames at a time, `steps` (one value) denoiser calls per chunk
@@ -313,10 +316,10 @@ class SearchConfig:
             raise ConfigFieldError("search.fidelity_steps", f"{self.fidelity_steps} must be >= 1")
         if self.quality_steps < 0:
             raise ConfigFieldError("search.quality_steps", f"{self.quality_steps} must be >= 0 training steps per arch")
-        if self.guidance == "pdg":
-            raise ConfigFieldError("search.guidance", "pdg is not priced by the latency tables yet; search with none or cfg")
         if self.guidance not in GUIDANCE:
             raise ConfigFieldError("search.guidance", f"unknown guidance {self.guidance!r}; choose one of {', '.join(GUIDANCE)}")
+        if self.pdg_dense is not None and self.pdg_dense < 1:
+            raise ConfigFieldError("search.pdg_dense", f"{self.pdg_dense} must be >= 1 dense slot at each end (or null)")
         if self.threads is not None and self.threads < 1:
             raise ConfigFieldError("search.threads", f"{self.threads} must be >= 1")
         self._check_stream()
@@ -538,6 +541,10 @@ class ExportConfig:
     dtype: str = "fp32"  # fp32 | fp16 (Core ML: fp16)
     steps: int = 4  # denoising steps of the shipped sampler
     cfg_scale: float = 0.0  # guidance of the shipped sampler; 0 = none (a distilled student needs none)
+    # how a guided sampler gets its unconditional velocity: cfg (one batch-2 [cond, null] call) | pdg (Path-Drop
+    # Guidance: the dense-only net, `pdg_dense` slots at each end, on the null label); priced as search.guidance
+    guidance: str = "cfg"
+    pdg_dense: int = 1
     parity_rtol: float = 1e-3  # .pte vs eager relative error allowed
     threads: int = 1  # runtime threads for the post-export check
     time_shift: float = 1.0  # SD3 time shift of the shipped sampler's grid (flow.time_grid); 1 = uniform
@@ -570,6 +577,10 @@ class ExportConfig:
             raise ConfigFieldError("compress.export.timing_iters", f"{self.timing_iters} must be >= 1")
         if self.steps < 1:
             raise ConfigFieldError("compress.export.steps", f"{self.steps} must be >= 1")
+        if self.guidance not in ("cfg", "pdg"):
+            raise ConfigFieldError("compress.export.guidance", f"unknown {self.guidance!r}; choose cfg or pdg")
+        if self.pdg_dense < 1:
+            raise ConfigFieldError("compress.export.pdg_dense", f"{self.pdg_dense} must be >= 1 dense slot at each end")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise ConfigFieldError("compress.export.cfg_scale", f"{self.cfg_scale:g} must be >= 0")
         if not self.parity_rtol > 0:

@@ -348,8 +348,9 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
     table, predictor = load_predictor(table_root)
     steps = cfg.search.sorted_steps[0]
     max_arch = table.space.max_arch()
-    if cfg.search.stream_chunk:  # clips streamed chunk by chunk: every latency below is one streamed clip
-        predictor = search_predictor(predictor, table_root, cfg.search.stream_chunk, steps)
+    if cfg.search.stream_chunk or cfg.search.guidance == "pdg":  # every latency below is one streamed clip / PDG step
+        predictor = search_predictor(predictor, table_root, cfg.search.stream_chunk, steps, cfg.search.guidance,
+                                     cfg.search.pdg_dense)
     reference, source = max_generation_ms(table_root, predictor, max_arch, steps, cfg.search.guidance)
     cheapest = cheapest_generation_ms(table, predictor, steps, cfg.search.guidance)
     top = max(reference, 1.1 * cheapest)  # a measured max net can undercut the predicted cheapest arch
@@ -409,9 +410,9 @@ def _run_stages(cfg: RunConfig, out: Path, *, progress: bool, log: Log, stop_aft
         from ditnas.compress.prune import prune_subnet
 
         per_step = predictor.generation.per_step_budget(budget, steps, cfg.search.guidance)
-        if cfg.search.stream_chunk:
-            # assumption: the pruner prices whole-clip calls; a streamed clip's budget is handed to it as the same
-            # fraction of the chosen arch's whole-clip call (the two scale together: the same cells at fewer tokens)
+        if cfg.search.stream_chunk or cfg.search.guidance == "pdg":
+            # assumption: the pruner prices one batch-1 call; a streamed clip's (or a PDG step's) budget is handed to
+            # it as the same fraction of the chosen arch's call (they scale together: the same cells)
             per_step = predictor.base.predict(arch) * budget / predicted
         # the pruner stops at a predicted budget; on this host's own table the result is also timed (~1 min)
         m = prune_subnet(replace(cfg.compress.prune, budget_ms=per_step), cfg.compress.kd, chosen, table_root, folder,

@@ -41,8 +41,9 @@ def test_a_table_without_generations_prices_none_uncalibrated_and_refuses_cfg():
     assert "uncalibrated" in pricing.definition("none", 28)
     with pytest.raises(DitnasError, match="no measured cfg generations"):
         pricing.generation_ms(2.0, 28, "cfg")
-    with pytest.raises(DitnasError, match="guidance 'pdg' is not one of"):
-        pricing.fit_for("pdg")
+    assert pricing.fit_for("pdg").method == "uncalibrated"  # steps x (full + dense-only), labelled so
+    with pytest.raises(DitnasError, match="guidance 'pag' is not one of"):
+        pricing.fit_for("pag")
 
 
 def _profile(root, backend, kinds=("block", "patch_embed", "final", "down", "up"), **kw):

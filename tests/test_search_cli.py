@@ -96,6 +96,35 @@ def test_cfg_on_a_table_without_cfg_generations_is_refused(env, tmp_path, capsys
     assert not (tmp_path / "s" / "trials.csv").exists()
 
 
+def test_a_pdg_search_prices_every_trial_as_full_plus_dense_only_calls(env, tmp_path, capsys):
+    """--guidance pdg: each step is the full net + its dense-only net (pdg_latency.py); on a table without
+    generations that is steps x (P + P_dense-only), labelled; the DP seeds fit that budget too."""
+    from ditnas.latency_models.pdg_latency import PathDropPricing
+    from ditnas.latency_models.stage import load_predictor
+
+    table, predictor = load_predictor(env["table_dir"])
+    pricing = PathDropPricing(predictor, 1)
+    budget = 4 * pricing.predict(table.space.max_arch()) * 0.8
+    code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
+                        str(budget), "--steps", "4", "--guidance", "pdg", "--trials", "4", "--seeds", "2",
+                        "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["guidance"] == "pdg" and manifest["path_drop"]["pdg_dense"] == 1
+    assert "2 batch-1 calls per step (PDG" in manifest["latency_definition"] and "uncalibrated" in manifest["latency_definition"]
+    trials = pd.read_csv(tmp_path / "s" / "trials.csv")
+    done = trials[trials["state"] == "COMPLETE"]
+    assert len(done) == 4
+    for row in done.itertuples():
+        arch = table.space.parse(row.arch)
+        assert row.latency_ms == pytest.approx(4 * (predictor.predict(arch) + predictor.predict_dense_only(arch, 1)), rel=1e-9)
+        assert row.latency_ms > 4 * predictor.predict(arch)  # the unconditional branch is priced, not free
+    assert manifest["best"]["latency_ms"] <= budget
+    code, _, err = run(["sweep", "--checkpoint", str(env["ckpt"]), "--budgets", str(budget), "--tables", str(env["table_dir"]),
+                        "--steps", "4", "--set", "search.guidance=pdg", "--out", str(tmp_path / "sw"), "--no-progress"], capsys)
+    assert code == 2 and "search.guidance" in err and "`ditnas search --guidance pdg`" in err, err
+
+
 def test_a_table_of_another_thread_count_is_refused(env, tmp_path, capsys):
     code, _, err = run(["search", "--checkpoint", str(env["ckpt"]), "--table", str(env["table_dir"]), "--budget-ms",
                         "1000", "--steps", "4", "--threads", "4", "--trials", "2", "--out", str(tmp_path / "s"),

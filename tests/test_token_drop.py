@@ -361,11 +361,13 @@ def test_pdg_unconditional_pass_skips_the_middle_blocks():
     assert counts == [6, 3, 3, 3, 3, 6]
 
 
-def test_pdg_is_refused_where_it_is_not_priced_and_unknown_guidance_is_named():
-    for override, field in (("latency.guidance=[none,pdg]", "latency.guidance"), ("search.guidance=pdg", "search.guidance")):
-        cfg = load_config(None, [override])
-        section = getattr(cfg, field.split(".")[0])
-        with pytest.raises(ConfigFieldError, match="pdg is not priced by the latency tables yet") as err:
+def test_pdg_settings_are_checked_and_unknown_guidance_is_named():
+    cfg = load_config(None, ["latency.guidance=[none,pdg]", "search.guidance=pdg"])  # priced (pdg_latency.py)
+    assert cfg.latency.check().guidance == ("none", "pdg") and cfg.search.check().guidance == "pdg"
+    for override, field in (("latency.pdg_dense=0", "latency.pdg_dense"), ("search.pdg_dense=0", "search.pdg_dense"),
+                            ("latency.guidance=[none,pag]", "latency.guidance"), ("search.guidance=pag", "search.guidance")):
+        section = getattr(load_config(None, [override]), field.split(".")[0])
+        with pytest.raises(ConfigFieldError) as err:
             section.check()
         assert err.value.field == field
     with pytest.raises(DitnasError, match="guidance 'cgf' unknown"):

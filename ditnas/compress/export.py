@@ -5,7 +5,7 @@
                                          or out/<name>_coreml_fp16.mlpackage (backend "mlpackage")
     generate_from_pte(pte, label=, n=)   -> images generated on the ExecuTorch runtime by the host loop
 
-The program is `generation.DenoiserProgram` (forward(x, t, y) -> v, CFG inside when cfg.cfg_scale
+The program is `generation.DenoiserProgram` (forward(x, t, y) -> v, CFG or PDG (`cfg.guidance`) inside when cfg.cfg_scale
 guides) at batch 1 and the subnet's own latent shape: one static program per resolution
 (compress-export-notes.md: dynamic shapes fail to resize on device). It is lowered by
 `latency_models.lowering.lower`, the recipe the latency tables were profiled with, so what was
@@ -49,6 +49,7 @@ from torch import Tensor
 from ditnas.manifest import MANIFEST, check_files, read_manifest, write_manifest
 from ditnas.config import ExportConfig
 from ditnas.errors import DitnasError
+from ditnas.supernet.token_drop import check_pdg_dense
 from ditnas.io import write_json
 from ditnas.latency_models.backends.base import time_calls
 from ditnas.latency_models.generation import (
@@ -318,7 +319,9 @@ def export_subnet(cfg: ExportConfig, subnet: Path, out: Path, *, name: str | Non
     name = name or f"dit_{sub.arch.key()[:10]}"
     if not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
         raise DitnasError(f"export: name {name!r} may hold letters, digits, '-', '_' and '.' only (it names the file)")
-    program = DenoiserProgram(sub, cfg.cfg_scale).eval()
+    if cfg.guidance == "pdg":
+        check_pdg_dense(cfg.pdg_dense, len(sub.arch.slots), "compress.export.pdg_dense")
+    program = DenoiserProgram(sub, cfg.cfg_scale, guidance=cfg.guidance, pdg_dense=cfg.pdg_dense).eval()
     final = out / artifact_name(name, cfg.backend, cfg.dtype)
     out.mkdir(parents=True, exist_ok=True)
     gen = _generation_meta(cfg, sub, program)

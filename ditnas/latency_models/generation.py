@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ditnas.errors import DitnasError
 from ditnas.supernet.flow import time_grid
+from ditnas.supernet.token_drop import check_pdg_dense
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -43,31 +44,44 @@ def guided(cfg_scale: float) -> bool:
 
 
 class DenoiserProgram(nn.Module):
-    """forward(x, t, y) -> velocity; with guidance the [cond, null] batch and the CFG combination
-    run inside (see the module docstring). `null_label` defaults to the arch's class count."""
+    """forward(x, t, y) -> velocity; with guidance its calls and the combination run inside (see the module
+    docstring): `cfg` one batch-2 [cond, null] call; `pdg` (Path-Drop Guidance) the full net on the labels and
+    its dense-only net (`pdg_dense` slots at each end, every middle slot skipped: token_drop.dense_only_plan) on
+    the null label, two batch-1 calls. `null_label` defaults to the arch's class count."""
 
-    def __init__(self, sub: nn.Module, cfg_scale: float = 0.0, null_label: int | None = None) -> None:
+    def __init__(self, sub: nn.Module, cfg_scale: float = 0.0, null_label: int | None = None, *,
+                 guidance: str = "cfg", pdg_dense: int = 1) -> None:
         super().__init__()
         if not math.isfinite(cfg_scale) or cfg_scale < 0:
             raise DitnasError(f"denoiser: cfg_scale={cfg_scale!r} must be a finite number >= 0 (0 = no guidance)")
+        if guidance not in ("none", "cfg", "pdg"):
+            raise DitnasError(f"denoiser: guidance {guidance!r} is not none, cfg or pdg")
         self.sub = sub
         self.cfg_scale = float(cfg_scale)
-        self.guided = guided(cfg_scale)
+        self.guided = guided(cfg_scale) and guidance != "none"
+        self.guidance = guidance if self.guided else "none"
         arch = getattr(sub, "arch", None)
+        if self.guidance == "pdg":
+            check_pdg_dense(int(pdg_dense), len(arch.slots), "denoiser: pdg_dense")
+        self.pdg_dense = int(pdg_dense)
         self.null_label = int(null_label if null_label is not None else arch.num_classes)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         if not self.guided:
             return self.sub(x, t, y)
-        n = x.shape[0]
         null = torch.full_like(y, self.null_label)
+        if self.guidance == "pdg":
+            v_cond, v_u = self.sub(x, t, y), self.sub(x, t, null, dense=self.pdg_dense, path_drop=True)
+            return v_u + self.cfg_scale * (v_cond - v_u)
+        n = x.shape[0]
         both = self.sub(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         v_cond, v_null = both[:n], both[n:]
         return v_null + self.cfg_scale * (v_cond - v_null)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "denoiser", "cfg_scale": self.cfg_scale, "guided": self.guided, "cfg_inside": True,
-                "null_label": self.null_label}
+        out = {"kind": "denoiser", "cfg_scale": self.cfg_scale, "guided": self.guided, "cfg_inside": True,
+               "guidance": self.guidance, "null_label": self.null_label}
+        return {**out, "pdg_dense": self.pdg_dense} if self.guidance == "pdg" else out
 
 
 class UnrolledSampler(nn.Module):

@@ -7,14 +7,22 @@ recipe (latency_models/lowering.py), at the table's thread count, batch 1 per im
 
 - `none`: one batch-1 call per step (a distilled few-step student);
 - `cfg`: classifier-free guidance as ONE batch-2 call per step ([cond, null] stacked) with the
-  combination v_u + s·(v_c − v_u) on the host — what `ditnas sample` and the exported sampler do.
+  combination v_u + s·(v_c − v_u) on the host — what `ditnas sample` and the exported sampler do;
+- `pdg`: Path-Drop Guidance (SPRINT) as TWO batch-1 calls per step: the full net on the label and its
+  dense-only net (the first and last `pdg_dense` slots, every middle slot skipped) on the null label,
+  combined the same way (generation.DenoiserProgram(guidance="pdg")).
 
 **The model.** The per-cell table prices one batch-1 call measured interleaved with every other
 program (cold caches); a denoising loop runs warm and a batch-2 call is not 2× a batch-1 one, so the
-per-step prediction P(arch) (LatencyPredictor.predict) is mapped per guidance mode g by a fit on
-measured generations of whole models:
+per-step prediction P_g(arch) (`LatencyPredictor.predict_step`: P(arch) for none and cfg, P(arch) +
+P(dense-only arch) for pdg) is mapped per guidance mode g by a fit on measured generations of whole models:
 
-    generation_ms ≈ α_g · steps · P(arch) + β_g · steps + γ_g        (least squares, relative error)
+    generation_ms ≈ α_g · steps · P_g(arch) + β_g · steps + γ_g        (least squares, relative error)
+
+A table without measured pdg generations prices pdg from the none fit: each PDG step is two batch-1 calls
+of the kind the none generations time, so α_pdg = α_none, β_pdg = 2·β_none, γ_pdg = γ_none, labelled
+"derived from none". # assumption: the host-side combination (3 element-wise ops on a latent) is negligible
+next to a call; the measured pdg fit replaces the derived one as soon as pdg generations are profiled.
 
 α_g > 0 keeps it monotone in P, so a generation budget B is a per-step budget for the DP:
 P ≤ (B − γ_g − β_g·steps) / (α_g·steps) (`per_step_budget`). A table without generation rows for a
@@ -31,18 +39,35 @@ import pandas as pd
 
 from ditnas.errors import DitnasError
 
-GUIDANCE = ("none", "cfg")
+GUIDANCE = ("none", "cfg", "pdg")
 GENERATIONS = "generations.parquet"  # raw timed generations inside a profiling session
 SAMPLE_COLUMNS = ("key", "arch", "steps", "guidance", "threads", "run", "ms")
 
 
-def generation_key(arch: str, steps: int, guidance: str) -> str:
-    return f"generation:{guidance}:steps{int(steps)}:{arch}"
+def generation_key(arch: str, steps: int, guidance: str, pdg_dense: int = 1) -> str:
+    """A timed generation's key; a pdg key names its dense-only net (`pdg-dense<d>`): another d is another program."""
+    mode = f"pdg-dense{int(pdg_dense)}" if guidance == "pdg" else guidance
+    return f"generation:{mode}:steps{int(steps)}:{arch}"
 
 
-def definition(guidance: str, steps: int | None, threads: Any, recipe: str | None) -> str:
+def pdg_dense_of(rows: pd.DataFrame | None, default: int = 1) -> int:
+    """The dense count of the pdg generations in `rows` (summary or raw rows with `key`, `guidance`); one count
+    per table (the profile times one), else a DitnasError."""
+    if rows is None or not len(rows) or "key" not in rows.columns:
+        return default
+    keys = rows.loc[rows["guidance"] == "pdg", "key"]
+    found = sorted({int(k.split(":")[1][len("pdg-dense"):]) for k in keys})
+    if len(found) > 1:
+        raise DitnasError(f"the generations hold pdg timings of dense-only nets with {found} dense slots; one table prices "
+                          "one -- profile each latency.pdg_dense into its own session")
+    return found[0] if found else default
+
+
+def definition(guidance: str, steps: int | None, threads: Any, recipe: str | None, pdg_dense: int | None = None) -> str:
     """The one-line meaning of a generation latency figure (printed by search and reports)."""
-    calls = "1 batch-2 call per step (CFG: [cond, null])" if guidance == "cfg" else "1 batch-1 call per step (no guidance)"
+    calls = {"cfg": "1 batch-2 call per step (CFG: [cond, null])",
+             "pdg": f"2 batch-1 calls per step (PDG: the full net on the label, its dense-only net -- the first and "
+                    f"last {pdg_dense} slots -- on the null label)"}.get(guidance, "1 batch-1 call per step (no guidance)")
     n = f"{steps} steps" if steps is not None else "N steps"
     return (f"one whole generation: {n} back to back in the host loop, {calls}, lowered with "
             f"{recipe or 'the profiling recipe'}, {threads} thread(s), p50")
@@ -101,6 +126,7 @@ class GenerationPricing:
     threads: Any = None
     recipe: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)  # the summary rows the fits were made on
+    pdg_dense: int = 1  # the dense slots at each end of the PDG dense-only net its pdg rows and prices mean
 
     def fit_for(self, guidance: str, where: str = "the latency table") -> GenerationFit:
         if guidance not in GUIDANCE:
@@ -110,10 +136,21 @@ class GenerationPricing:
             return fit
         if guidance == "none":
             return GenerationFit("none")
+        if guidance == "pdg":
+            return self.derived_pdg_fit()
         have = sorted(g for g, f in self.fits.items() if f.method != "uncalibrated") or ["none measured"]
         raise DitnasError(f"{where} holds no measured {guidance} generations (it has: {', '.join(have)}), so it cannot price "
                           f"guidance {guidance!r}; re-profile it (`ditnas profile` measures generations with "
                           f"latency.guidance) or search with --guidance none")
+
+    def derived_pdg_fit(self) -> GenerationFit:
+        """PDG priced as two none-guidance calls per step (module docstring: the assumption)."""
+        base = self.fit_for("none")
+        if base.method == "uncalibrated":
+            return GenerationFit("pdg", note="no measured generations: steps x (full + dense-only per-call prediction)")
+        return GenerationFit("pdg", "derived_from_none", base.alpha, 2 * base.beta, base.gamma, 0, None,
+                             f"derived from the none fit on {base.n} measured generations (2 batch-1 calls per step); "
+                             "no pdg generation was measured")
 
     def generation_ms(self, per_step_ms: float, steps: int, guidance: str) -> float:
         return self.fit_for(guidance).apply(per_step_ms, int(steps))
@@ -122,36 +159,40 @@ class GenerationPricing:
         return self.fit_for(guidance).per_step_budget(float(budget_ms), int(steps))
 
     def definition(self, guidance: str, steps: int | None = None) -> str:
-        text = definition(guidance, steps, self.threads, self.recipe)
+        text = definition(guidance, steps, self.threads, self.recipe, self.pdg_dense)
         fit = self.fits.get(guidance)
+        if guidance == "pdg" and (fit is None or fit.method == "uncalibrated"):
+            derived = self.derived_pdg_fit()
+            if derived.method != "uncalibrated":
+                return text + f" -- {derived.note}"
         if fit is None or fit.method == "uncalibrated":
             return text + " -- uncalibrated: steps x per-step, no measured generations"
         return text + f" -- fitted on {fit.n} measured generations (median in-sample error {fit.in_sample_median_abs_err_pct:.1f}%)"
 
     @classmethod
     def fit(cls, predict_step, rows: pd.DataFrame, *, threads: Any = None, recipe: str | None = None,
-            parse=None) -> GenerationPricing:
+            parse=None, pdg_dense: int = 1) -> GenerationPricing:
         """Fit every guidance mode present in `rows` (summary rows: arch, steps, guidance, p50);
-        `predict_step(arch) -> ms` is the calibrated per-step predictor, `parse(text) -> Arch`."""
+        `predict_step(arch, guidance) -> ms` is the calibrated per-step feature P_g, `parse(text) -> Arch`."""
         fits: dict[str, GenerationFit] = {}
         if rows is not None and len(rows):
             for guidance, group in rows.groupby("guidance", sort=True):
-                per_step = [predict_step(parse(a)) for a in group["arch"]]
+                per_step = [predict_step(parse(a), str(guidance)) for a in group["arch"]]
                 fits[str(guidance)] = GenerationFit.fit(str(guidance), np.array(per_step), group["steps"].to_numpy(),
                                                          group["p50"].to_numpy())
         plain = [] if rows is None else rows[["arch", "steps", "guidance", "p50", "p10", "p90", "n"]].to_dict(orient="records")
-        return cls(fits, threads, recipe, plain)
+        return cls(fits, threads, recipe, plain, int(pdg_dense))
 
     def to_dict(self) -> dict[str, Any]:
         return {"fits": {g: asdict(f) for g, f in self.fits.items()}, "threads": self.threads, "recipe": self.recipe,
-                "rows": self.rows}
+                "rows": self.rows, "pdg_dense": self.pdg_dense}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GenerationPricing:
         if not d:
             return cls()
         return cls({g: GenerationFit(**f) for g, f in d.get("fits", {}).items()}, d.get("threads"), d.get("recipe"),
-                   list(d.get("rows", [])))
+                   list(d.get("rows", [])), int(d.get("pdg_dense", 1)))
 
 
 def summarize_generations(samples: pd.DataFrame) -> pd.DataFrame:

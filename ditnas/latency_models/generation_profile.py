@@ -6,12 +6,14 @@ sampler's host loop, the x of one step fed to the next); on executorch-xnnpack i
 a fresh process timing one generation of every key in a new order (`_time_in_rounds`: why):
 
 - executorch-xnnpack: `none` reuses the session's lowered batch-1 model program (its .pte went through
-  the recipe); `cfg` lowers the exported sampler's denoiser (`generation.DenoiserProgram`, the batch-2
-  [cond, null] call and the combination inside) into `<session>/generations/` (all missing ones first, in
+  the recipe); `cfg` and `pdg` lower the exported sampler's denoiser (`generation.DenoiserProgram`: cfg's
+  batch-2 [cond, null] call, or pdg's full + dense-only calls with `latency.pdg_dense` dense slots, and the
+  combination inside) into `<session>/generations/` (all missing ones first, in
   `latency.workers` spawned processes: not the per-user cache, which holds table programs). Timed in a
   fresh process.
 - host-torch: the same loop over the eager module, in this process, at the session's threads.
-- phone backends: not timed here (their tables price generations uncalibrated, and refuse `cfg`).
+- phone backends: not timed here (their tables price generations uncalibrated, and refuse `cfg`; `pdg` is
+  priced as steps x (full + dense-only per-call prediction), uncalibrated).
 
 Raw samples go to `<session>/generations.parquet` atomically (host-torch: after each arch; xnnpack: once
 all rounds are done), so an interrupted run resumes and a finished key is never timed twice.
@@ -73,10 +75,11 @@ def _time_eager(module: torch.nn.Module, supernet: ElasticDiT, steps: int, cfg_s
         return time_calls(lambda: run_generation(module, x, y, steps, cfg_scale), warmup, iters)
 
 
-def _cfg_pte_path(session: ProfilingSession, arch: Arch, cfg_scale: float) -> Path:
+def _guided_pte_path(session: ProfilingSession, arch: Arch, guidance: str, cfg_scale: float, dense: int) -> Path:
     from ditnas.latency_models.backends.executorch_xnnpack import file_stem
 
-    return session.root / "generations" / f"{file_stem(generation_key(str(arch), 0, 'cfg'))}_cfg{cfg_scale:g}.pte"
+    stem = file_stem(generation_key(str(arch), 0, guidance, dense))
+    return session.root / "generations" / f"{stem}_{guidance}{cfg_scale:g}.pte"
 
 
 def _usable(pte: Path) -> bool:
@@ -91,47 +94,52 @@ def _usable(pte: Path) -> bool:
         return False  # another recipe or tool version, or an interrupted write: lower again
 
 
-def _lower_cfg_denoiser(sub: torch.nn.Module, cfg_scale: float, inputs: tuple[torch.Tensor, ...], pte: Path) -> Path:
-    """Lower the exported sampler's batch-2 CFG denoiser of one subnet to `pte` (in a worker or here)."""
+def _lower_guided_denoiser(sub: torch.nn.Module, guidance: str, cfg_scale: float, dense: int,
+                           inputs: tuple[torch.Tensor, ...], pte: Path) -> Path:
+    """Lower the exported sampler's guided denoiser (cfg: batch-2 call; pdg: full + dense-only calls) of one
+    subnet to `pte` (in a worker or here)."""
     from ditnas.latency_models.generation import DenoiserProgram
     from ditnas.latency_models.lowering import lower, write_pte
 
-    program = DenoiserProgram(sub, cfg_scale)
-    lowered = lower(program, inputs, etrecord=False, what=f"cfg denoiser of {sub.arch}")  # timed, never inspected
+    program = DenoiserProgram(sub, cfg_scale, guidance=guidance, pdg_dense=dense)
+    lowered = lower(program, inputs, etrecord=False, what=f"{guidance} denoiser of {sub.arch}")  # timed, never inspected
     pte.parent.mkdir(parents=True, exist_ok=True)
-    return write_pte(lowered, pte, extra={"generation": {"kind": "denoiser", **program.describe()}})
+    return write_pte(lowered, pte, extra={"generation": program.describe()})
 
 
-def lower_cfg_denoisers(session: ProfilingSession, supernet: ElasticDiT, archs: list[Arch], cfg_scale: float, *,
-                        workers: int = 1, progress: Progress | None = None) -> None:
-    """Lower every missing CFG denoiser .pte of `archs`, in `workers` spawned processes when there are enough
-    of them (each is a whole model at batch 2: ~30-50 s here, so serial lowering was most of a cfg profile)."""
+def lower_guided_denoisers(session: ProfilingSession, supernet: ElasticDiT, archs: list[Arch], guidance: str,
+                           cfg_scale: float, *, dense: int = 1, workers: int = 1, progress: Progress | None = None) -> None:
+    """Lower every missing `guidance` denoiser .pte of `archs`, in `workers` spawned processes when there are enough
+    of them (each is a whole model at batch 2 or two calls: ~30-50 s here, so serial lowering was most of a
+    cfg profile)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     from ditnas.latency_models.prepare_pool import MIN_PROGRAMS_FOR_POOL, WORKER_LOG, init_worker
 
-    todo = [a for a in archs if not _usable(_cfg_pte_path(session, a, cfg_scale))]
+    path = lambda a: _guided_pte_path(session, a, guidance, cfg_scale, dense)  # noqa: E731
+    todo = [a for a in archs if not _usable(path(a))]
     inputs = _model_inputs(supernet, 0)
     if workers <= 1 or len(todo) < MIN_PROGRAMS_FOR_POOL:
         for i, arch in enumerate(todo):
             if progress:
-                progress(i, len(todo), f"lowering cfg denoiser: {arch}")
-            _lower_cfg_denoiser(supernet.extract(arch).eval(), cfg_scale, inputs, _cfg_pte_path(session, arch, cfg_scale))
+                progress(i, len(todo), f"lowering {guidance} denoiser: {arch}")
+            _lower_guided_denoiser(supernet.extract(arch).eval(), guidance, cfg_scale, dense, inputs, path(arch))
         return
     log = session.root / "generations" / WORKER_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
                              initializer=init_worker, initargs=(str(log),)) as pool:
-        futures = [pool.submit(_lower_cfg_denoiser, supernet.extract(a).eval(), cfg_scale, inputs,
-                               _cfg_pte_path(session, a, cfg_scale)) for a in todo]
+        futures = [pool.submit(_lower_guided_denoiser, supernet.extract(a).eval(), guidance, cfg_scale, dense, inputs,
+                               path(a)) for a in todo]
         for i, future in enumerate(as_completed(futures)):
             future.result()  # a worker's DitnasError re-raises here; finished files stay for the rerun
             if progress:
-                progress(i + 1, len(todo), "lowering cfg denoisers")
+                progress(i + 1, len(todo), f"lowering {guidance} denoisers")
 
 
-def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidance: str, cfg_scale: float) -> Path:
+def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidance: str, cfg_scale: float,
+             dense: int = 1) -> Path:
     """The .pte one generation of `arch` with `guidance` runs (lowered with the recipe, reused if present)."""
     from ditnas.latency_models.backends.executorch_xnnpack import file_stem
     from ditnas.latency_models.lowering import check_recipe
@@ -144,9 +152,9 @@ def _pte_for(session: ProfilingSession, supernet: ElasticDiT, arch: Arch, guidan
                               "`ditnas profile` on the session so it lowers it")
         check_recipe(pte)
         return pte
-    pte = _cfg_pte_path(session, arch, cfg_scale)
+    pte = _guided_pte_path(session, arch, guidance, cfg_scale, dense)
     if not _usable(pte):
-        _lower_cfg_denoiser(supernet.extract(arch).eval(), cfg_scale, _model_inputs(supernet, 0), pte)
+        _lower_guided_denoiser(supernet.extract(arch).eval(), guidance, cfg_scale, dense, _model_inputs(supernet, 0), pte)
     return pte
 
 
@@ -185,9 +193,9 @@ def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg
 
     jobs = []
     for arch, guidance, steps in todo:
-        scale = cfg_scale if guidance == "cfg" else 0.0
-        jobs.append((generation_key(str(arch), steps, guidance), _pte_for(session, supernet, arch, guidance, scale),
-                     steps, scale, arch, guidance))
+        scale = 0.0 if guidance == "none" else cfg_scale
+        jobs.append((generation_key(str(arch), steps, guidance, cfg.pdg_dense),
+                     _pte_for(session, supernet, arch, guidance, scale, cfg.pdg_dense), steps, scale, arch, guidance))
     rng = random.Random(cfg.seed)
     rounds = int(cfg.generation_iters)
     for r in range(rounds):
@@ -225,42 +233,36 @@ def measure_generations(
         return samples
     threads = int(session.device.get("threads") or cfg.threads)
     done = set(samples["key"])
+    dense = cfg.pdg_dense
     jobs = [(arch, g, s) for arch in archs for g in cfg.guidance for s in sorted(set(cfg.generation_steps))]
-    todo = [(a, g, s) for a, g, s in jobs if generation_key(str(a), s, g) not in done]
+    todo = [(a, g, s) for a, g, s in jobs if generation_key(str(a), s, g, dense) not in done]
+    if not todo:
+        return samples
+    if backend == "executorch-xnnpack":
+        for guidance in ("cfg", "pdg"):
+            need = list(dict.fromkeys(a for a, g, _ in todo if g == guidance))
+            if need:
+                lower_guided_denoisers(session, supernet, need, guidance, cfg_scale, dense=dense, workers=workers,
+                                       progress=progress)
+        return _time_in_rounds(supernet, todo, cfg, session, samples, threads, cfg_scale, progress)
+    # host-torch: the same loop over the eager module, in this process, one arch after another
+    from ditnas.latency_models.generation import DenoiserProgram
+
     by_arch: dict[str, list[tuple[Arch, str, int]]] = {}
     for job in todo:
         by_arch.setdefault(str(job[0]), []).append(job)
-    if backend == "executorch-xnnpack" and "cfg" in cfg.guidance:
-        lower_cfg_denoisers(session, supernet, [jobs[0][0] for jobs in by_arch.values()
-                                                if any(g == "cfg" for _, g, _ in jobs)], cfg_scale,
-                            workers=workers, progress=progress)
-    if backend == "executorch-xnnpack":
-        return _time_in_rounds(supernet, todo, cfg, session, samples, threads, cfg_scale, progress)
     for i, (arch_text, arch_jobs) in enumerate(by_arch.items()):
         arch = arch_jobs[0][0]
         if progress:
             progress(i, len(by_arch), f"generations: {arch}")
-        if backend == "host-torch":
-            from ditnas.latency_models.generation import DenoiserProgram
-
-            times = {}
-            for _, guidance, steps in arch_jobs:
-                scale = cfg_scale if guidance == "cfg" else 0.0
-                module = DenoiserProgram(supernet.extract(arch).eval(), scale)
-                times[generation_key(arch_text, steps, guidance)] = _time_eager(module, supernet, steps, scale, threads, 1,
-                                                                                cfg.generation_iters)
-        else:
-            jobs = []
-            for _, guidance, steps in arch_jobs:
-                scale = cfg_scale if guidance == "cfg" else 0.0
-                jobs.append((generation_key(arch_text, steps, guidance), _pte_for(session, supernet, arch, guidance, scale),
-                             steps, scale))
-            times = time_generations_in_fresh_process(jobs, threads, 1, cfg.generation_iters)
         frames = [samples] if len(samples) else []
         for _, guidance, steps in arch_jobs:
-            key = generation_key(arch_text, steps, guidance)
+            scale = 0.0 if guidance == "none" else cfg_scale
+            module = DenoiserProgram(supernet.extract(arch).eval(), scale, guidance=guidance, pdg_dense=dense)
+            key = generation_key(arch_text, steps, guidance, dense)
+            ms = _time_eager(module, supernet, steps, scale, threads, 1, cfg.generation_iters)
             frames.append(pd.DataFrame({"key": key, "arch": arch_text, "steps": int(steps), "guidance": guidance,
-                                        "threads": threads, "run": range(len(times[key])), "ms": times[key]}))
+                                        "threads": threads, "run": range(len(ms)), "ms": ms}))
         samples = pd.concat(frames, ignore_index=True)
         _write(session.root, samples)  # after each arch: an interrupted run keeps every finished arch
     if progress and todo:

@@ -278,7 +278,7 @@ class LatencyPredictor:
 
     def fit_generation(self, generations: pd.DataFrame | None) -> GenerationPricing:
         """(Re)fit the end-to-end generation pricing on measured generations of this table's device."""
-        from ditnas.latency_models.generation_latency import check_generation_rows
+        from ditnas.latency_models.generation_latency import check_generation_rows, pdg_dense_of
 
         if generations is not None and len(generations):
             check_generation_rows(generations, f"generations of {self.table.root or 'the table'}")
@@ -287,16 +287,19 @@ class LatencyPredictor:
             from ditnas.latency_models.lowering import RECIPE
 
             recipe = RECIPE.name  # profiled programs and generation .pte files alike go through it
-        self.generation = GenerationPricing.fit(self.predict, generations, threads=self.table.identity.get("threads"),
-                                                recipe=recipe, parse=lambda a: self.space.parse(a, source="generation row"))
+        dense = pdg_dense_of(generations)
+        self.generation = GenerationPricing.fit(lambda a, g: self.predict_step(a, g, dense), generations,
+                                                threads=self.table.identity.get("threads"), recipe=recipe,
+                                                parse=lambda a: self.space.parse(a, source="generation row"), pdg_dense=dense)
         self.report["generation"] = {g: asdict(f) for g, f in self.generation.fits.items()}
         return self.generation
 
-    def predict_generation(self, arch: Arch, steps: int | None = None, guidance: str = "none") -> float:
-        """One whole generation in ms (p50): `steps` (default the arch's) calls back to back with
-        `guidance` none | cfg, at the table's threads (generation_latency.py defines it exactly)."""
+    def predict_generation(self, arch: Arch, steps: int | None = None, guidance: str = "none",
+                           pdg_dense: int | None = None) -> float:
+        """One whole generation in ms (p50): `steps` (default the arch's) steps back to back with
+        `guidance` none | cfg | pdg, at the table's threads (generation_latency.py defines it exactly)."""
         steps = int(arch.steps if steps is None else steps)
-        return self.generation.generation_ms(self.predict(arch), steps, guidance)
+        return self.generation.generation_ms(self.predict_step(arch, guidance, pdg_dense), steps, guidance)
 
     def refit(self, table: LatencyTable) -> LatencyPredictor:
         """A new predictor, same settings, fitted on `table` (e.g. with newly measured model rows); the
@@ -411,6 +414,29 @@ class LatencyPredictor:
         """Latency per denoising step in ms (p50): a·(table sum) + b·(blocks that run) + c."""
         s = self.table_sum(arch)
         return self.calibration.apply(s, arch.depth) if calibrated else s
+
+    def predict_dense_only(self, arch: Arch, pdg_dense: int, calibrated: bool = True) -> float:
+        """One call of `arch`'s dense-only net (Path-Drop Guidance's unconditional branch: the first and last
+        `pdg_dense` slots, every middle slot skipped, the stream at the arch's width), priced like `predict`."""
+        from ditnas.supernet.token_drop import check_pdg_dense
+
+        n = len(arch.slots)
+        check_pdg_dense(int(pdg_dense), n, "pdg_dense")
+        middle = frozenset(range(int(pdg_dense), n - int(pdg_dense)))
+        self.check_frames(arch)
+        s = float(sum(self.price(c).p50 for c in cells_for_arch(self.space, arch, drop_slots=middle)))
+        blocks = sum(not slot.is_skip for i, slot in enumerate(arch.slots) if i not in middle)
+        return self.calibration.apply(s, blocks) if calibrated else s
+
+    def predict_step(self, arch: Arch, guidance: str = "none", pdg_dense: int | None = None,
+                     calibrated: bool = True) -> float:
+        """The per-step feature P_g of the generation pricing (generation_latency.py): the batch-1 call for
+        none and cfg, the full + dense-only calls for pdg (`pdg_dense` default: the table's pdg rows')."""
+        full = self.predict(arch, calibrated)
+        if guidance != "pdg":
+            return full
+        dense = self.generation.pdg_dense if pdg_dense is None else int(pdg_dense)
+        return full + self.predict_dense_only(arch, dense, calibrated)
 
     def predict_range(self, arch: Arch, calibrated: bool = True) -> dict[str, float]:
         """p10/p50/p90 sums (calibrated with the same a, b, c). A band, not a true quantile of the sum."""

@@ -232,18 +232,21 @@ def _block_cell(op: str, width: float, ratio: float, tokens: int, stage: int, ch
     return Cell("stream_block", op, width, ratio, tokens, stage, context=t0)
 
 
-def cells_for_arch(space: SearchSpace, arch: Arch, *, chunk: int | None = None, t0: int = 0) -> list[Cell]:
+def cells_for_arch(space: SearchSpace, arch: Arch, *, chunk: int | None = None, t0: int = 0,
+                   drop_slots: frozenset[int] = frozenset()) -> list[Cell]:
     """The cells whose sum prices `arch` (one per block, transition, plus embed and final); with `chunk`,
-    the cells of its streamed chunk call at frames t0 .. t0 + chunk - 1."""
+    the cells of its streamed chunk call at frames t0 .. t0 + chunk - 1. `drop_slots`: slot indices whose
+    block does not run while the stream keeps the arch's width and transitions (PDG's dense-only net,
+    token_drop.dense_only_plan)."""
     space.validate(arch)
     stream = arch.stream_width
     cells = [Cell("patch_embed", width=stream, tokens=_tokens(space, 0, chunk), stage=0)]
     stage = 0
-    for slot in arch.slots:
+    for i, slot in enumerate(arch.slots):
         if slot.stage != stage:
             cells.append(_transition_cell(space, stream, slot.stage, chunk))
             stage = slot.stage
-        if not slot.is_skip:
+        if not slot.is_skip and i not in drop_slots:
             cells.append(_block_cell(slot.op, slot.width, slot.mlp_ratio, _tokens(space, slot.stage, chunk), slot.stage,
                                      chunk, t0))
     if stage != 0:

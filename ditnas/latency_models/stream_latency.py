@@ -267,9 +267,17 @@ class StreamingPredictor:
                 "measured_streams": self.rows}
 
 
-def search_predictor(base: Any, table_root: Path | None, stream_chunk: int, steps: int) -> Any:
-    """The predictor a search prices with: `base` (whole-clip calls), or with `stream_chunk` a StreamingPredictor."""
-    return StreamingPredictor.load(base, table_root, stream_chunk, steps) if stream_chunk else base
+def search_predictor(base: Any, table_root: Path | None, stream_chunk: int, steps: int, guidance: str = "none",
+                     pdg_dense: int | None = None) -> Any:
+    """The predictor a search prices with: `base` (whole-clip calls), with `stream_chunk` a StreamingPredictor, with
+    guidance pdg a PathDropPricing (full + dense-only call per step; `pdg_dense` default: the table's pdg rows')."""
+    if stream_chunk:
+        return StreamingPredictor.load(base, table_root, stream_chunk, steps)
+    if guidance == "pdg":
+        from ditnas.latency_models.pdg_latency import PathDropPricing
+
+        return PathDropPricing(base, base.generation.pdg_dense if pdg_dense is None else int(pdg_dense))
+    return base
 
 
 def measured_stream_ms(predictor: Any, arch: Arch) -> float | None:

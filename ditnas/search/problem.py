@@ -74,6 +74,8 @@ def cost_tables(choices: SearchChoices, predictor, *, stream_width: float | None
     mask = choices.mask()
     cost = np.full(mask.shape, np.inf)
     priced: dict[tuple, float] = {}
+    # calls per step that run slot i's block (PDG: 2 at the dense ends, pdg_latency.py); 1 for every other pricing
+    weights = predictor.slot_weights(choices.depth) if hasattr(predictor, "slot_weights") else [1] * choices.depth
     for i in range(choices.depth):
         for o, choice in enumerate(choices.all_choices):
             for r in (0, 1):
@@ -88,7 +90,7 @@ def cost_tables(choices: SearchChoices, predictor, *, stream_width: float | None
                 if key not in priced:
                     cell = Cell("block", choice.op, choice.width, choice.mlp_ratio, _tokens(space, r), r)
                     priced[key] = max(0.0, predictor.cell_cost(cell, calibrated))
-                cost[i, o, r] = priced[key]
+                cost[i, o, r] = weights[i] * priced[key]
 
     def other(kind: str, stage: int) -> float:
         return max(0.0, predictor.cell_cost(Cell(kind, width=w, tokens=_tokens(space, stage), stage=stage), calibrated))

@@ -136,8 +136,9 @@ def run_search(
     ctx.objectives.steps = tuple(steps)
     ctx.objectives.guidance = cfg.guidance
     space = ctx.space
-    if cfg.stream_chunk:  # clips: price one streamed clip, chunk by chunk (stream_latency.py)
-        ctx.objectives.use_predictor(search_predictor(ctx.objectives.predictor, ctx.table.root, cfg.stream_chunk, steps[0]))
+    if cfg.stream_chunk or cfg.guidance == "pdg":  # a streamed clip (stream_latency.py) or a PDG step (pdg_latency.py)
+        ctx.objectives.use_predictor(search_predictor(ctx.objectives.predictor, ctx.table.root, cfg.stream_chunk, steps[0],
+                                                      cfg.guidance, cfg.pdg_dense))
     if budget is None:
         budget = cfg.needs_budget(frames=space.latent[1])
     check_space_match(space, ctx.table)
@@ -206,6 +207,7 @@ def run_search(
         "generation_pricing": {g: asdict(f) for g, f in predictor.generation.fits.items()},
         "budget_ms_per_step": {str(s): fit.per_step(s) for s in steps},
         "streaming": predictor.describe() if cfg.stream_chunk else None,
+        "path_drop": predictor.describe() if cfg.guidance == "pdg" else None,
         "min_reachable_ms_per_step": fit.min_ms_per_step,
         "steps": steps,
         "steps_reachable": fit.reachable,

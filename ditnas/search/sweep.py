@@ -143,6 +143,9 @@ def sweep(
     if search_cfg.stream_chunk:  # its Ray workers price with the tables' whole-clip predictors
         raise ConfigFieldError("search.stream_chunk", f"{search_cfg.stream_chunk}: `ditnas sweep` prices whole-clip calls "
                                "only; run `ditnas search --stream-chunk K --target-fps F` once per target instead")
+    if search_cfg.guidance == "pdg":  # its Ray workers price one batch-1 (or CFG batch-2) call per step
+        raise ConfigFieldError("search.guidance", "pdg: `ditnas sweep` prices none or cfg generations only; run "
+                               "`ditnas search --guidance pdg` once per budget instead")
     budgets = [float(b) for b in sweep_cfg.budgets_ms]
     tables = [Path(t) for t in tables]
     checkpoint, out = Path(checkpoint), Path(out)

@@ -14,7 +14,7 @@ from torch import Tensor
 from ditnas.errors import DitnasError
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> v
-# guidance modes of the sampler (`ditnas sample --guidance`); the latency tables price only config.GUIDANCE (none, cfg)
+# guidance modes of the sampler (`ditnas sample --guidance`); the latency tables price config.GUIDANCE (none + these)
 SAMPLER_GUIDANCE = ("cfg", "pdg")
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ditnas.errors import ConfigFieldError
+from ditnas.errors import ConfigFieldError, DitnasError
 
 Grid = tuple[int, int, int]
 DROP_RATIO = 0.75  # SPRINT: keep 1 token of every 2x2 group; the only ratio a 2x2 structured drop gives
@@ -196,6 +196,13 @@ class DropSchedule:
             return {"keep": patterns[grid], "dense": self.dense}
 
         return for_arch
+
+
+def check_pdg_dense(dense: int, depth: int, field: str) -> None:
+    """DitnasError unless `dense` slots at each end of a depth-`depth` arch leave a middle for PDG to skip."""
+    if not 1 <= dense < depth - dense:
+        raise DitnasError(f"{field}: {dense} dense slots at each end of a depth-{depth} arch leave no middle slot for "
+                          f"Path-Drop Guidance to skip; give 1 <= dense < depth / 2")
 
 
 def dense_only_fn(model: torch.nn.Module, dense: int, arch=None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
