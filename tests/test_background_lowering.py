@@ -24,6 +24,7 @@ def _pte_stamps(folder):
     return {p.name: p.stat().st_mtime_ns for p in (folder / "artifacts").glob("*.pte")}
 
 
+@pytest.mark.slow  # ~50 s; the default run's `ditnas run` tests lower in the background too (tests/test_pipeline.py)
 def test_background_lowering_leaves_the_profile_only_timing(tmp_path):
     cfg = load_config(None, TINY)
     folder = tmp_path / "profile"

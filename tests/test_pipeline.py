@@ -179,6 +179,7 @@ def test_report_verb_and_a_bad_run_folder(searched, tmp_path, capsys):
     assert code == 2 and "not a ditnas run folder" in err
 
 
+@pytest.mark.slow  # ~75 s: a judge is trained and the max net sampled (keeps the default run near 15 min)
 def test_the_quality_check_runs_in_the_background_and_its_judge_is_shared(searched, capsys):
     """The judge + max-net FD leave the train stage: a background process from the profile stage's end on,
     recorded as the quality stage; its settings do not redo training; the distillation reuses its judge."""
