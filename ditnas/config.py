@@ -191,6 +191,9 @@ class LatencyConfig:
     pdg_dense: int = 1  # pdg generations: dense slots at each end of the dense-only net (train.token_drop_dense's)
     generation_steps: tuple[int, ...] = (4, 28)  # step counts of the timed generations (every guidance mode at each)
     generation_iters: int = 5  # timed generations / streams per (arch, steps[, guidance]); xnnpack: rounds of fresh processes
+    # xnnpack: generations / streams of each key timed back to back in every round (after one warm-up); the round's
+    # figure is their median. One timed generation per round varied 42% p10-p90 between rounds on a 2-core VM
+    generation_repeats: int = 1
     workers: int = 0  # processes lowering programs in parallel (0 = one per core, at most 4); timing stays serial
     lowering_cache: bool = True  # reuse programs lowered by earlier sessions on this machine (lowered_cache.py)
     # executorch-xnnpack: per program an ETRecord (op names) + an ETDump of a few runs (per-op events), for
@@ -225,6 +228,8 @@ class LatencyConfig:
             raise ConfigFieldError("latency.generation_steps", f"{list(self.generation_steps)}: give step counts >= 1")
         if self.generation_iters < 1:
             raise ConfigFieldError("latency.generation_iters", f"{self.generation_iters} must be >= 1")
+        if self.generation_repeats < 1:
+            raise ConfigFieldError("latency.generation_repeats", f"{self.generation_repeats} must be >= 1")
         if self.workers < 0:
             raise ConfigFieldError("latency.workers", f"{self.workers} must be >= 0 (0 = one per core)")
         if self.stream_chunk < 0:

@@ -92,3 +92,33 @@ def test_xnnpack_profile_times_pte_generations(tmp_path):
     assert (session.root / "generations").is_dir() and len(list((session.root / "generations").glob("*.pte"))) == 2
     med = samples.groupby(["arch", "guidance"])["ms"].median().unstack()
     assert (med["cfg"] > med["none"]).all(), med
+
+
+def test_each_round_times_every_key_repeats_times_and_keeps_their_median(tmp_path, monkeypatch):
+    """latency.generation_repeats: every round's process times each key that many times back to back (after one
+    warm-up) and the round's sample is their median; rounds stay separate samples, in a new order each."""
+    from types import SimpleNamespace
+
+    import ditnas.latency_models.generation_profile as gp
+    from ditnas.arch import SearchSpace
+
+    space = SearchSpace(depth=2, stage_pattern=(0, 0), ops=("sa",), widths=(1.0,), mlp_ratios=(2.0,))
+    archs = [space.max_arch()]
+    todo = [(archs[0], g, s) for g in ("none", "cfg") for s in (4, 28)]
+    calls = []
+
+    def fake_timer(jobs, threads, warmup, iters):
+        r = len(calls)
+        calls.append(([j[0] for j in jobs], warmup, iters))
+        return {key: [1.0 + r, 2.0 + r, 3.0 + r, 100.0 + r] for key, *_ in jobs}
+
+    monkeypatch.setattr(gp, "_pte_for", lambda *a, **k: tmp_path / "x.pte")
+    monkeypatch.setattr(gp, "time_generations_in_fresh_process", fake_timer)
+    cfg = LatencyConfig(generation_iters=3, generation_repeats=4)
+    empty = pd.DataFrame(columns=["key", "arch", "steps", "guidance", "threads", "run", "ms"])
+    samples = gp._time_in_rounds(None, todo, cfg, SimpleNamespace(root=tmp_path), empty, 1, 2.0, None)
+    assert [(w, i) for _, w, i in calls] == [(1, 4)] * 3
+    assert len({tuple(k) for k, _, _ in calls}) > 1  # a new order each round
+    for key, group in samples.groupby("key"):
+        assert list(group.sort_values("run")["ms"]) == [2.5, 3.5, 4.5]  # medians of the repeats, one per round
+    assert len(samples) == 4 * 3 and read_generation_samples(tmp_path).equals(samples)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -181,8 +182,8 @@ def _job(spec: dict) -> dict[str, list[float]]:
 def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg: LatencyConfig,
                     session: ProfilingSession, samples: pd.DataFrame, threads: int, cfg_scale: float,
                     progress: Progress | None) -> pd.DataFrame:
-    """`cfg.generation_iters` rounds, each a fresh process timing ONE generation of every (arch, guidance,
-    steps) in a new seeded order; the samples of a key are its rounds.
+    """`cfg.generation_iters` rounds, each a fresh process timing every (arch, guidance, steps) in a new seeded order
+    (`cfg.generation_repeats` generations back to back, their median); the samples of a key are its rounds.
 
     Why rounds: measured on a 2-core VM (2026-12-07), the same .pte's 28-step generation timed 3 times,
     each time 5 back to back in its own fresh process, spread 1.4-8.5% (median 6.5%) between processes,
@@ -203,12 +204,13 @@ def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg
             progress(r, rounds, f"generations: round {r + 1} of {rounds} ({len(jobs)} timed in a new order)")
         order = jobs[:]
         rng.shuffle(order)
-        # warm-up 1: the first call of a program in a process pays its allocations
-        times = time_generations_in_fresh_process([j[:4] for j in order], threads, 1, 1)
+        # warm-up 1: the first call of a program in a process pays its allocations; then `generation_repeats` back to
+        # back, the round's sample being their median
+        times = time_generations_in_fresh_process([j[:4] for j in order], threads, 1, int(cfg.generation_repeats))
         frames = [samples] if len(samples) else []
         for key, _, steps, _, arch, guidance in jobs:
             frames.append(pd.DataFrame({"key": key, "arch": str(arch), "steps": int(steps), "guidance": guidance,
-                                        "threads": threads, "run": [r], "ms": times[key]}))
+                                        "threads": threads, "run": [r], "ms": [float(np.median(times[key]))]}))
         samples = pd.concat(frames, ignore_index=True)
     _write(session.root, samples)  # all rounds or none: a partial set of rounds would not be interleaved alike
     if progress:

@@ -96,7 +96,8 @@ def profile_space(
 
         threads = int(session.device.get("threads") or cfg.threads)
         measure_streams(supernet, archs[: cfg.stream_models], cfg.stream_chunk, cfg.stream_steps, threads,
-                        cfg.generation_iters, session.root, progress=progress, seed=cfg.seed)
+                        cfg.generation_iters, session.root, progress=progress, seed=cfg.seed,
+                        repeats=cfg.generation_repeats)
     return session
 
 

@@ -74,10 +74,11 @@ def read_streams(root: Path, stat: str = "total_ms") -> list[dict[str, Any]]:
 
 
 def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tuple[int, ...], threads: int, rounds: int,
-                    root: Path, *, progress: Progress | None = None, seed: int = 0) -> list[dict[str, Any]]:
+                    root: Path, *, progress: Progress | None = None, seed: int = 0, repeats: int = 1) -> list[dict[str, Any]]:
     """Export each arch's chunk programs into `<root>/streams/<arch key>_chunk<k>/`, then time whole streamed clips
     at every steps value in `rounds` rounds of fresh processes, each timing one clip of every (arch, steps) in a new
-    seeded order (stream_timing.py: why) into `<root>/streams.json`, one sample per round.
+    seeded order (stream_timing.py: why) into `<root>/streams.json`, one sample per round (the median of its
+    `repeats` streams, timed back to back after one warm-up).
     Resumable: a folder already exported is not lowered again, an (arch, chunk, steps, threads) already timed is
     not re-timed; the timing itself is all rounds or none (a partial set of rounds would not be interleaved alike)."""
     from ditnas.latency_models.stream_programs import export_stream_programs
@@ -101,10 +102,11 @@ def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tu
             export_stream_programs(sub, chunk, frames, folder)
         folders[str(arch)] = folder
     jobs = [(f"{a}@{s}", folders[str(a)], s) for a, s in todo]
-    timed = time_streams_in_rounds(jobs, threads, rounds, warmup=1, iters=1, seed=seed, progress=progress)
-    for (arch, steps), (key, _, _) in zip(todo, jobs):
+    timed = time_streams_in_rounds(jobs, threads, rounds, warmup=1, iters=repeats, seed=seed, progress=progress)
+    for (arch, steps), (key, _, _) in zip(todo, jobs):  # one sample per round: the median of its `repeats` streams
         rows.append({"arch": str(arch), "chunk": chunk, "steps": steps, "threads": threads, "frames": frames,
-                     "rounds": rounds, "total_ms": [t for rnd in timed["streams"][key]["total_ms"] for t in rnd]})
+                     "rounds": rounds, "repeats": repeats,
+                     "total_ms": [float(np.median(rnd)) for rnd in timed["streams"][key]["total_ms"]]})
     write_json(root / STREAMS, rows)
     return rows
 
