@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dp_checks import check_dp_prices_exactly
 
 from ditnas.arch import SearchSpace
 from ditnas.config import ModelConfig
@@ -21,9 +22,6 @@ from ditnas.latency_models.pdg_latency import PathDropPricing
 from ditnas.latency_models.predictor import Calibration, LatencyPredictor
 from ditnas.latency_models.programs import Cell, cells_for_space
 from ditnas.latency_models.table import LatencyTable
-from ditnas.search.dp import to_arch
-from ditnas.search.problem import build_problem, calibration_offset, dp_results, min_reachable_ms
-from ditnas.search.space import SearchChoices
 
 torch.set_num_threads(1)
 
@@ -77,21 +75,7 @@ def test_a_pdg_step_is_the_full_call_plus_the_dense_only_call():
 def test_the_dp_prices_a_pdg_step_exactly_as_the_pricing():
     pricing = PathDropPricing(_predictor(seed=3), dense=1)
     assert pricing.slot_weights(6) == [2, 1, 1, 1, 1, 2]
-    choices = SearchChoices.from_space(IMG)
-    scores = np.random.default_rng(0).uniform(0, 1, (IMG.depth, len(choices.all_choices), 2))
-    low, top = min_reachable_ms(choices, pricing), max(pricing.predict(a) for a in _archs(20))
-    checked = 0
-    for f in (0.3, 0.6, 1.0):
-        budget = low + f * (top - low)
-        problem = build_problem(choices, pricing, scores, budget, stream_width=1.0, buckets=4000)
-        for result in dp_results(problem, 6):
-            arch = to_arch(result, choices)
-            if arch.stream_width != 1.0:
-                continue  # priced with the stream at 1.0: exact only for layouts that are that wide
-            assert result.cost_ms + calibration_offset(pricing) == pytest.approx(pricing.predict(arch), rel=1e-9)
-            assert pricing.predict(arch) <= budget * (1 + 1e-6)
-            checked += 1
-    assert checked >= 6
+    assert check_dp_prices_exactly(IMG, pricing, _archs(20)) >= 6
 
 
 def _rows(pred, law, guidance: str, dense: int = 1, archs=None):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dp_checks import check_dp_prices_exactly
 
 from ditnas.arch import SearchSpace
 from ditnas.config import LatencyConfig, ModelConfig, SearchConfig
@@ -19,8 +20,7 @@ from ditnas.latency_models.predictor import LatencyPredictor
 from ditnas.latency_models.programs import Cell, build_program, cells_for_arch, cells_for_space
 from ditnas.latency_models.stream_latency import StreamingPredictor, position_calls
 from ditnas.latency_models.table import LatencyTable
-from ditnas.search.dp import to_arch
-from ditnas.search.problem import build_problem, calibration_offset, dp_results, min_reachable_ms
+from ditnas.search.problem import min_reachable_ms
 from ditnas.search.space import SearchChoices
 from ditnas.supernet.model import ElasticDiT
 from ditnas.supernet.streaming import Streamer
@@ -126,21 +126,7 @@ def test_the_dp_prices_a_streamed_layout_exactly_as_the_streaming_predictor():
              + 0.2 * sum(position_calls(probe.positions, s).values()) + 1.0}
             for a in _random_archs(VIDEO, 3) for s in (1, 4)]
     pred = StreamingPredictor.fit_rows(base, 1, 4, rows)
-    choices = SearchChoices.from_space(VIDEO)
-    scores = np.random.default_rng(0).uniform(0, 1, (VIDEO.depth, len(choices.all_choices), 2))
-    checked = 0
-    low, top = min_reachable_ms(choices, pred), max(pred.predict(a) for a in _random_archs(VIDEO, 20))
-    for f in (0.3, 0.6, 1.0):
-        budget = low + f * (top - low)
-        problem = build_problem(choices, pred, scores, budget, stream_width=1.0, buckets=4000)
-        for result in dp_results(problem, 6):
-            arch = to_arch(result, choices)
-            if arch.stream_width != 1.0:
-                continue  # priced with the stream at 1.0: exact only for layouts that are that wide
-            assert result.cost_ms + calibration_offset(pred) == pytest.approx(pred.predict(arch), rel=1e-9)
-            assert pred.predict(arch) <= budget * (1 + 1e-6)
-            checked += 1
-    assert checked >= 6
+    assert check_dp_prices_exactly(VIDEO, pred, _random_archs(VIDEO, 20)) >= 6
 
 
 def test_streaming_needs_a_table_with_stream_cells_and_a_consistent_config():
