@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, report
-from ditnas.latency_models.stream_programs import StreamPrograms, run_stream_pte, stream_fps_host, stream_generate_eager
+from ditnas.latency_models.stream_programs import StreamPrograms, run_stream_pte, stream_generate_eager
+from ditnas.latency_models.stream_timing import stream_fps_host
 from ditnas.compress.video_distill import (
     VideoDistillConfig,
     distill_video,
@@ -122,7 +123,7 @@ class RuntimeStreamer:
 def stream_on_runtime(student: torch.nn.Module, chunk: int, frames: int, steps: int, times: torch.Tensor,
                       noise: torch.Tensor, labels: torch.Tensor, folder: Path, clips: int = 10) -> dict:
     """Export the distilled student's chunk programs into `folder` and time a whole streamed generation on the
-    ExecuTorch XNNPACK runtime in a fresh process (stream_programs.stream_fps_host, 1 thread, batch 1); then,
+    ExecuTorch XNNPACK runtime in a fresh process (stream_timing.stream_fps_host, 1 thread, batch 1); then,
     in this process, check the programs against eager torch on the bench's noise, one clip at a time (the
     programs are batch 1): `run_stream_pte` vs `stream_generate_eager` (stream_programs' loop, unshifted
     time grid) and `rollout` on the programs vs on the Streamer (the bench's sampler, `times`)."""

@@ -4,7 +4,7 @@
 
 Builds a small causal model (random weights: the numbers are TIMING ONLY, nothing about quality), then for
 chunk sizes 1, 2 and 4 latent frames over a T = 8 clip of 16x16 latents calls
-`latency_models.stream_programs.stream_fps_host`: one chunk program per chunk position is lowered with the shipped
+`latency_models.stream_timing.stream_fps_host`: one chunk program per chunk position is lowered with the shipped
 recipe and a whole streamed generation (`--steps` Euler steps per chunk, then one commit call of the
 clean chunk for every chunk but the last) is timed in a fresh process. For reference it also times the
 whole-clip program (the same causal model on all T frames at once: `--steps` calls) and the eager
@@ -24,7 +24,8 @@ import torch
 from common import machine, report
 
 from ditnas.arch import SearchSpace
-from ditnas.latency_models.stream_programs import stream_fps_host, stream_generate_eager
+from ditnas.latency_models.stream_programs import stream_generate_eager
+from ditnas.latency_models.stream_timing import stream_fps_host
 from ditnas.config import ModelConfig
 from ditnas.console import quiet_third_party
 from ditnas.latency_models.generation import time_generation

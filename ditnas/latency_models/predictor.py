@@ -375,7 +375,7 @@ class LatencyPredictor:
             raise DitnasError(
                 f"arch {arch.key()} is a video arch (latent {shape}, T={arch.latent[1]} frames) but latency table "
                 f"{self.table.root or '(in memory)'} was profiled on images (latent {table}, T=1); profile a table "
-                f"with the video latent {shape} (or price streaming with latency_models.stream_programs.stream_fps_host)"
+                f"with the video latent {shape} (or price streaming with latency_models.stream_timing.stream_fps_host)"
             )
 
     def predict_detail(self, arch: Arch) -> pd.DataFrame:

@@ -5,8 +5,6 @@
     StreamPrograms(out)                              -> the programs loaded on the ExecuTorch runtime,
                                                         step / commit / new_cache like supernet.Streamer
     run_stream_pte(out, noise, labels, steps)        -> a whole streamed generation on the runtime
-    stream_fps_host(sub, chunk, frames, steps)       -> export, then time that generation in rounds of fresh
-                                                        processes (stream_timing.py)
 
 Each program is `forward(x_chunk, t, y, *cache_in) -> (velocity_chunk, *cache_out)`: the cache is an
 explicit input and output, named as `StreamCache.tensors()` names it (`block<i>.<entry>`), so a runtime
@@ -34,8 +32,6 @@ eager Streamer -- the reference the tests and the benchmark compare with.
 
 from __future__ import annotations
 
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -320,43 +316,3 @@ def run_stream_pte(manifest: Path | StreamPrograms, noise: Tensor, labels: Tenso
 def _folder(manifest: Path) -> Path:
     manifest = Path(manifest)
     return manifest.parent if manifest.name == MANIFEST else manifest
-
-
-# ----------------------------------------------------------------------------------------------
-# measured streaming FPS on this host
-# ----------------------------------------------------------------------------------------------
-def stream_fps_host(
-    subnet: SubDiT, chunk: int, frames: int, steps: int = 4, threads: int = 1, *,
-    warmup: int = 1, iters: int = 5, rounds: int = 1, workdir: Path | None = None,
-) -> dict[str, Any]:
-    """Export the chunk programs of `subnet`, then time whole streamed generations of a `frames`-frame clip
-    (batch 1, `steps` Euler steps per chunk + one commit call) on this host: `rounds` fresh processes, each
-    `warmup` + `iters` streams (stream_timing.py: why rounds).
-
-    Returns fps (latent frames / stream_timing.stream_p50 of the rounds), per-chunk median ms, the cache
-    bytes per kind at the clip's end, and the raw samples."""
-    from ditnas.latency_models.stream_timing import stream_p50, time_streams_in_rounds
-
-    _check_model(subnet, chunk, frames)
-    if steps < 1 or threads < 1 or iters < 1 or warmup < 0 or rounds < 1:
-        raise DitnasError(f"stream_fps_host: steps={steps}, threads={threads}, iters={iters}, rounds={rounds} must be "
-                          f">= 1 and warmup >= 0")
-    with tempfile.TemporaryDirectory(prefix="ditnas-stream-") as tmp:
-        folder = Path(workdir) if workdir is not None else Path(tmp)
-        began = time.perf_counter()
-        manifest = export_stream_programs(subnet, chunk, frames, folder)
-        export_s = time.perf_counter() - began
-        raw = time_streams_in_rounds([("stream", folder, steps)], threads, rounds, warmup=warmup, iters=iters)
-    timed = raw["streams"]["stream"]
-    total_ms = stream_p50(timed["total_ms"])
-    chunks = [statistics.median(col) for col in zip(*(c for rnd in timed["chunk_ms"] for c in rnd))]
-    nbytes = manifest["stream"]["cache_nbytes_at_end"]
-    return {
-        "chunk": chunk, "frames": frames, "steps": steps, "threads": threads, "programs": len(chunks),
-        "fps": frames / total_ms * 1e3, "total_ms": total_ms, "chunk_ms": chunks, "rounds": rounds,
-        "cache_bytes": {**nbytes, "total": sum(nbytes.values())},
-        "delegated_subgraphs": manifest["metrics"]["delegated_subgraphs"], "export_s": export_s,
-        # every chunk: `steps` calls; every chunk but the last: one commit call
-        "program_calls": len(chunks) * (steps + 1) - 1,
-        "samples_total_ms": [t for rnd in timed["total_ms"] for t in rnd], "rounds_total_ms": timed["total_ms"],
-    }

@@ -2,6 +2,7 @@
 
     time_streams_in_rounds(jobs, threads, rounds)  -> {key: [[ms of the round's streams], ...one list per round]}
     stream_p50(rounds_ms)                          -> the figure: median over rounds of each round's median
+    stream_fps_host(sub, chunk, frames, steps)     -> export one subnet's chunk programs, then time its streamed clip
 
 Why rounds: measured on a 2-core VM (2026-12-07), the same streamed clip timed in one fresh process per arch varied
 30-45% between processes, more than the differences between the layouts a video search compares, so a stream
@@ -17,6 +18,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 import torch
 
 from ditnas.errors import DitnasError
+from ditnas.latency_models.stream_programs import StreamPrograms, _check_model, export_stream_programs, run_stream_pte
+from ditnas.supernet.model import SubDiT
 
 # (key, export folder, steps per chunk); the key names the job in the result
 StreamJob = tuple[str, Path, int]
@@ -34,8 +38,6 @@ Progress = Callable[[int, int, str], None]
 def _timing_job(spec: dict[str, Any]) -> dict[str, Any]:
     """The fresh process: for every job in the given order, load its programs at `threads`, run `warmup` + `iters`
     whole streamed generations, keep the timed ones (total and per-chunk seconds)."""
-    from ditnas.latency_models.stream_programs import StreamPrograms, run_stream_pte
-
     out: dict[str, Any] = {"pid": os.getpid(), "order": [key for key, _, _ in spec["jobs"]], "streams": {}}
     for key, folder, steps in spec["jobs"]:
         programs = StreamPrograms(Path(folder), threads=spec["threads"])
@@ -106,6 +108,41 @@ def stream_p50(rounds_ms: Sequence[Sequence[float]]) -> float:
     if not meds:
         raise DitnasError("stream_p50: no timed streams")
     return float(statistics.median(meds))
+
+
+def stream_fps_host(
+    subnet: SubDiT, chunk: int, frames: int, steps: int = 4, threads: int = 1, *,
+    warmup: int = 1, iters: int = 5, rounds: int = 1, workdir: Path | None = None,
+) -> dict[str, Any]:
+    """Export the chunk programs of `subnet`, then time whole streamed generations of a `frames`-frame clip
+    (batch 1, `steps` Euler steps per chunk + one commit call) on this host: `rounds` fresh processes, each
+    `warmup` + `iters` streams (stream_timing.py: why rounds).
+
+    Returns fps (latent frames / stream_timing.stream_p50 of the rounds), per-chunk median ms, the cache
+    bytes per kind at the clip's end, and the raw samples."""
+    _check_model(subnet, chunk, frames)
+    if steps < 1 or threads < 1 or iters < 1 or warmup < 0 or rounds < 1:
+        raise DitnasError(f"stream_fps_host: steps={steps}, threads={threads}, iters={iters}, rounds={rounds} must be "
+                          f">= 1 and warmup >= 0")
+    with tempfile.TemporaryDirectory(prefix="ditnas-stream-") as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        began = time.perf_counter()
+        manifest = export_stream_programs(subnet, chunk, frames, folder)
+        export_s = time.perf_counter() - began
+        raw = time_streams_in_rounds([("stream", folder, steps)], threads, rounds, warmup=warmup, iters=iters)
+    timed = raw["streams"]["stream"]
+    total_ms = stream_p50(timed["total_ms"])
+    chunks = [statistics.median(col) for col in zip(*(c for rnd in timed["chunk_ms"] for c in rnd))]
+    nbytes = manifest["stream"]["cache_nbytes_at_end"]
+    return {
+        "chunk": chunk, "frames": frames, "steps": steps, "threads": threads, "programs": len(chunks),
+        "fps": frames / total_ms * 1e3, "total_ms": total_ms, "chunk_ms": chunks, "rounds": rounds,
+        "cache_bytes": {**nbytes, "total": sum(nbytes.values())},
+        "delegated_subgraphs": manifest["metrics"]["delegated_subgraphs"], "export_s": export_s,
+        # every chunk: `steps` calls; every chunk but the last: one commit call
+        "program_calls": len(chunks) * (steps + 1) - 1,
+        "samples_total_ms": [t for rnd in timed["total_ms"] for t in rnd], "rounds_total_ms": timed["total_ms"],
+    }
 
 
 if __name__ == "__main__":
