@@ -65,20 +65,18 @@ def main() -> None:
     show = lambda i, n, what: print(f"  [{i}/{n}] {what}", flush=True)  # noqa: E731
     measure_generations(supernet, archs, lat, session, cfg_scale=SampleConfig.cfg_scale, progress=show, workers=2)
     table, predictor = build_table(session, supernet)
-    gens = summarize_generations(read_generation_samples(session.root))
-    mine = {str(a) for a in archs}
-    gens = gens[gens["arch"].isin(mine)]
+    every = summarize_generations(read_generation_samples(session.root))  # all archs of the session, every mode
+    gens = every[every["arch"].isin({str(a) for a in archs})]
     pdg_rows = gens[gens["guidance"] == "pdg"]
     cfg_rows = gens[gens["guidance"] == "cfg"].set_index(["arch", "steps"])["p50"]
 
     # derived: the none fit only (as on a table without pdg generations)
-    all_none = summarize_generations(read_generation_samples(session.root))
-    derived_pred = LatencyPredictor.fit(table, generations=all_none[all_none["guidance"] != "pdg"])
+    derived_pred = LatencyPredictor.fit(table, generations=every[every["guidance"] != "pdg"])
     derived = PathDropPricing(derived_pred, args.dense)
     assert derived_pred.generation.fit_for("pdg").method == "derived_from_none"
     # fitted: the pdg generations of the first half, judged on the second
     first = {str(a) for a in archs[: len(archs) // 2]}
-    fitted_pred = LatencyPredictor.fit(table, generations=all_none[(all_none["guidance"] != "pdg") | all_none["arch"].isin(first)])
+    fitted_pred = LatencyPredictor.fit(table, generations=every[(every["guidance"] != "pdg") | every["arch"].isin(first)])
     fitted = PathDropPricing(fitted_pred, args.dense)
 
     rows = []
