@@ -5,7 +5,7 @@ On configs/video.yaml's space (T = 4 latent frames of 16x16, sa/lcha/ssa, 4 slot
 torch thread (`torch.set_num_threads(1)`) and timing at 1 ExecuTorch thread:
 
 1. profiles the space with streaming cells (`latency.stream_chunk: 1`: every block at every chunk position, and
-   whole streams of 3 calibration archs at 1 and 4 steps per chunk) and fits the StreamingPredictor (4 steps);
+   whole streams of 8 calibration archs at 1 and 4 steps per chunk) and fits the StreamingPredictor (4 steps);
 2. trains the causal supernet (video.yaml's train section) and searches at a target FPS (`--target-fps`; default
    the rate halfway, in ms, between the cheapest reachable arch and the max net);
 3. picks the obvious layouts at the same FPS: all-SA and a uniform LCHA/SSA interleave (every slot the same width
@@ -14,6 +14,8 @@ torch thread (`torch.set_num_threads(1)`) and timing at 1 ExecuTorch thread:
    (chunk programs exported, then `--rounds` fresh processes each timing one clip of every arch in a new order,
    median over rounds: latency_models/stream_timing.py) against the prediction:
    `stream_within_10pct`, `stream_median_abs_err_pct`, `stream_max_abs_err_pct` (held-out: no arch of the fit);
+   and the same error for stream fits on the first 3, 4, 6 and 8 calibration archs with and without the
+   per-program term (`stream_fit_ablation`);
 5. trains the three layouts standalone (`--quality-steps`, same seed and data) and scores them: validation
    flow-matching loss (the search's protocol) and, on 28-step whole-clip samples, frame label accuracy and FD.
 
@@ -56,7 +58,9 @@ CHUNK, STEPS = 1, 4
 # assumption: video.yaml's space at one MLP ratio and 3 whole-model rows (half the programs to lower: the bench has
 # to finish in well under an hour on 2 shared cores); everything else as the video run prices it
 BENCH_SETS = ["space.mlp_ratios=[2]", "latency.models=3", "latency.generation_steps=[4]",
-              "latency.generation_iters=10"]  # 10 rounds of fresh processes for the calibration streams
+              "latency.generation_iters=10",  # 10 rounds of fresh processes for the calibration streams
+              "latency.stream_models=8"]  # 16 calibration streams: fits on the first 3, 4, 6 and 8 archs are compared
+FIT_ARCHS = (3, 4, 6, 8)
 
 
 def uniform_family(space, ops: tuple[str, ...]) -> list[Arch]:
@@ -98,6 +102,27 @@ def measure_all(pred: StreamingPredictor, supernet, archs: dict[str, Arch], roun
     return out
 
 
+def fit_ablation(base, rows: list[dict], held: list[dict]) -> list[dict]:
+    """The held-out error of stream fits on the first k calibration archs' streams, with and without the
+    per-program term (stream_latency.StreamFit): what the term and each extra calibration arch buy."""
+    order = list(dict.fromkeys(r["arch"] for r in rows))
+    out = []
+    for k in FIT_ARCHS:
+        if k > len(order):
+            continue
+        mine = [r for r in rows if r["arch"] in order[:k]]
+        for term in (True, False):
+            p = StreamingPredictor.fit_rows(base, CHUNK, STEPS, mine, program_term=term)
+            signed = [(p.predict(base.space.parse(h["arch"])) - h["measured_ms"]) / h["measured_ms"] * 100 for h in held]
+            errs = [abs(e) for e in signed]
+            out.append({"calibration_archs": k, "program_term": term, "method": p.fit.method,
+                        "fit": {n: round(getattr(p.fit, n), 4) for n in ("alpha", "delta", "beta", "gamma")},
+                        "within_10pct": round(sum(e <= 10 for e in errs) / len(errs), 3),
+                        "median_abs_err_pct": round(statistics.median(errs), 2), "max_abs_err_pct": round(max(errs), 2),
+                        "mean_signed_err_pct": round(statistics.mean(signed), 2)})
+    return out
+
+
 def quality(arch: Arch, cfg, split, steps: int, judge, samples: int) -> dict:
     """Standalone training of `arch` (frame-causal, the run's data and seed), then its scores."""
     trainer = StandaloneTrainer(arch, cfg, split)
@@ -124,7 +149,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/video_search.json"))
     p.add_argument("--work", type=Path, default=Path("runs/bench_video_search"), help="resumable work folder")
     p.add_argument("--target-fps", type=float, default=None)
-    p.add_argument("--held-out", type=int, default=5)
+    p.add_argument("--held-out", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10,
                    help="fresh processes, each timing one stream of every arch in a new order (median over rounds)")
     p.add_argument("--quality-steps", type=int, default=400)
@@ -183,6 +208,7 @@ def main() -> None:
     held_rows = [measured[f"held_{i}"] for i in range(len(held))]
     rows_all = list(timed.values()) + held_rows
     errs = [abs(r["err_pct"]) for r in rows_all]
+    ablation = fit_ablation(base, pred.rows, [r for r in rows_all if r["arch"] not in calibration])
 
     # the streams measured so far land on disk first: the quality stage below trains for many minutes
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +236,7 @@ def main() -> None:
         "stream_median_abs_err_pct": round(statistics.median(errs), 2),
         "stream_max_abs_err_pct": round(max(errs), 2),
         "stream_n_archs": len(errs),
+        "stream_fit_ablation": ablation,
         "search": {"trials": m["trials_total"], "feasible": m["trials_feasible"], "seconds": round(search_s, 1),
                    "best": m["best"]},
         "seconds": {"profile": round(profile_s, 1), "train": round(train_s, 1), "search": round(search_s, 1),
@@ -222,6 +249,9 @@ def main() -> None:
                      f"val loss {q.get('val_flow_loss')}; frame acc {q.get('frame_label_accuracy')}; FD {q.get('fd_frames')}"))
     rows += [("stream within 10%", result["stream_within_10pct"]), ("stream median |err| %", result["stream_median_abs_err_pct"]),
              ("stream max |err| %", result["stream_max_abs_err_pct"])]
+    rows += [(f"fit on {a['calibration_archs']} archs, {'with' if a['program_term'] else 'without'} program term",
+              f"within 10% {a['within_10pct']}, median {a['median_abs_err_pct']}%, max {a['max_abs_err_pct']}%, "
+              f"mean signed {a['mean_signed_err_pct']:+}%") for a in ablation]
     report(rows, result, args.out)
     if args.merge_into.is_file():
         merged = json.loads(args.merge_into.read_text())

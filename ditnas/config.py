@@ -208,7 +208,10 @@ class LatencyConfig:
     # chunk positions whose stream_block cells are timed: all, or ends (first and last; the predictor interpolates
     # the others linearly in the cached frames, which is how attention over a cache grows)
     stream_positions: str = "all"
-    stream_models: int = 3  # calibration archs (the first of latency.models') whose chunk programs are exported and streamed
+    # calibration archs whose chunk programs are exported and streamed: the first of the same seeded sequence as
+    # latency.models' (max, mid, min, then random), any number (8+ rows, i.e. 4 archs at 2 stream_steps, fit the
+    # per-program term, stream_latency.py)
+    stream_models: int = 3
 
     def check(self) -> LatencyConfig:
         if self.models < 0:

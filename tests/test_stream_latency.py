@@ -98,34 +98,54 @@ def test_streaming_prediction_is_the_call_weighted_sum_of_its_cells():
         assert base.predict(arch, calibrated=False) != pytest.approx(pred.predict(arch) / 19)
 
 
+def _stream_rows(probe, archs, law):
+    """Measured streams made of a known law (alpha, delta, beta, gamma) over each arch's W, N and calls."""
+    alpha, delta, beta, gamma = law
+    rows = []
+    for arch in archs:
+        for steps in (1, 4):
+            calls = position_calls(probe.positions, steps)
+            p50 = (alpha * probe.weighted_sum(arch, calls) + delta * probe.programs(arch, calls)
+                   + beta * sum(calls.values()) + gamma)
+            rows.append({"arch": str(arch), "chunk": 1, "steps": steps, "p50": p50})
+    return rows
+
+
 def test_calibration_on_measured_streams_recovers_the_costs_the_streams_were_made_of():
     base = LatencyPredictor.fit(_table(VIDEO))
     probe = StreamingPredictor(base, 1, 4)
-    alpha, beta, gamma = 0.7, 0.3, 2.5  # a warm loop, a per-call overhead, a per-clip start
-    rows = []
-    for arch in _random_archs(VIDEO, 4, seed=1):
-        for steps in (1, 4):
-            calls = position_calls(probe.positions, steps)
-            w = probe.weighted_sum(arch, calls)
-            rows.append({"arch": str(arch), "chunk": 1, "steps": steps, "p50": alpha * w + beta * sum(calls.values()) + gamma})
-    pred = StreamingPredictor.fit_rows(base, 1, 4, rows)
-    assert pred.fit.method == "linear"
-    assert (pred.fit.alpha, pred.fit.beta, pred.fit.gamma) == pytest.approx((alpha, beta, gamma), rel=1e-6)
+    # a warm loop, the overhead each separately timed cell program carries, a per-call overhead, a per-clip start
+    law = (0.7, -0.04, 0.3, 2.5)
+    archs = _random_archs(VIDEO, 4, seed=1)
+    assert len({probe.programs(a) for a in archs}) > 1  # skips and width changes vary the program count
+    pred = StreamingPredictor.fit_rows(base, 1, 4, _stream_rows(probe, archs, law))
+    assert pred.fit.method == "linear" and pred.fit.n == 12
+    assert (pred.fit.alpha, pred.fit.delta, pred.fit.beta, pred.fit.gamma) == pytest.approx(law, rel=1e-6)
     held_out = _random_archs(VIDEO, 6, seed=9)[2:]
     for arch in held_out:
-        w = pred.weighted_sum(arch)
-        assert pred.predict(arch) == pytest.approx(alpha * w + beta * 19 + gamma, rel=1e-9)
+        brute = sum(calls * sum(0.7 * float(base.table.get(c).p50) - 0.04 for c in cells_for_arch(VIDEO, arch, chunk=1, t0=t0))
+                    for t0, calls in ((0, 5), (1, 5), (2, 5), (3, 4)))
+        assert pred.predict(arch) == pytest.approx(brute + 0.3 * 19 + 2.5, rel=1e-9)
     # rows of another chunk size are not this predictor's
+    rows = _stream_rows(probe, archs, law)
     assert StreamingPredictor.fit_rows(base, 1, 4, [{**r, "chunk": 2} for r in rows]).fit.method == "uncalibrated"
+
+
+def test_few_streams_fit_the_three_term_law_without_the_per_program_term():
+    base = LatencyPredictor.fit(_table(VIDEO))
+    probe = StreamingPredictor(base, 1, 4)
+    law = (0.7, 0.0, 0.3, 2.5)
+    pred = StreamingPredictor.fit_rows(base, 1, 4, _stream_rows(probe, _random_archs(VIDEO, 1, seed=1), law))  # 6 rows
+    assert pred.fit.method == "linear_no_program_term" and pred.fit.delta == 0.0
+    assert (pred.fit.alpha, pred.fit.beta, pred.fit.gamma) == pytest.approx((0.7, 0.3, 2.5), rel=1e-6)
+    assert "< 8 for the per-program term" in pred.fit.note and "without a per-program term" in pred.definition()
 
 
 def test_the_dp_prices_a_streamed_layout_exactly_as_the_streaming_predictor():
     base = LatencyPredictor.fit(_table(VIDEO, seed=3))
     probe = StreamingPredictor(base, 1, 4)
-    rows = [{"arch": str(a), "chunk": 1, "steps": s, "p50": 0.8 * probe.weighted_sum(a, position_calls(probe.positions, s))
-             + 0.2 * sum(position_calls(probe.positions, s).values()) + 1.0}
-            for a in _random_archs(VIDEO, 3) for s in (1, 4)]
-    pred = StreamingPredictor.fit_rows(base, 1, 4, rows)
+    pred = StreamingPredictor.fit_rows(base, 1, 4, _stream_rows(probe, _random_archs(VIDEO, 3), (0.8, -0.05, 0.2, 1.0)))
+    assert pred.fit.method == "linear" and pred.fit.delta == pytest.approx(-0.05)
     assert check_dp_prices_exactly(VIDEO, pred, _random_archs(VIDEO, 20)) >= 6
 
 

@@ -95,7 +95,9 @@ def profile_space(
         from ditnas.latency_models.stream_latency import measure_streams
 
         threads = int(session.device.get("threads") or cfg.threads)
-        measure_streams(supernet, archs[: cfg.stream_models], cfg.stream_chunk, cfg.stream_steps, threads,
+        # the same seeded sequence as the whole-model rows (max, mid, min, random), as long as stream_models asks
+        stream_archs = sample_archs(supernet.space, cfg.stream_models, cfg.seed)
+        measure_streams(supernet, stream_archs, cfg.stream_chunk, cfg.stream_steps, threads,
                         cfg.generation_iters, session.root, progress=progress, seed=cfg.seed,
                         repeats=cfg.generation_repeats)
     return session

@@ -17,10 +17,17 @@ the chunk's tokens. The clip weights each position by its calls:
 **Calibration** on measured streams of whole models (the profile's calibration archs, `latency.stream_steps`
 step counts each; two counts separate per-call from per-clip costs):
 
-    stream_ms ≈ α·W + β·calls + γ          (generation_latency.GenerationFit, least squares on relative error)
+    stream_ms ≈ α·W + δ·N + β·calls + γ          (StreamFit, least squares on relative error)
 
-W is a sum over cells, so the DP prices a layout exactly as the predictor does: a block's term is
-α·Σ_t0 calls(t0)·p50(its stream_block cell at t0), the fixed cost β·calls + γ plus the embedding and final
+N = Σ_t0 calls(t0)·(cells of a chunk call at t0) counts the cell programs W charged. Each cell is timed as its own
+program, interleaved, so each p50 carries one program call's overhead that a fused chunk call pays once (the
+image calibration's per-block term b, predictor.Calibration, for the same reason). At ~0.1 ms per chunk block that
+overhead is a large share: without δ a fit on wide calibration archs over-priced every narrow held-out arch by
+16-44% (bench/results/video_search.json of 2026-12-08). With fewer than `MIN_ROWS_PROGRAM_TERM` streams, or
+streams that do not separate N from calls, δ = 0 (GenerationFit's law, the method says which).
+
+W and N are sums over cells, so the DP prices a layout exactly as the predictor does: a block's term is
+Σ_t0 calls(t0)·(α·p50(its stream_block cell at t0) + δ), the fixed cost β·calls + γ plus the embedding and final
 layer (`StreamingPredictor.cell_cost` / `fixed_cost`). Without measured streams the prediction is W itself,
 labelled "uncalibrated".
 """
@@ -42,6 +49,9 @@ from ditnas.latency_models.programs import Cell, cells_for_arch, stream_position
 
 STREAMS = "streams.json"  # timed streams of whole models, in a profiling session and beside its table
 Progress = Callable[[int, int, str], None]
+# assumption: the per-program term needs 2 rows per coefficient (4 coefficients); a profile's default 3 archs x 2
+# step counts fall back to the 3-term law
+MIN_ROWS_PROGRAM_TERM = 8
 
 
 def position_calls(positions: tuple[int, ...], steps: int) -> dict[int, int]:
@@ -128,17 +138,59 @@ def summarize_streams(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # pricing
 # ----------------------------------------------------------------------------------------------
 @dataclass
+class StreamFit:
+    """stream_ms ≈ alpha·W + delta·N + beta·calls + gamma (module doc): W the call-weighted cell sum, N the cell
+    programs it charged, calls the chunk calls of the clip."""
+
+    guidance: str = "none"
+    method: str = "uncalibrated"  # linear | linear_no_program_term | ratio_median | uncalibrated
+    alpha: float = 1.0
+    delta: float = 0.0  # ms per cell program charged (negative: the call overhead a fused call does not repeat)
+    beta: float = 0.0
+    gamma: float = 0.0
+    n: int = 0
+    in_sample_median_abs_err_pct: float | None = None
+    note: str = "no measured streams: the call-weighted sum of the cells"
+
+    def apply(self, w: float, programs: float, calls: float) -> float:
+        return self.alpha * w + self.delta * programs + self.beta * calls + self.gamma
+
+    @classmethod
+    def fit(cls, w: np.ndarray, programs: np.ndarray, calls: np.ndarray, measured: np.ndarray,
+            program_term: bool = True) -> StreamFit:
+        """Least squares on relative error; `program_term=False` fits the 3-term law (bench/video_search's ablation)."""
+        w, programs, calls, measured = (np.asarray(v, dtype=float) for v in (w, programs, calls, measured))
+        n = len(measured)
+        x = np.stack([w, programs, calls, np.ones(n)], axis=1)
+        if program_term and n >= MIN_ROWS_PROGRAM_TERM and np.linalg.matrix_rank(x) == 4:
+            rel = 1.0 / measured  # relative error, the unit a latency prediction is judged in
+            coef, *_ = np.linalg.lstsq(x * rel[:, None], measured * rel, rcond=None)
+            if coef[0] > 0:
+                err = float(np.median(np.abs(x @ coef - measured) / measured) * 100)
+                a, d, b, c = (float(v) for v in coef)
+                return cls("none", "linear", a, d, b, c, n, err,
+                           f"least squares (relative error) on {n} measured streams, with a per-program term")
+        why = ("no per-program term asked for" if not program_term
+               else f"{n} measured streams (< {MIN_ROWS_PROGRAM_TERM} for the per-program term)" if n < MIN_ROWS_PROGRAM_TERM
+               else "the streams do not separate the per-program term (rank-deficient or a non-positive slope)")
+        three = GenerationFit.fit("none", w / np.maximum(calls, 1), calls, measured)
+        method = "linear_no_program_term" if three.method == "linear" else three.method
+        return cls("none", method, three.alpha, 0.0, three.beta, three.gamma, three.n, three.in_sample_median_abs_err_pct,
+                   f"{three.note}; {why}" if three.n else three.note)
+
+
+@dataclass
 class StreamGeneration:
     """What the search asks of `predictor.generation`, for a streamed clip: the priced quantity is already
     one whole generation at the predictor's `steps`, so budgets pass through unchanged."""
 
     steps: int
     text: str
-    fit: GenerationFit
+    fit: StreamFit
     threads: Any = None
 
     @property
-    def fits(self) -> dict[str, GenerationFit]:
+    def fits(self) -> dict[str, StreamFit]:
         return {"stream": self.fit}
 
     def check(self, steps: int, guidance: str) -> None:
@@ -147,7 +199,7 @@ class StreamGeneration:
             raise DitnasError(f"the streaming latency is priced at {self.steps} steps per chunk without guidance; "
                               f"asked for {steps} steps with guidance {guidance!r}")
 
-    def fit_for(self, guidance: str, where: str = "the latency table") -> GenerationFit:
+    def fit_for(self, guidance: str, where: str = "the latency table") -> StreamFit:
         self.check(self.steps, guidance)
         return self.fit
 
@@ -171,7 +223,7 @@ class StreamingPredictor:
     base: Any  # LatencyPredictor of the table (its cells, ladder and space)
     chunk: int
     steps: int
-    fit: GenerationFit = field(default_factory=lambda: GenerationFit("none"))
+    fit: StreamFit = field(default_factory=StreamFit)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -185,19 +237,19 @@ class StreamingPredictor:
         self._check_cells()
 
     @classmethod
-    def fit_rows(cls, base: Any, chunk: int, steps: int, rows: list[dict[str, Any]]) -> StreamingPredictor:
+    def fit_rows(cls, base: Any, chunk: int, steps: int, rows: list[dict[str, Any]],
+                 program_term: bool = True) -> StreamingPredictor:
         """Fitted on summary rows of measured streams (summarize_streams) at this chunk size."""
         pred = cls(base, chunk, steps)
         mine = [r for r in rows if int(r["chunk"]) == chunk]
         if mine:
-            w, calls = [], []
+            feats = []
             for r in mine:
                 arch = base.space.parse(r["arch"], source="stream row")
                 c = position_calls(pred.positions, int(r["steps"]))
-                w.append(pred.weighted_sum(arch, c))
-                calls.append(sum(c.values()))
-            w_arr, calls_arr = np.array(w), np.array(calls, dtype=float)
-            pred.fit = GenerationFit.fit("none", w_arr / calls_arr, calls_arr, np.array([r["p50"] for r in mine]))
+                feats.append((pred.weighted_sum(arch, c), pred.programs(arch, c), sum(c.values())))
+            w, programs, calls = np.array(feats, dtype=float).T
+            pred.fit = StreamFit.fit(w, programs, calls, np.array([r["p50"] for r in mine]), program_term)
         pred.rows = mine
         return pred
 
@@ -222,11 +274,16 @@ class StreamingPredictor:
         calls = self.calls if calls is None else calls
         return float(sum(n * self.chunk_sum(arch, t0) for t0, n in calls.items()))
 
+    def programs(self, arch: Arch, calls: dict[int, int] | None = None) -> int:
+        """N: the cell programs `weighted_sum` charged (each chunk call's cells, times its calls)."""
+        calls = self.calls if calls is None else calls
+        return sum(n * len(cells_for_arch(self.space, arch, chunk=self.chunk, t0=t0)) for t0, n in calls.items())
+
     # ----- the search's predictor interface ----------------------------------------------------------
     def predict(self, arch: Arch, calibrated: bool = True) -> float:
         """One streamed clip in ms (p50)."""
         w = self.weighted_sum(arch)
-        return self.fit.apply(w / self.total_calls, self.total_calls) if calibrated else w
+        return self.fit.apply(w, self.programs(arch), self.total_calls) if calibrated else w
 
     def predict_generation(self, arch: Arch, steps: int | None = None, guidance: str = "none") -> float:
         self.generation.check(self.steps if steps is None else steps, guidance)
@@ -245,8 +302,9 @@ class StreamingPredictor:
         return [(Cell(cell.kind, cell.op, cell.width, cell.mlp_ratio, tokens, cell.stage), self.total_calls)]
 
     def cell_cost(self, cell: Cell, calibrated: bool = True) -> float:
-        total = sum(n * self.base.price(c).p50 for c, n in self._stream_cells(cell))
-        return self.fit.alpha * total if calibrated else total
+        if not calibrated:
+            return sum(n * self.base.price(c).p50 for c, n in self._stream_cells(cell))
+        return sum(n * (self.fit.alpha * self.base.price(c).p50 + self.fit.delta) for c, n in self._stream_cells(cell))
 
     def fixed_cost(self, calibrated: bool = True) -> float:
         return self.fit.beta * self.total_calls + self.fit.gamma if calibrated else 0.0
@@ -259,7 +317,8 @@ class StreamingPredictor:
         if self.fit.method == "uncalibrated":
             how = "uncalibrated: the call-weighted sum of the cells, no measured streams"
         else:
-            how = (f"fitted on {self.fit.n} measured streams (median in-sample error "
+            term = "with" if self.fit.method == "linear" else "without"
+            how = (f"fitted on {self.fit.n} measured streams {term} a per-program term (median in-sample error "
                    f"{self.fit.in_sample_median_abs_err_pct:.1f}%)")
         return definition(self.chunk, self.frames, self.steps, self.table.identity.get("threads"), how)
 
