@@ -121,13 +121,14 @@ class RuntimeStreamer:
 
 @torch.no_grad()
 def stream_on_runtime(student: torch.nn.Module, chunk: int, frames: int, steps: int, times: torch.Tensor,
-                      noise: torch.Tensor, labels: torch.Tensor, folder: Path, clips: int = 10) -> dict:
+                      noise: torch.Tensor, labels: torch.Tensor, folder: Path, clips: int = 10, rounds: int = 10) -> dict:
     """Export the distilled student's chunk programs into `folder` and time a whole streamed generation on the
-    ExecuTorch XNNPACK runtime in a fresh process (stream_timing.stream_fps_host, 1 thread, batch 1); then,
+    ExecuTorch XNNPACK runtime in `rounds` fresh processes (stream_timing.stream_fps_host, 1 thread, batch 1; one
+    process varied 30-45% between processes on a loaded host, stream_timing.py); then,
     in this process, check the programs against eager torch on the bench's noise, one clip at a time (the
     programs are batch 1): `run_stream_pte` vs `stream_generate_eager` (stream_programs' loop, unshifted
     time grid) and `rollout` on the programs vs on the Streamer (the bench's sampler, `times`)."""
-    host = stream_fps_host(student, chunk, frames, steps=steps, threads=1, warmup=1, iters=5, workdir=folder)
+    host = stream_fps_host(student, chunk, frames, steps=steps, threads=1, warmup=1, iters=5, rounds=rounds, workdir=folder)
     programs = StreamPrograms(folder, threads=1)
     streamer = Streamer(student, chunk)
     err_loop = err_rollout = scale = 0.0
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--method", default="regression", choices=["regression", "dmd"])
     p.add_argument("--chunk", type=int, default=1)
     p.add_argument("--clips", type=int, default=100, help="generated clips scored per model")
+    p.add_argument("--rounds", type=int, default=10, help="fresh processes timing the student's streamed clip (median)")
     args = p.parse_args()
     torch.set_num_threads(1)  # the whole bench runs on ONE thread (budget and comparability on a shared machine)
     host = machine("torch", "executorch", threads=1)  # here, so loadavg_at_start is the start's
@@ -246,7 +248,7 @@ def main() -> None:
     # the distilled student on the runtime: its exported chunk programs, timed and checked against eager
     began = time.perf_counter()
     runtime = stream_on_runtime(student, dcfg.chunk, args.frames, dcfg.student_steps, times, noise, labels,
-                                args.work / "stream_export")
+                                args.work / "stream_export", rounds=args.rounds)
     runtime_sec = time.perf_counter() - began
     rt = runtime["host"]
 
@@ -304,9 +306,10 @@ def main() -> None:
             f"{dcfg.chunk}, {rt['programs']} programs) on this host's ExecuTorch XNNPACK runtime, {rt['threads']} "
             f"thread, batch 1: latent frames per second of a whole streamed generation of a T = {args.frames} clip "
             f"({rt['steps']} Euler steps per chunk + 1 commit call per chunk but the last = {rt['program_calls']} "
-            "program calls, host-side Euler updates included), median of 5 after 1 warm-up in a fresh process; "
+            f"program calls, host-side Euler updates included), median over {rt['rounds']} fresh processes of each one's "
+            "median of 5 after 1 warm-up; "
             "export/lowering time not included (stream_host.export_s)"),
-        "stream_host": {k: rt[k] for k in ("total_ms", "chunk_ms", "samples_total_ms", "program_calls", "cache_bytes",
+        "stream_host": {k: rt[k] for k in ("total_ms", "chunk_ms", "rounds", "rounds_total_ms", "program_calls", "cache_bytes",
                                            "delegated_subgraphs", "export_s")} | {"wall_s": round(runtime_sec, 1)},
         "stream_pte_max_abs_err": runtime["stream_pte_max_abs_err"],
         "stream_pte_max_abs_err_note": (

@@ -42,7 +42,7 @@ from ditnas.arch import Arch, Slot
 from ditnas.config import load_config
 from ditnas.data import load_split
 from ditnas.judge import evaluate_samples, load_or_train_judge
-from ditnas.latency_models.profile import profile_space, sample_archs, supernet_for_profiling
+from ditnas.latency_models.profile import profile_space, supernet_for_profiling
 from ditnas.latency_models.stage import build_table
 from ditnas.latency_models.stream_latency import StreamingPredictor
 from ditnas.latency_models.stream_programs import export_stream_programs
