@@ -58,6 +58,10 @@ LEVERS: dict[str, tuple[list[str], int, str]] = {
                     "train the reference op only (elastic width/ratio/depth), then every op"),
     "uniform2_x4": (["train.steps=4000"], 3, "the default for 4000 steps: 12,000 subnet-steps, just under the proxy's "
                     "12,800 for a default search (the longest schedule the issue's compute rule allows)"),
+    "uniform4": (["train.num_random=4", "train.steps=600"], 5, "max + 4 random per step for 600 steps: the default's "
+                 "3000 subnet-steps as fewer, wider steps (more random subnets per step)"),
+    "uniform2_seed1": (["train.seed=1"], 3, "the default at train.seed 1: how far tau moves between two supernets of one "
+                       "recipe (every lever above is one supernet at seed 0)"),
     "graft_uniform2": (["train.steps=900", "graft.teacher_steps=300"], 3,
                        "grafted (max arch alone 300 steps, then every other op per slot by activation distillation), "
                        "then the default for 900 steps: 300 + 2700 subnet-steps"),

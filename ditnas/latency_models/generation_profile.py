@@ -179,6 +179,11 @@ def _job(spec: dict) -> dict[str, list[float]]:
             for key, pte, job in spec["jobs"]}
 
 
+def guidance_scale(guidance: str, cfg_scale: float) -> float:
+    """The scale a guided denoiser program is built with: none runs unguided, cfg and pdg at the sampler's scale."""
+    return 0.0 if guidance == "none" else cfg_scale
+
+
 def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg: LatencyConfig,
                     session: ProfilingSession, samples: pd.DataFrame, threads: int, cfg_scale: float,
                     progress: Progress | None) -> pd.DataFrame:
@@ -194,7 +199,7 @@ def _time_in_rounds(supernet: ElasticDiT, todo: list[tuple[Arch, str, int]], cfg
 
     jobs = []
     for arch, guidance, steps in todo:
-        scale = 0.0 if guidance == "none" else cfg_scale
+        scale = guidance_scale(guidance, cfg_scale)
         jobs.append((generation_key(str(arch), steps, guidance, cfg.pdg_dense),
                      _pte_for(session, supernet, arch, guidance, scale, cfg.pdg_dense), steps, scale, arch, guidance))
     rng = random.Random(cfg.seed)
@@ -259,7 +264,7 @@ def measure_generations(
             progress(i, len(by_arch), f"generations: {arch}")
         frames = [samples] if len(samples) else []
         for _, guidance, steps in arch_jobs:
-            scale = 0.0 if guidance == "none" else cfg_scale
+            scale = guidance_scale(guidance, cfg_scale)
             module = DenoiserProgram(supernet.extract(arch).eval(), scale, guidance=guidance, pdg_dense=dense)
             key = generation_key(arch_text, steps, guidance, dense)
             ms = _time_eager(module, supernet, steps, scale, threads, 1, cfg.generation_iters)

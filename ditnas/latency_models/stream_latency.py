@@ -103,9 +103,10 @@ def measure_streams(supernet: Any, archs: list[Arch], chunk: int, steps_list: tu
     if not todo:
         return rows
     folders: dict[str, Path] = {}
-    for i, arch in enumerate(dict.fromkeys(a for a, _ in todo)):
+    untimed = list(dict.fromkeys(a for a, _ in todo))
+    for i, arch in enumerate(untimed):
         if progress:
-            progress(i, len(archs), f"stream programs: {arch}")
+            progress(i, len(untimed), f"stream programs: {arch}")
         folder = root / "streams" / f"{arch.key()}_chunk{chunk}"  # programs of another chunk size are other programs
         if not (folder / MANIFEST).exists():
             sub = supernet.extract(arch).eval().set_causal(True)
