@@ -60,6 +60,7 @@ LEVERS: dict[str, tuple[list[str], int, str]] = {
                     "12,800 for a default search (the longest schedule the issue's compute rule allows)"),
     "uniform4": (["train.num_random=4", "train.steps=600"], 5, "max + 4 random per step for 600 steps: the default's "
                  "3000 subnet-steps as fewer, wider steps (more random subnets per step)"),
+    "uniform4_seed1": (["train.num_random=4", "train.steps=600", "train.seed=1"], 5, "uniform4 at train.seed 1"),
     "uniform2_seed1": (["train.seed=1"], 3, "the default at train.seed 1: how far tau moves between two supernets of one "
                        "recipe (every lever above is one supernet at seed 0)"),
     "graft_uniform2": (["train.steps=900", "graft.teacher_steps=300"], 3,
