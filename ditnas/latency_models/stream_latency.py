@@ -22,9 +22,10 @@ step counts each; two counts separate per-call from per-clip costs):
 N = Σ_t0 calls(t0)·(cells of a chunk call at t0) counts the cell programs W charged. Each cell is timed as its own
 program, interleaved, so each p50 carries one program call's overhead that a fused chunk call pays once (the
 image calibration's per-block term b, predictor.Calibration, for the same reason). At ~0.1 ms per chunk block that
-overhead is a large share: without δ a fit on wide calibration archs over-priced every narrow held-out arch by
-16-44% (bench/results/video_search.json of 2026-12-08). With fewer than `MIN_ROWS_PROGRAM_TERM` streams, or
-streams that do not separate N from calls, δ = 0 (GenerationFit's law, the method says which).
+overhead is a large share for narrow archs: on 11 held-out streams (bench/results/video_search.json, 2026-12-08
+02:36) fits on 4-8 calibration archs were within ±10% for 0.909-1.0 of them with δ and 0.727 without, the
+all-`ssa:0.5` arch over-priced by 11-12% with δ and 17-18% without. With fewer than `MIN_ROWS_PROGRAM_TERM`
+streams, or streams that do not separate N from calls, δ = 0 (GenerationFit's law, the method says which).
 
 W and N are sums over cells, so the DP prices a layout exactly as the predictor does: a block's term is
 Σ_t0 calls(t0)·(α·p50(its stream_block cell at t0) + δ), the fixed cost β·calls + γ plus the embedding and final
