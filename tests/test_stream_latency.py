@@ -139,6 +139,11 @@ def test_few_streams_fit_the_three_term_law_without_the_per_program_term():
     assert pred.fit.method == "linear_no_program_term" and pred.fit.delta == 0.0
     assert (pred.fit.alpha, pred.fit.beta, pred.fit.gamma) == pytest.approx((0.7, 0.3, 2.5), rel=1e-6)
     assert "< 8 for the per-program term" in pred.fit.note and "without a per-program term" in pred.definition()
+    # enough streams, but the 3-term law asked for (bench/video_search.py's ablation): no delta, said so
+    rows = _stream_rows(probe, _random_archs(VIDEO, 4, seed=1), (0.7, -0.04, 0.3, 2.5))
+    three = StreamingPredictor.fit_rows(base, 1, 4, rows, program_term=False)
+    assert three.fit.method == "linear_no_program_term" and three.fit.delta == 0.0
+    assert "no per-program term asked for" in three.fit.note
 
 
 def test_the_dp_prices_a_streamed_layout_exactly_as_the_streaming_predictor():
