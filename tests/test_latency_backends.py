@@ -310,3 +310,19 @@ def test_executorch_session_writes_artifacts(supernet: ElasticDiT, tmp_path) -> 
     stems = {p.suffix for p in session.artifacts_dir.iterdir()}
     assert {".pte", ".etrecord", ".etdp", ".json"} <= stems
     assert session.manifest["device"]["tool_versions"]["executorch"]
+
+
+def test_the_parity_check_refuses_a_pte_that_changed_the_function(supernet, tmp_path, monkeypatch) -> None:
+    """The default tolerance (PARITY_ATOL x max(1, |out|)) passes XNNPACK's rounding -- up to 1.13e-4 relative on
+    the half-width, MLP-ratio-4 blocks -- and refuses anything ~10x larger, naming the program and both numbers."""
+    from ditnas.latency_models.backends.executorch_xnnpack import PARITY_ATOL, ExecuTorchXnnpackBackend
+
+    cell = next(c for c in cells_for_space(supernet.space, kinds=("down", "up", "patch_embed", "final")))
+    program = build_program(supernet, cell)
+    backend = ExecuTorchXnnpackBackend(etdump=False)
+    assert backend.parity_atol == PARITY_ATOL == 5e-4
+    monkeypatch.setattr(backend, "parity", lambda item: (4 * 1.13e-4, 4.0))  # the measured worst rounding at |out| = 4
+    assert backend.prepare([program], tmp_path)[0].report["parity_tolerance"] == pytest.approx(2e-3)
+    monkeypatch.setattr(backend, "parity", lambda item: (4 * 1.2e-3, 4.0))
+    with pytest.raises(DitnasError, match=rf"program {program.key()}: \.pte output differs from eager by 0\.0048 > 0\.002"):
+        backend.prepare([program], tmp_path)

@@ -62,6 +62,7 @@ from ditnas.latency_models.backends.base import (
     register_backend,
 )
 from ditnas.latency_models.backends.executorch_xnnpack import (
+    PARITY_ATOL,
     ExecuTorchXnnpackBackend,
     execute_times,
     parse_etdump,
@@ -102,7 +103,7 @@ class AndroidAdbBackend(Backend):
         device_dir: str = "/data/local/tmp/ditnas",
         runner: Path | str | None = None,
         strict: bool = False,
-        parity_atol: float | None = 1e-4,
+        parity_atol: float | None = PARITY_ATOL,
         timeout_s: float = 600.0,
         device_info: dict[str, Any] | None = None,
     ) -> None:

@@ -100,6 +100,14 @@ def set_et_threads(threads: int) -> int:
     return portable_lib._threadpool_get_thread_count()
 
 
+# The .pte-vs-eager check of every profiled program: max |pte - eager| <= PARITY_ATOL x max(1, max |eager|).
+# Measured on 467 lowered programs (2026-12-08): almost all agree to ~3e-7 relative, but the half-width blocks with
+# MLP ratio 4 at 64 tokens (`w0.5:r4:n64`, XNNPACK takes another GEMM path there) differ by 7.9e-5 to 1.13e-4 relative;
+# the old 1e-4 refused one of them and stopped `ditnas run --config video.yaml`. 5e-4 keeps 4x margin over that and
+# is still ~1000x below what a lowering that changes the function produces.
+PARITY_ATOL = 5e-4
+
+
 @register_backend
 class ExecuTorchXnnpackBackend(Backend):
     name = "executorch-xnnpack"
@@ -113,7 +121,7 @@ class ExecuTorchXnnpackBackend(Backend):
         threads: int = 1,
         *,
         strict: bool = False,
-        parity_atol: float | None = 1e-4,
+        parity_atol: float | None = PARITY_ATOL,
         etdump: bool = True,
         etdump_runs: int = 3,
         isolate: bool = True,
@@ -162,8 +170,7 @@ class ExecuTorchXnnpackBackend(Backend):
             item = Prepared(program, artifacts=artifacts, report=report)
             if self.parity_atol is not None:
                 err, scale = self.parity(item)
-                # assumption: the tolerance is absolute for unit-scale outputs and relative above
-                # (XNNPACK's GEMM/exp/rsqrt kernels round differently: ~1.2e-4 at |out| ~ 4 here)
+                # assumption: the tolerance is absolute for unit-scale outputs and relative above (PARITY_ATOL)
                 tol = self.parity_atol * max(1.0, scale)
                 report.update(parity_max_abs_err=err, parity_output_scale=scale, parity_tolerance=tol)
                 if not err <= tol:

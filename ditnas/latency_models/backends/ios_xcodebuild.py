@@ -52,7 +52,7 @@ from ditnas.latency_models.backends.base import (
     package_version,
     register_backend,
 )
-from ditnas.latency_models.backends.executorch_xnnpack import ExecuTorchXnnpackBackend
+from ditnas.latency_models.backends.executorch_xnnpack import PARITY_ATOL, ExecuTorchXnnpackBackend
 from ditnas.latency_models.programs import Program
 
 PLAN_FILE = "ios_plan.json"
@@ -101,7 +101,7 @@ class IosBackend(Backend):
         xcodebuild: str = "xcodebuild",
         development_team: str | None = None,
         strict: bool = False,
-        parity_atol: float | None = 1e-4,
+        parity_atol: float | None = PARITY_ATOL,
         device_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(threads)
