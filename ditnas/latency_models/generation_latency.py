@@ -73,6 +73,14 @@ def definition(guidance: str, steps: int | None, threads: Any, recipe: str | Non
             f"{recipe or 'the profiling recipe'}, {threads} thread(s), p50")
 
 
+def relative_least_squares(x: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares of `measured` on the columns of `x`, each row weighted by 1/measured (relative error, the unit
+    a latency prediction is judged in): the coefficients and the in-sample median |error| in %."""
+    w = 1.0 / measured
+    coef, *_ = np.linalg.lstsq(x * w[:, None], measured * w, rcond=None)
+    return coef, float(np.median(np.abs(x @ coef - measured) / measured) * 100)
+
+
 @dataclass(frozen=True)
 class GenerationFit:
     """generation_ms ≈ alpha·steps·P + beta·steps + gamma for one guidance mode."""
@@ -105,11 +113,8 @@ class GenerationFit:
         elif np.linalg.matrix_rank(x) < 3:
             why = f"the {n} measured generations do not vary enough in steps and per-step latency (rank-deficient)"
         else:
-            w = 1.0 / measured  # relative error, the unit a latency prediction is judged in
-            (a, b, c), *_ = np.linalg.lstsq(x * w[:, None], measured * w, rcond=None)
+            (a, b, c), err = relative_least_squares(x, measured)
             if a > 0:
-                fitted = x @ np.array([a, b, c])
-                err = float(np.median(np.abs(fitted - measured) / measured) * 100)
                 return cls(guidance, "linear", float(a), float(b), float(c), n, err,
                            f"least squares (relative error) on {n} measured generations")
             why = f"least squares gave a non-positive slope alpha={a:.3g}"

@@ -45,7 +45,7 @@ from ditnas.arch import Arch, SearchSpace
 from ditnas.errors import DitnasError
 from ditnas.io import read_json, write_json
 from ditnas.latency_models.backends.base import Backend, package_version
-from ditnas.latency_models.generation_latency import GenerationPricing
+from ditnas.latency_models.generation_latency import GenerationPricing, relative_least_squares
 from ditnas.latency_models.programs import (
     Cell,
     build_program,
@@ -164,8 +164,7 @@ class Calibration:
         else:
             # weighted by 1/measured: minimises relative error, the unit the predictor is judged in,
             # so small archs are not sacrificed to large ones
-            weight = 1.0 / measured
-            (a, b, c), *_ = np.linalg.lstsq(x * weight[:, None], measured * weight, rcond=None)
+            (a, b, c), _ = relative_least_squares(x, measured)
             if a > 0:
                 return cls("linear", float(a), float(b), float(c), n, f"least squares (relative error) on {n} whole-model rows")
             why = f"least squares gave a non-positive slope a={a:.3g}"

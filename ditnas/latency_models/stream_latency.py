@@ -45,7 +45,7 @@ import numpy as np
 from ditnas.arch import Arch
 from ditnas.errors import ConfigFieldError, DitnasError
 from ditnas.io import read_json, write_json
-from ditnas.latency_models.generation_latency import GenerationFit
+from ditnas.latency_models.generation_latency import GenerationFit, relative_least_squares
 from ditnas.latency_models.programs import Cell, cells_for_arch, stream_positions
 
 STREAMS = "streams.json"  # timed streams of whole models, in a profiling session and beside its table
@@ -165,10 +165,8 @@ class StreamFit:
         n = len(measured)
         x = np.stack([w, programs, calls, np.ones(n)], axis=1)
         if program_term and n >= MIN_ROWS_PROGRAM_TERM and np.linalg.matrix_rank(x) == 4:
-            rel = 1.0 / measured  # relative error, the unit a latency prediction is judged in
-            coef, *_ = np.linalg.lstsq(x * rel[:, None], measured * rel, rcond=None)
+            coef, err = relative_least_squares(x, measured)
             if coef[0] > 0:
-                err = float(np.median(np.abs(x @ coef - measured) / measured) * 100)
                 a, d, b, c = (float(v) for v in coef)
                 return cls("none", "linear", a, d, b, c, n, err,
                            f"least squares (relative error) on {n} measured streams, with a per-program term")
